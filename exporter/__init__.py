@@ -1,0 +1,52 @@
+"""dsv3-export: DeepSeek-V3 architecture checkpoints to verified ONNX Runtime / TensorRT engines.
+
+Heavy modules (torch, onnx) are imported inside the functions so `import exporter` and the CLI stay fast.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .errors import CheckpointError, ConfigError, ExportError
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["load_reference", "open_source", "ExportError", "ConfigError", "CheckpointError"]
+
+
+def open_source(source: str | Path, *, seed: int = 0):
+    """A weight source: a checkpoint directory, or a preset name (seeded random weights)."""
+    from .checkpoint import Checkpoint
+    from .config import PRESETS, preset
+    from .weights import RandomWeights
+
+    if isinstance(source, str) and source in PRESETS:
+        return RandomWeights(preset(source), seed=seed)
+    path = Path(source)
+    if not path.exists():
+        raise CheckpointError(f"{source}: no such checkpoint directory or preset (presets: {', '.join(PRESETS)})")
+    return Checkpoint.open(path)
+
+
+def load_reference(source, *, dtype: "torch.dtype | None" = None, mla: str = "absorbed", mtp: bool = True,
+                   seed: int = 0):
+    """The PyTorch reference model for a checkpoint dir, a preset name, or an open weight source."""
+    import torch
+
+    from .model import Transformer
+    from .weights import load_weights
+
+    src = open_source(source, seed=seed) if isinstance(source, (str, Path)) else source
+    model = Transformer(src.config, dtype=dtype or torch.float32, mla=mla,
+                        has_gate_bias=_has_gate_bias(src), mtp=mtp and src.has_mtp)
+    with torch.no_grad():
+        load_weights(model, src)
+    return model.eval()
+
+
+def _has_gate_bias(src) -> bool:
+    cfg = src.config
+    first_moe = cfg.n_dense_layers
+    return first_moe < cfg.n_layers and f"layers.{first_moe}.ffn.gate.bias" in src

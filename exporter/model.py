@@ -1,0 +1,312 @@
+"""The PyTorch reference of the DeepSeek-V3 architecture: the math, in one file.
+
+Semantics follow DeepSeek's `inference/model.py`: MLA with optional q compression, YaRN RoPE on
+interleaved pairs, dense-first SwiGLU then MoE with group-limited routing, shared experts, and the
+MTP block. Attention runs naive (per-head K/V, cache [B,T,H,dn+dr+dv]) or absorbed (W_UK folded
+into the query, W_UV into the output, cache the 576-wide latent [B,T,r+dr]); both are stateless:
+`forward(input_ids, past) -> (logits, hidden_states, past)`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from plugins.latent_attention.reference import latent_attention
+from plugins.moe_dispatch.reference import moe_dispatch
+
+from .checkpoint import FP8_DTYPE, dequantize_blocks
+from .config import ModelConfig
+
+MLA_MODES = ("absorbed", "naive")
+
+
+class ModelOutput(NamedTuple):
+    logits: torch.Tensor
+    hidden_states: torch.Tensor
+    past: list[torch.Tensor]
+
+
+# ---- building blocks ----------------------------------------------------------------------------
+class Linear(nn.Module):
+    """y = x Wᵀ; W may be FP8 with a per-block multiplier, dequantized on the fly."""
+
+    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype), requires_grad=False)
+        self.scale: torch.Tensor | None = None
+        self.block = (128, 128)
+
+    def set_fp8(self, weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> None:
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.register_buffer("scale", scale.float())
+        self.block = block
+
+    def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        if self.weight.dtype == FP8_DTYPE:
+            return dequantize_blocks(self.weight, self.scale, self.block, dtype)
+        return self.weight.to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dense_weight(x.dtype))
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        acc = torch.promote_types(x.dtype, torch.float32)
+        xf = x.to(acc)
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight.to(acc) * xf).to(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """Per-pair rotation frequencies, YaRN-corrected when the context exceeds the pretraining one."""
+    dim, base = cfg.qk_rope_head_dim, cfg.rope_theta
+    freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    if cfg.yarn_active:
+        def correction_dim(rotations: float) -> float:
+            return dim * math.log(cfg.original_seq_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+        low = max(math.floor(correction_dim(cfg.beta_fast)), 0)
+        high = min(math.ceil(correction_dim(cfg.beta_slow)), dim - 1)
+        if low == high:
+            high += 0.001
+        ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+        smooth = 1 - ramp
+        freqs = freqs / cfg.rope_factor * (1 - smooth) + freqs * smooth
+    return freqs
+
+
+def rope_angles(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of position × frequency, [S, dr/2]; float32 like the references (float64 if asked)."""
+    acc = torch.promote_types(dtype, torch.float32)
+    angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]
+    return angles.cos().to(acc), angles.sin().to(acc)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) by angle i; x [B,S,H,dr], cos/sin [S,dr/2]."""
+    acc = cos.dtype
+    pairs = x.to(acc).unflatten(-1, (-1, 2))
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    return torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], dim=-1).flatten(-2).to(x.dtype)
+
+
+def causal_mask(s_len: int, t_len: int, device: torch.device) -> torch.Tensor:
+    """[S,T] bool: query s (position T-S+s) sees keys 0 … T-S+s."""
+    return torch.arange(t_len, device=device)[None, :] <= torch.arange(s_len, device=device)[:, None] + (t_len - s_len)
+
+
+# ---- attention ----------------------------------------------------------------------------------
+class MLA(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, mla: str):
+        super().__init__()
+        self.cfg, self.mla = cfg, mla
+        d, h = cfg.dim, cfg.n_heads
+        if cfg.q_lora_rank:
+            self.wq_a = Linear(d, cfg.q_lora_rank, dtype)
+            self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.norm_eps, dtype)
+            self.wq_b = Linear(cfg.q_lora_rank, h * cfg.qk_head_dim, dtype)
+        else:
+            self.wq = Linear(d, h * cfg.qk_head_dim, dtype)
+        self.wkv_a = Linear(d, cfg.latent_dim, dtype)
+        self.kv_norm = RMSNorm(cfg.kv_lora_rank, cfg.norm_eps, dtype)
+        self.wkv_b = Linear(cfg.kv_lora_rank, h * (cfg.qk_nope_head_dim + cfg.v_head_dim), dtype)
+        self.wo = Linear(h * cfg.v_head_dim, d, dtype)
+
+    def query(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.wq_b(self.q_norm(self.wq_a(x))) if self.cfg.q_lora_rank else self.wq(x)
+        return q.unflatten(-1, (self.cfg.n_heads, self.cfg.qk_head_dim))
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                past: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.cfg
+        dn, dr, dv, r, h = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank, cfg.n_heads
+        q_nope, q_pe = self.query(x).split([dn, dr], dim=-1)
+        q_pe = apply_rope(q_pe, cos, sin)
+        c_kv, k_pe = self.wkv_a(x).split([r, dr], dim=-1)
+        c_kv = self.kv_norm(c_kv)
+        k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin).squeeze(2)
+        w_kv = self.wkv_b.dense_weight(x.dtype).view(h, dn + dv, r)
+        w_uk, w_uv = w_kv[:, :dn], w_kv[:, dn:]
+
+        if self.mla == "absorbed":
+            latent = torch.cat([c_kv, k_pe], dim=-1)
+            if past is not None:
+                latent = torch.cat([past, latent], dim=1)
+            q_lat = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)
+            o_lat = latent_attention(torch.cat([q_lat, q_pe], dim=-1), latent, cfg.softmax_scale, r)
+            out = torch.einsum("bshc,hdc->bshd", o_lat, w_uv)
+            return self.wo(out.flatten(2)), latent
+
+        # naive: expand the latent to per-head K and V and cache those.
+        kv = torch.einsum("btc,hdc->bthd", c_kv, w_kv)
+        k_nope, v = kv.split([dn, dv], dim=-1)
+        k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(-1, -1, h, -1)], dim=-1)
+        cache = torch.cat([k, v], dim=-1)
+        if past is not None:
+            cache = torch.cat([past, cache], dim=1)
+        k, v = cache.split([dn + dr, dv], dim=-1)
+        q = torch.cat([q_nope, q_pe], dim=-1)
+        acc = torch.promote_types(x.dtype, torch.float32)
+        scores = torch.einsum("bshd,bthd->bsht", q.to(acc), k.to(acc)) * cfg.softmax_scale
+        mask = causal_mask(q.shape[1], k.shape[1], x.device)
+        scores = scores.masked_fill(~mask[None, :, None, :], float("-inf"))
+        out = torch.einsum("bsht,bthd->bshd", scores.softmax(dim=-1), v.to(acc)).to(x.dtype)
+        return self.wo(out.flatten(2)), cache
+
+
+# ---- feed-forward -------------------------------------------------------------------------------
+class MLP(nn.Module):
+    def __init__(self, dim: int, inter: int, dtype: torch.dtype):
+        super().__init__()
+        self.w1, self.w2, self.w3 = Linear(dim, inter, dtype), Linear(inter, dim, dtype), Linear(dim, inter, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Gate(nn.Module):
+    """Router: scores, optional correction bias (selection only), group limit, top-k, weights."""
+
+    def __init__(self, cfg: ModelConfig, has_bias: bool):
+        super().__init__()
+        self.cfg = cfg
+        # The router stays fp32 whatever the model dtype (as checkpoints and transformers keep it).
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.dim), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(cfg.n_routed_experts), requires_grad=False) if has_bias else None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.cfg
+        acc = torch.promote_types(x.dtype, torch.float32)
+        logits = F.linear(x.to(acc), self.weight.to(acc))
+        scores = logits.softmax(dim=-1) if cfg.score_func == "softmax" else logits.sigmoid()
+        original = scores
+        if self.bias is not None:
+            scores = scores + self.bias.to(acc)
+        if cfg.n_expert_groups > 1:
+            grouped = scores.unflatten(-1, (cfg.n_expert_groups, -1))
+            group_scores = grouped.amax(-1) if self.bias is None else grouped.topk(2, dim=-1)[0].sum(-1)
+            keep = group_scores.topk(cfg.n_limited_groups, dim=-1)[1]
+            dropped = torch.ones_like(group_scores, dtype=torch.bool).scatter(-1, keep, False)
+            # -inf (DeepSeek): a dropped group can never win, even against negative biased scores.
+            scores = grouped.masked_fill(dropped.unsqueeze(-1), float("-inf")).flatten(-2)
+        idx = scores.topk(cfg.n_activated_experts, dim=-1)[1]
+        weights = original.gather(-1, idx)
+        if cfg.norm_topk_prob:
+            weights = weights / weights.sum(-1, keepdim=True)
+        return (weights * cfg.route_scale).to(x.dtype), idx
+
+
+class MoE(nn.Module):
+    """Routed experts stacked as MoEDispatch takes them, plus the shared experts."""
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, has_bias: bool):
+        super().__init__()
+        e, d, i = cfg.n_routed_experts, cfg.dim, cfg.moe_inter_dim
+        self.gate = Gate(cfg, has_bias)
+        self.w_gate_up = nn.Parameter(torch.empty(e, 2 * i, d, dtype=dtype), requires_grad=False)
+        self.w_down = nn.Parameter(torch.empty(e, d, i, dtype=dtype), requires_grad=False)
+        self.shared_experts = MLP(d, cfg.n_shared_experts * i, dtype) if cfg.n_shared_experts else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.flatten(0, -2)
+        weights, idx = self.gate(flat)
+        y = moe_dispatch(flat, idx, weights, self.w_gate_up.to(x.dtype), self.w_down.to(x.dtype))
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(flat)
+        return y.view_as(x)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, dtype: torch.dtype, mla: str, has_bias: bool):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps, dtype)
+        self.attn = MLA(cfg, dtype, mla)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps, dtype)
+        self.ffn = MoE(cfg, dtype, has_bias) if cfg.is_moe_layer(layer) else MLP(cfg.dim, cfg.inter_dim, dtype)
+
+    def forward(self, x, cos, sin, past):
+        a, cache = self.attn(self.attn_norm(x), cos, sin, past)
+        x = x + a
+        return x + self.ffn(self.ffn_norm(x)), cache
+
+
+class MTPBlock(nn.Module):
+    """Predicts token i+2 from the main model's final-normed h_i and the embedding of token i+1."""
+
+    def __init__(self, cfg: ModelConfig, layer: int, dtype: torch.dtype, mla: str, has_bias: bool):
+        super().__init__()
+        self.enorm = RMSNorm(cfg.dim, cfg.norm_eps, dtype)
+        self.hnorm = RMSNorm(cfg.dim, cfg.norm_eps, dtype)
+        self.eh_proj = Linear(2 * cfg.dim, cfg.dim, dtype)
+        self.block = Block(cfg, layer, dtype, mla, has_bias)
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps, dtype)  # shared_head.norm
+        self.head = Linear(cfg.dim, cfg.vocab_size, dtype)  # shared_head.head
+
+    def forward(self, emb, hidden, cos, sin, past):
+        x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(hidden)], dim=-1))
+        x, cache = self.block(x, cos, sin, past)
+        return self.head(self.norm(x)), cache
+
+
+# ---- the model ----------------------------------------------------------------------------------
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig, *, dtype: torch.dtype = torch.float32, mla: str = "absorbed",
+                 has_gate_bias: bool | None = None, mtp: bool | None = None):
+        super().__init__()
+        if mla not in MLA_MODES:
+            raise ValueError(f"mla must be one of {MLA_MODES}, got {mla!r}")
+        self.cfg, self.dtype, self.mla = cfg, dtype, mla
+        has_bias = cfg.score_func == "sigmoid" if has_gate_bias is None else has_gate_bias
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim, dtype=dtype)
+        self.embed.weight.requires_grad_(False)
+        self.layers = nn.ModuleList(Block(cfg, i, dtype, mla, has_bias) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps, dtype)
+        self.head = Linear(cfg.dim, cfg.vocab_size, dtype)
+        n_mtp = cfg.n_mtp_layers if mtp is None else (cfg.n_mtp_layers if mtp else 0)
+        self.mtp = nn.ModuleList(MTPBlock(cfg, cfg.n_layers + m, dtype, mla, has_bias) for m in range(n_mtp))
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    def _angles(self, past_len: int, seq_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        positions = torch.arange(seq_len, device=device) + past_len
+        return rope_angles(self.inv_freq, positions, self.dtype)
+
+    def forward(self, input_ids: torch.Tensor, past: list[torch.Tensor] | None = None) -> ModelOutput:
+        past_len = past[0].shape[1] if past else 0
+        cos, sin = self._angles(past_len, input_ids.shape[1], input_ids.device)
+        x = self.embed(input_ids)
+        new_past = []
+        for i, layer in enumerate(self.layers):
+            x, cache = layer(x, cos, sin, past[i] if past else None)
+            new_past.append(cache)
+        hidden = self.norm(x)
+        return ModelOutput(self.head(hidden), hidden, new_past)
+
+    def mtp_forward(self, input_ids: torch.Tensor, hidden_states: torch.Tensor,
+                    past: torch.Tensor | None = None, depth: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """MTP draft logits for token i+2, given tokens i+1 and the main model's h_i (position i)."""
+        if not len(self.mtp):
+            raise ValueError("this model has no MTP layer")
+        past_len = past.shape[1] if past is not None else 0
+        cos, sin = self._angles(past_len, input_ids.shape[1], input_ids.device)
+        return self.mtp[depth](self.embed(input_ids), hidden_states, cos, sin, past)
+
+    def generate_greedy(self, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        """Greedy continuation with the cache (tests and the verify oracle)."""
+        out = self(input_ids)
+        tokens = [out.logits[:, -1].argmax(-1, keepdim=True)]
+        for _ in range(max_new_tokens - 1):
+            out = self(tokens[-1], out.past)
+            tokens.append(out.logits[:, -1].argmax(-1, keepdim=True))
+        return torch.cat(tokens, dim=1)
