@@ -38,12 +38,12 @@ class Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, dtype: torch.dtype):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype), requires_grad=False)
-        self.scale: torch.Tensor | None = None
+        self.register_buffer("scale", None)
         self.block = (128, 128)
 
     def set_fp8(self, weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> None:
         self.weight = nn.Parameter(weight, requires_grad=False)
-        self.register_buffer("scale", scale.float())
+        self.scale = scale.float()
         self.block = block
 
     def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:

@@ -1,0 +1,58 @@
+"""LatentAttention's body in standard ONNX ops: the FunctionProto every model carries.
+
+Any ONNX runtime inlines this; TensorRT maps the node to the plugin instead.
+Dynamic B, S, H, T: every size comes from Shape at run time.
+"""
+
+import onnx
+import onnx.helper
+import onnxscript
+from onnxscript import opset23 as op
+from onnxscript.values import Opset
+
+from plugins import DOMAIN, DOMAIN_VERSION, PLUGIN_NAMESPACE, PLUGIN_VERSION
+from plugins.latent_attention import spec
+
+OPSET = 23  # default-domain opset of the body (ORT 1.31 runs it)
+dsv3 = Opset(DOMAIN, DOMAIN_VERSION)
+
+
+# plugin_* are unused by the body but declared (with defaults) so the nodes that
+# carry them match the function's signature; ORT 1.31 also accepts them undeclared.
+@onnxscript.script(dsv3, default_opset=op)
+def LatentAttention(q, latent, scale: float, kv_lora_rank: int, plugin_namespace: str = PLUGIN_NAMESPACE, plugin_version: str = PLUGIN_VERSION):
+    qf = op.Cast(q, to=onnx.TensorProto.FLOAT)  # [B,S,H,C]
+    lf = op.Cast(latent, to=onnx.TensorProto.FLOAT)  # [B,T,C]
+    keys = op.Unsqueeze(op.Transpose(lf, perm=[0, 2, 1]), [1])  # [B,1,C,T]: one head shared by all H
+    scores = op.Mul(op.MatMul(qf, keys), op.Constant(value_float=scale))  # [B,S,H,T]
+
+    # Query s sits at position T-S+s and sees keys 0..T-S+s.
+    s_len = op.Squeeze(op.Shape(q, start=1, end=2))
+    t_len = op.Squeeze(op.Shape(latent, start=1, end=2))
+    zero = op.Constant(value_int=0)
+    one = op.Constant(value_int=1)
+    pos_q = op.Add(op.Range(zero, s_len, one), op.Sub(t_len, s_len))
+    pos_k = op.Range(zero, t_len, one)
+    visible = op.LessOrEqual(op.Unsqueeze(pos_k, [0]), op.Unsqueeze(pos_q, [1]))  # [S,T]
+    visible = op.Unsqueeze(visible, [1])  # [S,1,T] broadcasts over [B,S,H,T]
+    neg_inf = op.Constant(value_float=float("-inf"))
+    probs = op.Softmax(op.Where(visible, scores, neg_inf), axis=-1)
+
+    rank = op.Reshape(op.Constant(value_int=kv_lora_rank), [1])
+    values = op.Slice(lf, op.Constant(value_ints=[0]), rank, op.Constant(value_ints=[2]))  # V = latent[..., :r]
+    o_f32 = op.MatMul(probs, op.Unsqueeze(values, [1]))  # [B,S,H,T]@[B,1,T,r] -> [B,S,H,r]
+    o_lat = op.CastLike(o_f32, q)
+    return o_lat
+
+
+def function_proto() -> onnx.FunctionProto:
+    return LatentAttention.to_function_proto()
+
+
+def make_node(q: str, latent: str, o_lat: str, *, scale: float, kv_lora_rank: int, name: str | None = None) -> onnx.NodeProto:
+    """One dsv3 node with all the attributes the contract requires."""
+    return onnx.helper.make_node(
+        spec.OP_NAME, [q, latent], [o_lat], name=name, domain=spec.OP_DOMAIN,
+        scale=float(scale), kv_lora_rank=int(kv_lora_rank),
+        plugin_namespace=PLUGIN_NAMESPACE, plugin_version=PLUGIN_VERSION,
+    )

@@ -1,0 +1,51 @@
+"""MoEDispatch's body in standard ONNX ops: the portable fallback every model carries.
+
+Dense over experts: every expert runs on every token as one batched MatMul over E,
+then a dense [N,E] routing matrix (zero for unselected experts) combines them.
+Memory is E*N*(2I+D), never N*k*2I*D (per-token gathered weight matrices).
+Backends replace it with sparse kernels (TensorRT plugin, com.microsoft.MoE).
+"""
+
+import onnx
+import onnx.helper
+import onnxscript
+from onnxscript import opset23 as op
+from onnxscript.values import Opset
+
+from plugins import DOMAIN, DOMAIN_VERSION, PLUGIN_NAMESPACE, PLUGIN_VERSION
+from plugins.moe_dispatch import spec
+
+OPSET = 23  # default-domain opset of the body (ORT 1.31 runs it)
+dsv3 = Opset(DOMAIN, DOMAIN_VERSION)
+
+
+# plugin_* are unused by the body but declared (with defaults) so the nodes that
+# carry them match the function's signature; ORT 1.31 also accepts them undeclared.
+@onnxscript.script(dsv3, default_opset=op)
+def MoEDispatch(x, topk_idx, topk_weight, w_gate_up, w_down, plugin_namespace: str = PLUGIN_NAMESPACE, plugin_version: str = PLUGIN_VERSION):
+    gate_up = op.MatMul(x, op.Transpose(w_gate_up, perm=[0, 2, 1]))  # [N,D]@[E,D,2I] -> [E,N,2I]
+    gate, up = op.Split(gate_up, axis=-1, num_outputs=2)  # rows :I are gate, I: are up
+    h = op.Mul(op.Mul(gate, op.Sigmoid(gate)), up)  # silu(gate) * up
+    y_e = op.MatMul(h, op.Transpose(w_down, perm=[0, 2, 1]))  # [E,N,I]@[E,I,D] -> [E,N,D]
+
+    # Dense routing weights [N,E]; "add" so repeated experts would sum (top-k never repeats).
+    # Scattered in float32: ORT's CPU ScatterElements has no float16 "add"; exact for
+    # distinct experts, since each cell holds one weight cast back unchanged.
+    n_e = op.Concat(op.Shape(x, start=0, end=1), op.Shape(w_down, start=0, end=1), axis=0)
+    zeros = op.ConstantOfShape(n_e)  # float32 zeros
+    route = op.ScatterElements(zeros, topk_idx, op.Cast(topk_weight, to=onnx.TensorProto.FLOAT), axis=1, reduction="add")
+    route = op.Unsqueeze(op.Transpose(op.CastLike(route, x), perm=[1, 0]), [2])  # [E,N,1]
+    y = op.ReduceSum(op.Mul(y_e, route), [0], keepdims=0)  # [N,D]
+    return y
+
+
+def function_proto() -> onnx.FunctionProto:
+    return MoEDispatch.to_function_proto()
+
+
+def make_node(x: str, topk_idx: str, topk_weight: str, w_gate_up: str, w_down: str, y: str, *, name: str | None = None) -> onnx.NodeProto:
+    """One dsv3 node with all the attributes the contract requires."""
+    return onnx.helper.make_node(
+        spec.OP_NAME, [x, topk_idx, topk_weight, w_gate_up, w_down], [y], name=name, domain=spec.OP_DOMAIN,
+        plugin_namespace=PLUGIN_NAMESPACE, plugin_version=PLUGIN_VERSION,
+    )

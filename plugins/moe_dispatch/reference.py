@@ -1,0 +1,38 @@
+"""MoEDispatch in plain torch: the math the ONNX body and kernels must match."""
+
+import torch
+import torch.nn.functional as F
+
+from plugins.moe_dispatch import spec
+
+
+def moe_dispatch(
+    x: torch.Tensor,
+    topk_idx: torch.Tensor,
+    topk_weight: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    *,
+    w_gate_up_scale: torch.Tensor | None = None,
+    w_down_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """y[n] = sum_j topk_weight[n,j] * w_down[e] @ (silu(gate_e x_n) * up_e x_n), e = topk_idx[n,j].
+
+    Like DeepSeek's inference MoE: visit only experts that received tokens,
+    gather their tokens, run the SwiGLU expert, scatter-add the weighted result.
+    Computed in x's dtype.
+    """
+    if w_gate_up_scale is not None or w_down_scale is not None:
+        # FP8 variant: dequantize the 128x128 blocks here (spec.FP8_SCALE_INPUTS).
+        raise NotImplementedError("MoEDispatch: FP8 expert weights are not supported yet")
+    spec.validate(x, topk_idx, topk_weight, w_gate_up, w_down)
+    inter = w_down.shape[-1]
+    y = torch.zeros_like(x)
+    counts = torch.bincount(topk_idx.flatten(), minlength=w_gate_up.shape[0])
+    for e in torch.nonzero(counts).flatten().tolist():
+        token, slot = torch.where(topk_idx == e)
+        xe = x[token]
+        gate, up = w_gate_up[e, :inter], w_gate_up[e, inter:]
+        h = F.silu(xe @ gate.T) * (xe @ up.T)
+        y.index_add_(0, token, (h @ w_down[e].T) * topk_weight[token, slot, None])
+    return y

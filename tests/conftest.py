@@ -1,0 +1,26 @@
+"""Shared fixtures: tiny seeded checkpoints written once per test session."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory):
+    """The tiny preset as a Hugging Face-layout fp32 checkpoint, with MTP layer and tokenizer."""
+    from exporter.synth import make_checkpoint
+
+    return make_checkpoint("tiny", tmp_path_factory.mktemp("ckpt") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_fp8_ckpt(tmp_path_factory):
+    from exporter.synth import make_checkpoint
+
+    return make_checkpoint("tiny", tmp_path_factory.mktemp("ckpt") / "tiny-fp8", fp8=True)
+
+
+def rel_max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |a|: the figure every parity test states its tolerance in."""
+    return ((a - b).abs().max() / a.abs().max()).item()
