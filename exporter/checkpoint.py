@@ -200,19 +200,15 @@ class Checkpoint:
         return counts
 
     def fingerprint(self) -> str:
-        """sha256 over the config and every file's safetensors header and size: cheap and content-bound."""
+        """sha256 over every file of the checkpoint (config and weights), streamed in 16 MiB chunks."""
         h = hashlib.sha256()
-        for f in sorted({f for s in self._sources.values() for f in s.files} | {self.path / "config.json"}):
+        for f in sorted({f for s in self._sources.values() if s for f in s.files} | {self.path / "config.json"}):
             if not f.is_file():
                 continue
-            h.update(f.name.encode())
+            h.update(f.name.encode() + b"\0")
             with open(f, "rb") as fh:
-                if f.suffix == ".safetensors":
-                    n = int.from_bytes(fh.read(8), "little")
-                    h.update(fh.read(n))
-                    h.update(str(f.stat().st_size).encode())
-                else:
-                    h.update(fh.read())
+                while chunk := fh.read(16 * 2**20):
+                    h.update(chunk)
         return h.hexdigest()
 
     # ---- validation -----------------------------------------------------------------------------
