@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from plugins.latent_attention.reference import latent_attention
-from plugins.moe_dispatch.reference import moe_dispatch
+from plugins.latent_attention.reference import latent_attention_op
+from plugins.moe_dispatch.reference import moe_dispatch_op
 
 from .checkpoint import FP8_DTYPE, dequantize_blocks
 from .config import ModelConfig
@@ -121,7 +121,12 @@ class MLA(nn.Module):
             self.wq = Linear(d, h * cfg.qk_head_dim, dtype)
         self.wkv_a = Linear(d, cfg.latent_dim, dtype)
         self.kv_norm = RMSNorm(cfg.kv_lora_rank, cfg.norm_eps, dtype)
-        self.wkv_b = Linear(cfg.kv_lora_rank, h * (cfg.qk_nope_head_dim + cfg.v_head_dim), dtype)
+        if mla == "absorbed":
+            # wkv_b split per head: W_UK folds into the query, W_UV into the output.
+            self.w_uk = nn.Parameter(torch.empty(h, cfg.qk_nope_head_dim, cfg.kv_lora_rank, dtype=dtype), requires_grad=False)
+            self.w_uv = nn.Parameter(torch.empty(h, cfg.v_head_dim, cfg.kv_lora_rank, dtype=dtype), requires_grad=False)
+        else:
+            self.wkv_b = Linear(cfg.kv_lora_rank, h * (cfg.qk_nope_head_dim + cfg.v_head_dim), dtype)
         self.wo = Linear(h * cfg.v_head_dim, d, dtype)
 
     def query(self, x: torch.Tensor) -> torch.Tensor:
@@ -137,19 +142,17 @@ class MLA(nn.Module):
         c_kv, k_pe = self.wkv_a(x).split([r, dr], dim=-1)
         c_kv = self.kv_norm(c_kv)
         k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin).squeeze(2)
-        w_kv = self.wkv_b.dense_weight(x.dtype).view(h, dn + dv, r)
-        w_uk, w_uv = w_kv[:, :dn], w_kv[:, dn:]
-
         if self.mla == "absorbed":
             latent = torch.cat([c_kv, k_pe], dim=-1)
             if past is not None:
                 latent = torch.cat([past, latent], dim=1)
-            q_lat = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)
-            o_lat = latent_attention(torch.cat([q_lat, q_pe], dim=-1), latent, cfg.softmax_scale, r)
-            out = torch.einsum("bshc,hdc->bshd", o_lat, w_uv)
+            q_lat = torch.einsum("bshd,hdc->bshc", q_nope, self.w_uk)
+            o_lat = latent_attention_op(torch.cat([q_lat, q_pe], dim=-1), latent, cfg.softmax_scale, r)
+            out = torch.einsum("bshc,hdc->bshd", o_lat, self.w_uv)
             return self.wo(out.flatten(2)), latent
 
         # naive: expand the latent to per-head K and V and cache those.
+        w_kv = self.wkv_b.dense_weight(x.dtype).view(h, dn + dv, r)
         kv = torch.einsum("btc,hdc->bthd", c_kv, w_kv)
         k_nope, v = kv.split([dn, dv], dim=-1)
         k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(-1, -1, h, -1)], dim=-1)
@@ -222,7 +225,7 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.flatten(0, -2)
         weights, idx = self.gate(flat)
-        y = moe_dispatch(flat, idx, weights, self.w_gate_up.to(x.dtype), self.w_down.to(x.dtype))
+        y = moe_dispatch_op(flat, idx, weights, self.w_gate_up.to(x.dtype), self.w_down.to(x.dtype))
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)
         return y.view_as(x)

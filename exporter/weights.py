@@ -15,7 +15,7 @@ from . import names
 from .checkpoint import dequantize_blocks, quantize_blocks
 from .config import ModelConfig
 from .errors import CheckpointError
-from .model import MoE, Linear, Transformer
+from .model import Linear, Transformer, rope_inv_freq
 
 
 class RandomWeights:
@@ -76,57 +76,50 @@ class RandomWeights:
         return w
 
 
-def load_weights(model: Transformer, source) -> Transformer:
-    """Copy every parameter of the model from the source; FP8 weights stay FP8 (with their scales)."""
-    cfg = model.cfg
-    for i, layer in enumerate(list(model.layers) + [m.block for m in model.mtp]):
-        _load_block(layer, f"layers.{i}", source, model.dtype)
-    model.embed.weight.copy_(source.get("embed.weight"))
-    model.norm.weight.copy_(source.get("norm.weight"))
-    _load_linear(model.head, "head.weight", source)
-    for m, mtp in enumerate(model.mtp):
-        p = f"layers.{cfg.n_layers + m}"
-        for part in ("enorm", "hnorm"):
-            getattr(mtp, part).weight.copy_(source.get(f"{p}.{part}.weight"))
-        _load_linear(mtp.eh_proj, f"{p}.eh_proj.weight", source)
-        mtp.norm.weight.copy_(source.get(f"{p}.shared_head.norm.weight"))
+def source_tensor(source, fqn: str, dtype: torch.dtype, keep_fp8: bool = False):
+    """The value of the model parameter `fqn` (its name in `Transformer`), made from the source's
+    canonical tensors: W_UK / W_UV cut from wkv_b, experts stacked, FP8 dequantized (or, with
+    keep_fp8, returned as (fp8 weight, scale)). The one mapping the reference loader and the ONNX
+    weight attachment share."""
+    cfg = source.config
+    if fqn == "inv_freq":
+        return rope_inv_freq(cfg)
+    parts = fqn.split(".")
+    if parts[0] == "layers":
+        return _block_tensor(source, f"layers.{parts[1]}", ".".join(parts[2:]), dtype, keep_fp8)
+    if parts[0] == "mtp":
+        p, rest = f"layers.{cfg.n_layers + int(parts[1])}", ".".join(parts[2:])
+        if rest.startswith("block."):
+            return _block_tensor(source, p, rest[len("block."):], dtype, keep_fp8)
         head = f"{p}.shared_head.head.weight"
-        _load_linear(mtp.head, head if head in source else "head.weight", source)
-    return model
+        name = {"norm.weight": f"{p}.shared_head.norm.weight",
+                "head.weight": head if head in source else "head.weight"}.get(rest, f"{p}.{rest}")
+        return _tensor(source, name, dtype, keep_fp8)
+    return _tensor(source, fqn, dtype, keep_fp8)
 
 
-def _load_linear(linear: Linear, name: str, source) -> None:
-    w = source.get(name)
-    if source.is_fp8(name):
-        linear.set_fp8(w, source.get(name[: -len("weight")] + "scale"), source.block)
-    else:
-        linear.weight.copy_(w)
+def _block_tensor(source, p: str, rest: str, dtype: torch.dtype, keep_fp8: bool):
+    cfg = source.config
+    if rest in ("attn.w_uk", "attn.w_uv"):
+        dn = cfg.qk_nope_head_dim
+        w = _dense(source, f"{p}.attn.wkv_b.weight", dtype).view(cfg.n_heads, dn + cfg.v_head_dim, cfg.kv_lora_rank)
+        return (w[:, :dn] if rest == "attn.w_uk" else w[:, dn:]).contiguous()
+    if rest == "ffn.w_gate_up":  # [E, 2I, D]: gate rows then up rows
+        return torch.stack([torch.cat([_dense(source, f"{p}.ffn.experts.{e}.w1.weight", dtype),
+                                       _dense(source, f"{p}.ffn.experts.{e}.w3.weight", dtype)])
+                            for e in range(cfg.n_routed_experts)])
+    if rest == "ffn.w_down":  # [E, D, I]
+        return torch.stack([_dense(source, f"{p}.ffn.experts.{e}.w2.weight", dtype)
+                            for e in range(cfg.n_routed_experts)])
+    return _tensor(source, f"{p}.{rest}", dtype, keep_fp8)
 
 
-def _load_block(block, p: str, source, dtype: torch.dtype) -> None:
-    block.attn_norm.weight.copy_(source.get(f"{p}.attn_norm.weight"))
-    block.ffn_norm.weight.copy_(source.get(f"{p}.ffn_norm.weight"))
-    attn = block.attn
-    for part in ("wq", "wq_a", "wq_b", "wkv_a", "wkv_b", "wo"):
-        if hasattr(attn, part):
-            _load_linear(getattr(attn, part), f"{p}.attn.{part}.weight", source)
-    for part in ("q_norm", "kv_norm"):
-        if hasattr(attn, part):
-            getattr(attn, part).weight.copy_(source.get(f"{p}.attn.{part}.weight"))
-    ffn = block.ffn
-    if not isinstance(ffn, MoE):
-        for part in ("w1", "w2", "w3"):
-            _load_linear(getattr(ffn, part), f"{p}.ffn.{part}.weight", source)
-        return
-    ffn.gate.weight.copy_(source.get(f"{p}.ffn.gate.weight"))
-    if ffn.gate.bias is not None:
-        if f"{p}.ffn.gate.bias" not in source:
-            raise CheckpointError(f"tensor '{p}.ffn.gate.bias' missing")
-        ffn.gate.bias.copy_(source.get(f"{p}.ffn.gate.bias"))
-    if ffn.shared_experts is not None:
-        for part in ("w1", "w2", "w3"):
-            _load_linear(getattr(ffn.shared_experts, part), f"{p}.ffn.shared_experts.{part}.weight", source)
-    _load_experts(ffn, p, source, dtype)
+def _tensor(source, name: str, dtype: torch.dtype, keep_fp8: bool):
+    if name not in source:
+        raise CheckpointError(f"tensor {name!r} missing")
+    if keep_fp8 and source.is_fp8(name):
+        return source.get(name), source.get(name[: -len("weight")] + "scale")
+    return _dense(source, name, dtype)
 
 
 def _dense(source, name: str, dtype: torch.dtype) -> torch.Tensor:
@@ -136,13 +129,17 @@ def _dense(source, name: str, dtype: torch.dtype) -> torch.Tensor:
     return w.to(dtype)
 
 
-def _load_experts(ffn: MoE, p: str, source, dtype: torch.dtype) -> None:
-    """Stack per-expert w1|w3 into w_gate_up [E,2I,D] and w2 into w_down [E,D,I].
-
-    FP8 experts are dequantized here: the reference is the oracle, and the stacked FP8 form is the
-    exporter's business."""
-    for e in range(ffn.w_gate_up.shape[0]):
-        name = f"{p}.ffn.experts.{e}"
-        ffn.w_gate_up[e].copy_(torch.cat([_dense(source, f"{name}.w1.weight", dtype),
-                                          _dense(source, f"{name}.w3.weight", dtype)]))
-        ffn.w_down[e].copy_(_dense(source, f"{name}.w2.weight", dtype))
+def load_weights(model: Transformer, source) -> Transformer:
+    """Copy every parameter of the model from the source; FP8 linears stay FP8 (with their scales)."""
+    modules = dict(model.named_modules())
+    for fqn, param in list(model.named_parameters()):
+        value = source_tensor(source, fqn, param.dtype, keep_fp8=fqn.endswith(".weight"))
+        if isinstance(value, tuple):
+            owner = modules[fqn.rsplit(".", 1)[0]]
+            if not isinstance(owner, Linear):
+                value = dequantize_blocks(*value, source.block, param.dtype)
+            else:
+                owner.set_fp8(*value, source.block)
+                continue
+        param.copy_(value)
+    return model

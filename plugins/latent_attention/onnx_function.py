@@ -56,3 +56,23 @@ def make_node(q: str, latent: str, o_lat: str, *, scale: float, kv_lora_rank: in
         scale=float(scale), kv_lora_rank=int(kv_lora_rank),
         plugin_namespace=PLUGIN_NAMESPACE, plugin_version=PLUGIN_VERSION,
     )
+
+
+_FLOATS = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
+
+
+def register_schema() -> None:
+    from onnx.defs import OpSchema
+
+    from plugins import register_schema as register
+
+    register(spec.OP_NAME, [("q", "T"), ("latent", "T")], [("o_lat", "T")], [("T", _FLOATS, "")],
+             {"scale": OpSchema.AttrType.FLOAT, "kv_lora_rank": OpSchema.AttrType.INT,
+              "plugin_namespace": PLUGIN_NAMESPACE, "plugin_version": PLUGIN_VERSION})
+
+
+def torch_translation(q, latent, scale: float, kv_lora_rank: int):
+    """torch.onnx translation of torch.ops.dsv3.latent_attention: one dsv3 node, attributes included."""
+    register_schema()
+    return dsv3[spec.OP_NAME](q, latent, scale=float(scale), kv_lora_rank=int(kv_lora_rank),
+                              plugin_namespace=PLUGIN_NAMESPACE, plugin_version=PLUGIN_VERSION)

@@ -25,3 +25,14 @@ def latent_attention(q: torch.Tensor, latent: torch.Tensor, scale: float, kv_lor
     probs = torch.softmax(scores, dim=-1)
     o_lat = torch.einsum("bsht,btr->bshr", probs, lf[..., :kv_lora_rank])
     return o_lat.to(q.dtype)
+
+
+@torch.library.custom_op("dsv3::latent_attention", mutates_args=())
+def latent_attention_op(q: torch.Tensor, latent: torch.Tensor, scale: float, kv_lora_rank: int) -> torch.Tensor:
+    """The op as torch sees it: the model calls this, so torch.export keeps it as one node."""
+    return latent_attention(q, latent, scale, kv_lora_rank)
+
+
+@latent_attention_op.register_fake
+def _(q, latent, scale, kv_lora_rank):
+    return q.new_empty((*q.shape[:-1], kv_lora_rank))

@@ -49,3 +49,22 @@ def make_node(x: str, topk_idx: str, topk_weight: str, w_gate_up: str, w_down: s
         spec.OP_NAME, [x, topk_idx, topk_weight, w_gate_up, w_down], [y], name=name, domain=spec.OP_DOMAIN,
         plugin_namespace=PLUGIN_NAMESPACE, plugin_version=PLUGIN_VERSION,
     )
+
+
+_FLOATS = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
+
+
+def register_schema() -> None:
+    from plugins import register_schema as register
+
+    register(spec.OP_NAME,
+             [("x", "T"), ("topk_idx", "I"), ("topk_weight", "T"), ("w_gate_up", "T"), ("w_down", "T")],
+             [("y", "T")], [("T", _FLOATS, ""), ("I", ["tensor(int64)"], "")],
+             {"plugin_namespace": PLUGIN_NAMESPACE, "plugin_version": PLUGIN_VERSION})
+
+
+def torch_translation(x, topk_idx, topk_weight, w_gate_up, w_down):
+    """torch.onnx translation of torch.ops.dsv3.moe_dispatch: one dsv3 node, attributes included."""
+    register_schema()
+    return dsv3[spec.OP_NAME](x, topk_idx, topk_weight, w_gate_up, w_down,
+                              plugin_namespace=PLUGIN_NAMESPACE, plugin_version=PLUGIN_VERSION)
