@@ -1,0 +1,107 @@
+"""Trace the absorbed reference to ONNX, without its weights.
+
+The model is built on the `meta` device (shapes, no storage) and traced by torch.onnx's dynamo
+exporter; the two custom ops become single `dsv3::LatentAttention` / `dsv3::MoEDispatch` nodes.
+Weights come later, one tensor at a time (passes/attach_weights.py), so tracing costs the same for
+a 16 MB and a 700 GB checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+from .model import Transformer
+
+OPSET = 23  # Attention (for the ORT lowering) needs 23; the function bodies are written for it.
+# Example sizes for tracing: above 1 so torch.export does not specialise them.
+_EXAMPLE_BATCH, _EXAMPLE_SEQ, _EXAMPLE_PAST = 2, 3, 4
+
+
+class MainGraph(nn.Module):
+    """input_ids, past_latent.{i} -> logits, hidden_states, present_latent.{i} (the graph contract)."""
+
+    def __init__(self, model: Transformer):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, *past):
+        out = self.model(input_ids, list(past))
+        return (out.logits, out.hidden_states, *out.past)
+
+
+class MTPGraph(nn.Module):
+    """input_ids (tokens i+1), hidden_states (h_i), past_latent.mtp -> logits, present_latent.mtp."""
+
+    def __init__(self, model: Transformer):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, hidden_states, past):
+        return self.model.mtp_forward(input_ids, hidden_states, past)
+
+
+def meta_model(cfg: ModelConfig, *, mla: str = "absorbed", has_gate_bias: bool = True, mtp: bool = True) -> Transformer:
+    with torch.device("meta"):
+        return Transformer(cfg, dtype=torch.float32, mla=mla, has_gate_bias=has_gate_bias, mtp=mtp)
+
+
+def cache_width(cfg: ModelConfig, mla: str) -> tuple[int, ...]:
+    """Trailing dims of one layer's cache: the latent row, or naive per-head K|V."""
+    if mla == "absorbed":
+        return (cfg.latent_dim,)
+    return (cfg.n_heads, cfg.qk_head_dim + cfg.v_head_dim)
+
+
+def _translations() -> dict:
+    from plugins.latent_attention import onnx_function as la
+    from plugins.moe_dispatch import onnx_function as moe
+
+    la.register_schema()
+    moe.register_schema()
+    return {torch.ops.dsv3.latent_attention.default: la.torch_translation,
+            torch.ops.dsv3.moe_dispatch.default: moe.torch_translation}
+
+
+def _export(module: nn.Module, args: tuple, input_names, output_names, dynamic_shapes):
+    """torch.onnx.export (dynamo) → onnx_ir.Model, quietly: its chatter is not our user's business."""
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            module, args, dynamo=True, optimize=False, opset_version=OPSET, verbose=False,
+            input_names=list(input_names), output_names=list(output_names),
+            dynamic_shapes=dynamic_shapes, custom_translation_table=_translations(),
+        )
+    return program.model
+
+
+def export_main(model: Transformer):
+    """The main graph of a (meta) Transformer as an onnx_ir.Model with weightless initializers."""
+    cfg = model.cfg
+    batch, seq, past = (torch.export.Dim("batch"), torch.export.Dim("seq"),
+                        torch.export.Dim("past", min=0, max=cfg.max_seq_len))
+    width = cache_width(cfg, model.mla)
+    ids = torch.zeros(_EXAMPLE_BATCH, _EXAMPLE_SEQ, dtype=torch.int64, device="meta")
+    pasts = tuple(torch.zeros(_EXAMPLE_BATCH, _EXAMPLE_PAST, *width, device="meta") for _ in range(cfg.n_layers))
+    inputs = ["input_ids"] + [f"past_latent.{i}" for i in range(cfg.n_layers)]
+    outputs = ["logits", "hidden_states"] + [f"present_latent.{i}" for i in range(cfg.n_layers)]
+    dynamic = ({0: batch, 1: seq}, tuple({0: batch, 1: past} for _ in pasts))
+    return _export(MainGraph(model), (ids, *pasts), inputs, outputs, dynamic)
+
+
+def export_mtp(model: Transformer):
+    cfg = model.cfg
+    batch, seq, past = (torch.export.Dim("batch"), torch.export.Dim("seq"),
+                        torch.export.Dim("past", min=0, max=cfg.max_seq_len))
+    ids = torch.zeros(_EXAMPLE_BATCH, _EXAMPLE_SEQ, dtype=torch.int64, device="meta")
+    hidden = torch.zeros(_EXAMPLE_BATCH, _EXAMPLE_SEQ, cfg.dim, device="meta")
+    cache = torch.zeros(_EXAMPLE_BATCH, _EXAMPLE_PAST, *cache_width(cfg, model.mla), device="meta")
+    return _export(MTPGraph(model), (ids, hidden, cache), ["input_ids", "hidden_states", "past_latent.mtp"],
+                   ["logits", "present_latent.mtp"], ({0: batch, 1: seq}, {0: batch, 1: seq}, {0: batch, 1: past}))
