@@ -1,0 +1,204 @@
+"""`build`: checkpoint -> verified engine directory, atomically.
+
+Work happens in a temporary sibling of OUT that is renamed at the end; a failure anywhere leaves
+nothing behind. The directory holds model.onnx (+ .data), mtp.onnx (+ .data), tokenizer.json, the
+backend's engine files, verify/ and manifest.json (DESIGN.md, "Graph contract").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import ExportError
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+PRECISIONS = ("fp32",)
+BACKENDS = ("ort", "trt")
+
+
+class Reporter:
+    """Progress sink: the CLI passes rich progress bars, the API a silent one."""
+
+    def stage(self, name: str, total: int | None = None) -> Callable[[int], None]:
+        return lambda n=1: None
+
+    def done(self, name: str) -> None:
+        pass
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(16 * 2**20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def tool_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("dsv3-export", "torch", "onnx", "onnx-ir", "onnxscript", "onnxruntime", "onnxruntime-gpu",
+                "polygraphy", "tensorrt"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def source_info(source, spec: str | Path) -> dict[str, Any]:
+    from .checkpoint import Checkpoint
+
+    if isinstance(source, Checkpoint):
+        return {"kind": "checkpoint", "path": str(Path(spec).resolve()), "layout": source.layout,
+                "fingerprint": source.fingerprint()}
+    blob = json.dumps({"preset": str(spec), "seed": source.seed, "config": source.config.to_dict()}, sort_keys=True)
+    return {"kind": "preset", "name": str(spec), "seed": source.seed,
+            "fingerprint": hashlib.sha256(blob.encode()).hexdigest()}
+
+
+def graph_io(path: Path) -> dict[str, list[dict]]:
+    """Inputs and outputs of a saved graph (names, dtypes, symbolic shapes), read without its weights."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+
+    def describe(values):
+        out = []
+        for v in values:
+            t = v.type.tensor_type
+            dims = [d.dim_param or d.dim_value for d in t.shape.dim]
+            out.append({"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name, "shape": dims})
+        return out
+
+    return {"inputs": describe(model.graph.input), "outputs": describe(model.graph.output)}
+
+
+def export_graph(kind: str, source, out_dir: Path, reporter: Reporter, *, mla: str = "absorbed") -> Path:
+    """Trace one graph ("model" or "mtp"), run the passes, save it with its weights streamed out."""
+    import onnx_ir as ir
+
+    from .export import export_main, export_mtp, meta_model
+    from .passes.attach_weights import attach_weights
+    from .passes.cleanup import cleanup
+    from .passes.plugin_attrs import plugin_attrs
+
+    cfg = source.config
+    first_moe = f"layers.{cfg.n_dense_layers}.ffn.gate.bias"
+    model = meta_model(cfg, mla=mla, has_gate_bias=cfg.n_dense_layers >= cfg.n_layers or first_moe in source,
+                       mtp=kind == "mtp")
+    reporter.stage(f"tracing {kind}.onnx")
+    graph = export_main(model) if kind == "model" else export_mtp(model)
+    reporter.done(f"tracing {kind}.onnx")
+    graph = cleanup(attach_weights(plugin_attrs(graph), source))
+    graph.producer_name, graph.producer_version = "dsv3-export", tool_versions().get("dsv3-export", "")
+    path = out_dir / f"{kind}.onnx"
+    advance = reporter.stage(f"writing {kind}.onnx weights", total=len(graph.graph.initializers))
+    ir.save(graph, path, external_data=f"{kind}.onnx.data", callback=lambda tensor, info: advance(1))
+    reporter.done(f"writing {kind}.onnx weights")
+    return path
+
+
+def write_tokenizer(source, spec: str | Path, out_dir: Path) -> Path | None:
+    from .checkpoint import Checkpoint
+    from .synth import train_tokenizer
+
+    dest = out_dir / "tokenizer.json"
+    if isinstance(source, Checkpoint):
+        tok = source.path / "tokenizer.json"
+        if not tok.is_file():
+            return None
+        shutil.copyfile(tok, dest)
+    else:
+        train_tokenizer(source.config.vocab_size).save(str(dest))
+    return dest
+
+
+def write_manifest(out_dir: Path, info: dict[str, Any]) -> dict[str, Any]:
+    files = {}
+    for f in sorted(p for p in out_dir.rglob("*") if p.is_file() and p.name != MANIFEST):
+        rel = f.relative_to(out_dir).as_posix()
+        files[rel] = {"sha256": sha256_file(f), "bytes": f.stat().st_size}
+    manifest = {"format": FORMAT_VERSION, **info, "files": files}
+    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return manifest
+
+
+@contextmanager
+def atomic_dir(out: Path, force: bool):
+    """Yield a fresh temporary sibling of `out`; rename it onto `out` only when the block succeeds."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise ExportError(f"{out}: already exists (use --force to replace it)")
+    parent = out.resolve().parent
+    if not parent.is_dir():
+        raise ExportError(f"{parent}: output directory's parent does not exist")
+    tmp = parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if out.exists():
+            old = parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def build(source_spec: str | Path = "tiny", out: str | Path = "build", *, precision: str = "fp32",
+          backend: str = "ort", mla: str = "absorbed", mtp: bool = True, verify: bool = True,
+          force: bool = False, reporter: Reporter | None = None, seed: int = 0) -> dict[str, Any]:
+    """Export, pass, build the engine, verify, write the manifest. Returns the manifest (plus the
+    verify verdict under "verify")."""
+    from . import open_source
+    from .inspect import cache_bytes_per_token
+
+    reporter = reporter or Reporter()
+    if precision not in PRECISIONS:
+        raise ExportError(f"--precision {precision!r} is not supported (choose from {', '.join(PRECISIONS)})")
+    if backend not in BACKENDS:
+        raise ExportError(f"--backend {backend!r} is not supported (choose from {', '.join(BACKENDS)})")
+    if backend == "trt":
+        from engines.trt import require_tensorrt
+
+        require_tensorrt()
+    source = open_source(source_spec, seed=seed)
+    started = time.time()
+    with atomic_dir(Path(out), force) as tmp:
+        graphs = {"model.onnx": export_graph("model", source, tmp, reporter, mla=mla)}
+        if mtp and source.has_mtp:
+            graphs["mtp.onnx"] = export_graph("mtp", source, tmp, reporter, mla=mla)
+        write_tokenizer(source, source_spec, tmp)
+        info: dict[str, Any] = {
+            "config": source.config.to_dict(), "precision": precision, "backend": backend, "mla": mla,
+            "source": source_info(source, source_spec), "tools": tool_versions(),
+            "io": {name: graph_io(path) for name, path in graphs.items()},
+            "cache_bytes_per_token": {"latent_fp32": cache_bytes_per_token(source.config, 4)["latent"],
+                                      "naive_fp32": cache_bytes_per_token(source.config, 4)["naive"]},
+        }
+        reporter.stage("building the ONNX Runtime engine")
+        from engines.ort import prepare
+
+        info["engine"] = prepare(tmp, graphs)
+        reporter.done("building the ONNX Runtime engine")
+        if verify:
+            from .verify import verify as run_verify
+
+            info["verify"] = run_verify(tmp, source, precision=precision, reporter=reporter)
+        info["build_seconds"] = round(time.time() - started, 1)
+        manifest = write_manifest(tmp, info)
+    return manifest
