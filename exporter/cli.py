@@ -116,5 +116,69 @@ def make_checkpoint(preset_name, config_path, out, fp8, dtype, seed, layout, mp,
     click.echo(f"wrote {path} ({human_bytes(size)}, {'fp8' if fp8 else dtype}, {layout} layout)")
 
 
+class _RichReporter:
+    """build's progress as rich bars: one line per stage, a bar where the stage has a size."""
+
+    def __init__(self, progress):
+        self.progress, self.tasks = progress, {}
+
+    def stage(self, name, total=None):
+        task = self.progress.add_task(name, total=total)
+        self.tasks[name] = task
+        return lambda n=1: self.progress.advance(task, n)
+
+    def done(self, name):
+        task = self.tasks.get(name)
+        if task is not None:
+            total = self.progress.tasks[task].total or 1
+            self.progress.update(task, total=total, completed=total)
+
+
+@main.command()
+@click.argument("source", default="tiny")
+@click.option("-o", "--out", default="build", show_default=True, type=click.Path(file_okay=False),
+              help="Build directory to create.")
+@click.option("--precision", default="fp32", show_default=True, help="fp32 (fp8/int8/int4 come with their issue).")
+@click.option("--backend", default="ort", show_default=True, type=click.Choice(["ort", "trt"]))
+@click.option("--mla", default="absorbed", show_default=True, type=click.Choice(["absorbed", "naive"]),
+              help="absorbed: cache the latent (the point); naive: per-head K/V cache, for comparison.")
+@click.option("--no-mtp", is_flag=True, help="Leave out mtp.onnx even when the checkpoint has the MTP layer.")
+@click.option("--no-verify", is_flag=True, help="Skip verification against the PyTorch reference.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of a preset's random weights.")
+def build(source, out, precision, backend, mla, no_mtp, no_verify, force, seed) -> None:
+    """Build a verified engine directory from a checkpoint dir or preset (default: tiny)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from .build import build as run_build
+
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, transient=False) as progress:
+        manifest = run_build(source, out, precision=precision, backend=backend, mla=mla, mtp=not no_mtp,
+                             verify=not no_verify, force=force, reporter=_RichReporter(progress), seed=seed)
+    _print_build_summary(out, manifest)
+    verdict = manifest.get("verify")
+    if verdict is not None and not verdict.get("passed"):
+        _fail(f"{out}: verification failed; see {Path(out) / 'verify' / 'report.md'}")
+
+
+def _print_build_summary(out, manifest) -> None:
+    from rich.table import Table
+
+    from .inspect import human_bytes
+
+    t = Table(title=f"{out}: {manifest['precision']} / {manifest['backend']} / {manifest['mla']} MLA")
+    t.add_column("file")
+    t.add_column("size", justify="right")
+    for name, f in manifest["files"].items():
+        t.add_row(name, human_bytes(f["bytes"]))
+    _console().print(t)
+    cache = manifest["cache_bytes_per_token"]
+    verdict = manifest.get("verify")
+    state = "skipped" if verdict is None else ("[green]passed[/]" if verdict["passed"] else "[red]FAILED[/]")
+    _console().print(f"verify: {state}   cache per token (fp32): latent {human_bytes(cache['latent_fp32'])}, "
+                     f"naive would be {human_bytes(cache['naive_fp32'])}   built in {manifest['build_seconds']} s")
+
+
 if __name__ == "__main__":
     main()
