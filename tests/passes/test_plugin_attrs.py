@@ -15,6 +15,7 @@ def _bare_latent_attention_model():
     node = ir.Node("dsv3", "LatentAttention", [q, lat], attributes=[ir.AttrFloat32("scale", 0.5), ir.AttrInt64("kv_lora_rank", 8)])
     node.outputs[0].name = "o_lat"
     node.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
+    node.outputs[0].shape = ir.Shape(["B", "S", 2, 8])
     graph = ir.Graph([q, lat], [node.outputs[0]], nodes=[node], opset_imports={"": 23}, name="g")
     return ir.Model(graph, ir_version=10)
 
