@@ -140,6 +140,11 @@ class Checkpoint:
             self._handles[f] = _safe_open(f)
         return self._handles[f]
 
+    def release(self) -> None:
+        """Close every open file. Tensors already read stay valid; the mapped pages of the files go,
+        so a long streaming read holds only what it is working on."""
+        self._handles.clear()
+
     def __contains__(self, name: str) -> bool:
         return name in self._sources
 

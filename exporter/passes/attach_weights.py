@@ -18,6 +18,8 @@ _PREFIX = "model."
 def _loader(source, fqn: str, shape: tuple[int, ...], dtype: torch.dtype):
     def load() -> ir.Tensor:
         t = source_tensor(source, fqn, dtype)
+        if hasattr(source, "release"):
+            source.release()  # unmap the checkpoint files between tensors: peak memory is one tensor
         if tuple(t.shape) != shape:
             raise CheckpointError(f"tensor for {fqn!r} has shape {list(t.shape)}, the graph expects {list(shape)}")
         return ir.Tensor(np.ascontiguousarray(t.numpy()), name=_PREFIX + fqn)

@@ -1,0 +1,459 @@
+"""Generation over a build directory: the latent cache, sampling, streaming (MTP speculation: later).
+
+`Engine(build_dir)` (or `engines.load(build_dir)`) reads manifest.json, checks every file of the
+build against its sha256, and opens the backend's session for model.onnx. `forward` is one call of
+the graph contract (DESIGN.md, "Graph contract"); `generate` runs prefill then one decode step per
+token, carrying the per-layer latent cache `present_latent.{i}` -> `past_latent.{i}`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+
+from exporter.errors import ExportError
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1  # the newest manifest format this runtime reads (exporter/build.py writes it)
+BACKENDS = ("ort", "trt")
+HASH_CHUNK = 16 * 2**20
+
+
+# ---- build directory checks -----------------------------------------------------------------------
+def read_manifest(build_dir: str | Path) -> dict[str, Any]:
+    build_dir = Path(build_dir)
+    path = build_dir / MANIFEST
+    if not build_dir.is_dir():
+        raise ExportError(f"{build_dir}: no such build directory")
+    if not path.is_file():
+        raise ExportError(f"{build_dir}: not a build directory (no {MANIFEST}); make one with dsv3-export build")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ExportError(f"{path}: unreadable ({e})") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict) or "config" not in manifest:
+        raise ExportError(f"{path}: not a dsv3-export manifest (no 'files' or 'config')")
+    fmt = manifest.get("format", 1)
+    if not isinstance(fmt, int) or fmt > FORMAT_VERSION:
+        raise ExportError(f"{path}: format {fmt!r} is newer than this dsv3-export reads ({FORMAT_VERSION}); upgrade it")
+    return manifest
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    buf = bytearray(HASH_CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def verify_files(build_dir: str | Path, manifest: dict[str, Any]) -> None:
+    """Every file listed in the manifest exists with its size and sha256, else an ExportError naming
+    the first bad one. Sizes first (cheap), then the hashes, several files at once (hashlib
+    releases the GIL on large buffers)."""
+    build_dir = Path(build_dir)
+    root = build_dir.resolve()
+    entries = []
+    for rel, info in sorted(manifest["files"].items()):
+        path = build_dir / rel
+        if root not in path.resolve().parents:
+            raise ExportError(f"{build_dir / MANIFEST}: file entry {rel!r} points outside the build directory")
+        if not isinstance(info, dict) or "sha256" not in info:
+            raise ExportError(f"{build_dir / MANIFEST}: file entry {rel!r} has no sha256")
+        if not path.is_file():
+            raise ExportError(f"{path}: missing (manifest.json lists it); the build is incomplete, rebuild it")
+        size = path.stat().st_size
+        if "bytes" in info and size != info["bytes"]:
+            raise ExportError(f"{path}: {size} bytes, manifest.json says {info['bytes']}; "
+                              "the file was modified or truncated, rebuild it")
+        entries.append((path, info["sha256"]))
+    if not entries:
+        return
+    with ThreadPoolExecutor(max_workers=min(4, len(entries))) as pool:
+        digests = list(pool.map(lambda e: _sha256(e[0]), entries))
+    for (path, want), got in zip(entries, digests):
+        if got != want:
+            raise ExportError(f"{path}: sha256 does not match manifest.json; the file was modified or "
+                              "corrupted, rebuild it")
+
+
+# ---- results ----------------------------------------------------------------------------------------
+@dataclass
+class GenerationStats:
+    batch: int
+    prompt_tokens: int  # over the batch
+    new_tokens: int  # emitted over the batch (stop tokens included, padding not)
+    prefill_seconds: float
+    decode_seconds: float
+    decode_tokens_per_s: float | None  # tokens from decode steps / decode seconds; None without any
+    steps: int  # decode calls of the graph after prefill
+    acceptance_rate: float | None = None  # MTP speculation (later)
+
+    def summary(self) -> str:
+        parts = [f"prompt {self.prompt_tokens} tokens", f"{self.new_tokens} new tokens",
+                 f"prefill {self.prefill_seconds * 1000:.1f} ms"]
+        if self.batch > 1:
+            parts.insert(0, f"batch {self.batch}")
+        if self.decode_tokens_per_s is not None:
+            parts.append(f"decode {self.decode_tokens_per_s:.1f} tokens/s")
+        if self.acceptance_rate is not None:
+            parts.append(f"MTP acceptance {self.acceptance_rate:.0%}")
+        return ", ".join(parts)
+
+
+@dataclass
+class GenerationResult:
+    """`ids`: the new tokens (a list; per-sequence lists for a batched prompt), up to and including
+    a stop token. `text`: their decoding without the stop token (None without tokenizer.json).
+    `finish_reason`: "stop" or "length" (per sequence for a batch)."""
+
+    ids: list[int] | list[list[int]]
+    text: str | list[str] | None
+    stats: GenerationStats
+    finish_reason: str | list[str] = "length"
+    prompt_ids: list[int] | list[list[int]] = field(default_factory=list, repr=False)
+
+
+class TextStream:
+    """Incremental detokenization: push token ids, get the new text (holds back incomplete UTF-8
+    sequences; keeps a little context so tokenizers that strip a leading space decode right)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self._prefix = 0
+        self._read = 0
+
+    def push(self, token: int) -> str:
+        self.ids.append(int(token))
+        before = self.tokenizer.decode(self.ids[self._prefix:self._read])
+        full = self.tokenizer.decode(self.ids[self._prefix:])
+        if full.endswith("\ufffd") or len(full) <= len(before):
+            return ""
+        self._prefix, self._read = self._read, len(self.ids)
+        return full[len(before):]
+
+    def flush(self) -> str:
+        """The text held back so far (an incomplete character at the end of the generation)."""
+        before = self.tokenizer.decode(self.ids[self._prefix:self._read])
+        full = self.tokenizer.decode(self.ids[self._prefix:])
+        self._prefix = self._read = len(self.ids)
+        return full[len(before):] if len(full) > len(before) else ""
+
+
+# ---- sampling ----------------------------------------------------------------------------------------
+def check_generation_args(*, max_new_tokens: int = 1, temperature: float = 0.0, top_k: int = 0,
+                          top_p: float = 1.0) -> None:
+    """ExportError for a bad generation setting (the CLI calls this before loading a build)."""
+    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise ExportError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not temperature >= 0:
+        raise ExportError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not isinstance(top_k, (int, np.integer)) or top_k < 0:
+        raise ExportError(f"top_k must be >= 0 (0 = no limit), got {top_k}")
+    if not 0 < top_p <= 1:
+        raise ExportError(f"top_p must be in (0, 1], got {top_p}")
+
+
+def sample(logits: np.ndarray, rng: np.random.Generator | None, *, temperature: float = 0.0, top_k: int = 0,
+           top_p: float = 1.0) -> np.ndarray:
+    """Next tokens [B] from last-position logits [B, V]: argmax when temperature == 0; otherwise
+    softmax(logits / temperature) restricted to the top_k most likely (0: all), then to the smallest
+    set whose probability reaches top_p (nucleus), drawn with `rng` (one uniform per row)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.astype(np.float64, copy=False)
+    batch, vocab = logits.shape
+    if top_k and top_k < vocab:
+        cand = np.argpartition(-logits, top_k - 1, axis=-1)[:, :top_k]
+        vals = np.take_along_axis(logits, cand, -1)
+        # Most likely first; among equals the lower id (as argmax), so top_k=1 is greedy.
+        order = np.lexsort((cand, -vals), axis=-1)
+        cand = np.take_along_axis(cand, order, -1)
+    else:
+        cand = np.argsort(-logits, axis=-1, kind="stable")
+    z = np.take_along_axis(logits, cand, -1) / temperature
+    probs = np.exp(z - z[:, :1])
+    probs /= probs.sum(-1, keepdims=True)
+    if top_p < 1.0:
+        before = np.cumsum(probs, -1) - probs  # mass of the more likely candidates
+        probs = np.where(before < top_p, probs, 0.0)
+        probs /= probs.sum(-1, keepdims=True)
+    cum = np.cumsum(probs, -1)
+    u = rng.random(batch)[:, None] * cum[:, -1:]
+    pick = np.minimum((cum <= u).sum(-1), cand.shape[1] - 1)
+    # Never land on a zero-probability tail entry through rounding.
+    pick = np.minimum(pick, (probs > 0).sum(-1) - 1)
+    return cand[np.arange(batch), pick]
+
+
+# ---- the engine -------------------------------------------------------------------------------------
+class Engine:
+    """A loaded build: `forward` (one graph call) and `generate` (prefill + decode with the cache).
+
+    backend: None = the manifest's; "ort" = ONNX Runtime (providers: None = CUDA when it works,
+    else CPU; threads: intra-op threads); "trt" = TensorRT (not yet). check_files: verify every
+    file's sha256 against the manifest (on by default; the escape hatch is for trusted, huge builds).
+    """
+
+    def __init__(self, build_dir: str | Path, *, backend: str | None = None,
+                 providers: Iterable[str] | None = None, threads: int | None = None, check_files: bool = True):
+        from exporter.config import ModelConfig
+
+        self.build_dir = Path(build_dir)
+        self.manifest = read_manifest(self.build_dir)
+        try:
+            self.config = ModelConfig.from_dict(self.manifest["config"])
+        except ExportError as e:
+            raise ExportError(f"{self.build_dir / MANIFEST}: {e}") from None
+        self.backend = backend or self.manifest.get("backend", "ort")
+        if self.backend not in BACKENDS:
+            raise ExportError(f"--backend {self.backend!r} is not supported (choose from {', '.join(BACKENDS)})")
+        if check_files:
+            verify_files(self.build_dir, self.manifest)
+        if self.backend == "trt":
+            from .trt import require_tensorrt
+
+            require_tensorrt()
+            raise ExportError("--backend trt: the TensorRT runtime is not implemented yet; use --backend ort")
+        self._providers = None if providers is None else list(providers)
+        self._threads = threads
+        from . import ort as ort_engine
+
+        self.session = ort_engine.session(self.build_dir, "model", providers=self._providers, threads=threads)
+        self.model_file: Path = self.session.dsv3_model_path
+        self._mtp_session = None
+        self._outputs = [o.name for o in self.session.get_outputs()]
+        cfg = self.config
+        self.n_layers = cfg.n_layers
+        self.latent_dim = cfg.latent_dim
+        self.cache_dtype = self._cache_dtype()
+        self.tokenizer = self._load_tokenizer()
+
+    # ---- pieces ---------------------------------------------------------------------------------
+    def _cache_dtype(self) -> np.dtype:
+        for spec in self.manifest.get("io", {}).get("model.onnx", {}).get("inputs", []):
+            if spec.get("name") == "past_latent.0":
+                return np.dtype(spec.get("dtype", "float32"))
+        return np.dtype(np.float32)
+
+    def _load_tokenizer(self):
+        path = self.build_dir / "tokenizer.json"
+        if not path.is_file():
+            return None
+        from tokenizers import Tokenizer
+
+        try:
+            return Tokenizer.from_file(str(path))
+        except Exception as e:
+            raise ExportError(f"{path}: not a tokenizers JSON file ({str(e).splitlines()[0] if str(e) else e!r})") from None
+
+    @property
+    def mtp_session(self):
+        """The MTP graph's session (opened on first use), or None when the build has no mtp.onnx."""
+        if self._mtp_session is None and (self.build_dir / "mtp.onnx").is_file():
+            from . import ort as ort_engine
+
+            self._mtp_session = ort_engine.session(self.build_dir, "mtp", providers=self._providers,
+                                                   threads=self._threads)
+        return self._mtp_session
+
+    def empty_past(self, batch: int) -> list[np.ndarray]:
+        return [np.zeros((batch, 0, self.latent_dim), self.cache_dtype) for _ in range(self.n_layers)]
+
+    def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
+        """Token ids of `text` with the build's tokenizer; BOS first (added when the tokenizer's own
+        post-processor did not)."""
+        if self.tokenizer is None:
+            raise ExportError(f"{self.build_dir}: this build has no tokenizer.json; give token ids (--ids) instead of text")
+        ids = self.tokenizer.encode(text).ids
+        bos = self.config.bos_token_id
+        if add_bos and bos is not None and (not ids or ids[0] != bos):
+            ids = [bos] + ids
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str | None:
+        return None if self.tokenizer is None else self.tokenizer.decode([int(i) for i in ids])
+
+    def stop_ids(self, stop: Iterable[int] | int | None = None) -> set[int]:
+        """The config's EOS plus `stop`."""
+        out = set() if self.config.eos_token_id is None else {int(self.config.eos_token_id)}
+        if stop is not None:
+            out |= {int(stop)} if isinstance(stop, (int, np.integer)) else {int(s) for s in stop}
+        return out
+
+    def _check_ids(self, ids: np.ndarray) -> None:
+        vocab = self.config.vocab_size
+        if ids.size and (ids.min() < 0 or ids.max() >= vocab):
+            bad = int(ids.min()) if ids.min() < 0 else int(ids.max())
+            raise ExportError(f"token id {bad} is out of range for this model (vocab size {vocab}: ids 0..{vocab - 1})")
+
+    # ---- one graph call ---------------------------------------------------------------------------
+    def forward(self, input_ids, past: Sequence[np.ndarray] | None = None
+                ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+        """(logits [B,S,V], hidden_states [B,S,D], past: per-layer latents [B,T+S,C]) for input_ids
+        [B,S] (a 1-D sequence is batch 1) after `past` (None: empty)."""
+        ids = np.asarray(input_ids)
+        if ids.ndim == 1:
+            ids = ids[None]
+        if ids.ndim != 2 or ids.shape[0] == 0 or ids.shape[1] == 0:
+            raise ExportError(f"input_ids must be a non-empty [batch, seq] array, got shape {tuple(ids.shape)}")
+        if ids.dtype.kind not in "iu":
+            raise ExportError(f"input_ids must be integers, got {ids.dtype}")
+        self._check_ids(ids)
+        batch = ids.shape[0]
+        if past is None:
+            past = self.empty_past(batch)
+        else:
+            if len(past) != self.n_layers:
+                raise ExportError(f"past must hold {self.n_layers} per-layer latents, got {len(past)}")
+            past = [np.ascontiguousarray(p, dtype=self.cache_dtype) for p in past]
+            t = past[0].shape[1] if past[0].ndim == 3 else -1
+            for i, p in enumerate(past):
+                if p.ndim != 3 or p.shape[0] != batch or p.shape[1] != t or p.shape[2] != self.latent_dim:
+                    raise ExportError(f"past[{i}] must be [{batch}, {max(t, 0)}, {self.latent_dim}], got {tuple(p.shape)}")
+            if t + ids.shape[1] > self.config.max_seq_len:
+                raise ExportError(f"past ({t}) + input ({ids.shape[1]}) tokens exceed the model's context "
+                                  f"length (max_seq_len {self.config.max_seq_len})")
+        return self._run(ids.astype(np.int64, copy=False), past)
+
+    def _run(self, ids: np.ndarray, past: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+        feeds = {"input_ids": ids, **{f"past_latent.{i}": p for i, p in enumerate(past)}}
+        out = dict(zip(self._outputs, self.session.run(None, feeds)))
+        return out["logits"], out["hidden_states"], [out[f"present_latent.{i}"] for i in range(self.n_layers)]
+
+    # ---- generation -------------------------------------------------------------------------------
+    def _prompt_ids(self, prompt, add_bos: bool) -> tuple[np.ndarray, bool]:
+        """[B, S] int64 ids and whether the prompt was a batch."""
+        def is_int(x):
+            return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ExportError("empty prompt")
+            rows, batched = [self.tokenize(prompt, add_bos=add_bos)], False
+        elif isinstance(prompt, np.ndarray):
+            if prompt.dtype.kind not in "iu" or prompt.ndim not in (1, 2):
+                raise ExportError(f"prompt ids must be a 1-D or 2-D integer array, got {prompt.dtype} {prompt.shape}")
+            rows, batched = (prompt.tolist(), True) if prompt.ndim == 2 else ([prompt.tolist()], False)
+        elif isinstance(prompt, (list, tuple)):
+            if not prompt:
+                raise ExportError("empty prompt")
+            if all(isinstance(p, str) for p in prompt):
+                if any(not p for p in prompt):
+                    raise ExportError("empty prompt in the batch")
+                rows, batched = [self.tokenize(p, add_bos=add_bos) for p in prompt], True
+            elif all(is_int(p) for p in prompt):
+                rows, batched = [list(prompt)], False
+            elif all(isinstance(p, (list, tuple, np.ndarray)) for p in prompt):
+                rows, batched = [list(p) for p in prompt], True
+                if not all(is_int(t) for r in rows for t in r):
+                    raise ExportError("prompt ids must be integers")
+            else:
+                raise ExportError("prompt must be a string, a list of strings, a list of token ids, "
+                                  "or a list of lists of token ids")
+        else:
+            raise ExportError(f"prompt must be text or token ids, got {type(prompt).__name__}")
+        if any(len(r) == 0 for r in rows):
+            raise ExportError("empty prompt")
+        lengths = sorted({len(r) for r in rows})
+        if len(lengths) > 1:
+            raise ExportError(f"batched prompts must have the same length in tokens, got lengths "
+                              f"{', '.join(map(str, lengths))}; run them separately")
+        ids = np.asarray(rows, dtype=np.int64)
+        self._check_ids(ids)
+        return ids, batched
+
+    def generate(self, prompt, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, seed: int = 0, stop: Iterable[int] | int | None = None,
+                 speculative: bool = False, on_token: Callable[[int, int], Any] | None = None,
+                 add_bos: bool = True) -> GenerationResult:
+        """Continue `prompt`: a str, a list of str (a batch; equal token lengths), a list of ids, a
+        list of lists of ids (or a 1-D / 2-D integer array). Greedy when temperature == 0, else
+        temperature / top-k / top-p sampling from numpy's Generator seeded with `seed`. A sequence
+        stops after emitting the config's EOS or one of `stop`; a batch runs until all have stopped
+        (finished rows are fed padding, their output ends at the stop token). `on_token(row, id)` is
+        called for each emitted token as it is generated."""
+        check_generation_args(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
+        ids, batched = self._prompt_ids(prompt, add_bos)
+        if ids.shape[1] + max_new_tokens > self.config.max_seq_len:
+            raise ExportError(f"prompt ({ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+                              f"model's context length (max_seq_len {self.config.max_seq_len})")
+        stops = self.stop_ids(stop)
+        for s in stops:
+            if not 0 <= s < self.config.vocab_size:
+                raise ExportError(f"stop token id {s} is out of range (vocab size {self.config.vocab_size})")
+        if speculative:
+            return self._generate_speculative(ids, batched, max_new_tokens=max_new_tokens, temperature=temperature,
+                                              top_k=top_k, top_p=top_p, seed=seed, stops=stops, on_token=on_token)
+        rows = self._decode_loop(ids, max_new_tokens, stops, on_token,
+                                 lambda logits, rng: sample(logits, rng, temperature=temperature, top_k=top_k,
+                                                            top_p=top_p),
+                                 np.random.default_rng(seed))
+        return self._result(ids, batched, *rows, stops)
+
+    def _decode_loop(self, ids: np.ndarray, max_new_tokens: int, stops: set[int], on_token, pick, rng):
+        batch = ids.shape[0]
+        out: list[list[int]] = [[] for _ in range(batch)]
+        done = np.zeros(batch, dtype=bool)
+        pad = min(stops) if stops else 0
+        t0 = time.perf_counter()
+        logits, _, past = self._run(ids, self.empty_past(batch))
+        nxt = pick(logits[:, -1], rng)
+        prefill = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        steps = 0
+        while True:
+            for b in range(batch):
+                if not done[b]:
+                    tok = int(nxt[b])
+                    out[b].append(tok)
+                    if on_token is not None:
+                        on_token(b, tok)
+                    if tok in stops:
+                        done[b] = True
+            if done.all() or steps + 1 >= max_new_tokens:
+                break
+            feed = np.where(done, pad, nxt).astype(np.int64)[:, None]
+            logits, _, past = self._run(feed, past)
+            nxt = pick(logits[:, -1], rng)
+            steps += 1
+        decode = time.perf_counter() - t1 if steps else 0.0
+        return out, prefill, decode, steps
+
+    def _generate_speculative(self, ids, batched, **kw) -> GenerationResult:
+        """MTP speculation: the MTP head drafts token i+2 from h_i and token i+1, one main-graph call
+        of seq 2 verifies both (DESIGN.md). Reserved for the MTP issue."""
+        if self.mtp_session is None:
+            raise ExportError(f"{self.build_dir}: this build has no mtp.onnx; speculative decoding needs the MTP graph")
+        raise ExportError("speculative (MTP) decoding is not yet implemented; run without --speculative")
+
+    def _result(self, ids, batched, out, prefill, decode, steps, stops, acceptance=None) -> GenerationResult:
+        batch = ids.shape[0]
+        new = sum(len(r) for r in out)
+        decoded_by_steps = new - batch
+        stats = GenerationStats(
+            batch=batch, prompt_tokens=int(ids.size), new_tokens=new, prefill_seconds=prefill,
+            decode_seconds=decode, decode_tokens_per_s=(decoded_by_steps / decode) if steps and decode > 0 else None,
+            steps=steps, acceptance_rate=acceptance)
+        reasons = ["stop" if r and r[-1] in stops else "length" for r in out]
+        texts = None
+        if self.tokenizer is not None:
+            texts = [self.decode(r[:-1] if reason == "stop" else r) for r, reason in zip(out, reasons)]
+        prompts = ids.tolist()
+        if batched:
+            return GenerationResult(out, texts, stats, reasons, prompts)
+        return GenerationResult(out[0], texts[0] if texts is not None else None, stats, reasons[0], prompts[0])
+
+    def __repr__(self) -> str:
+        return (f"Engine({str(self.build_dir)!r}, backend={self.backend!r}, "
+                f"providers={self.session.get_providers()}, model={self.model_file.name})")
