@@ -13,7 +13,7 @@ from .errors import CheckpointError, ConfigError, ExportError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["load_reference", "open_source", "ExportError", "ConfigError", "CheckpointError"]
+__all__ = ["build", "load_reference", "open_source", "ExportError", "ConfigError", "CheckpointError"]
 
 
 def open_source(source: str | Path, *, seed: int = 0):
@@ -50,3 +50,13 @@ def _has_gate_bias(src) -> bool:
     cfg = src.config
     first_moe = cfg.n_dense_layers
     return first_moe < cfg.n_layers and f"layers.{first_moe}.ffn.gate.bias" in src
+
+
+def build(source="tiny", out="build", *, precision: str = "fp32", backend: str = "ort", mla: str = "absorbed",
+          mtp: bool = True, verify: bool = True, force: bool = False, seed: int = 0, reporter=None) -> Path:
+    """Checkpoint dir or preset -> a verified engine directory (see exporter/pipeline.py); returns it."""
+    from .pipeline import build as run
+
+    run(source, out, precision=precision, backend=backend, mla=mla, mtp=mtp, verify=verify, force=force,
+        seed=seed, reporter=reporter)
+    return Path(out)

@@ -150,7 +150,7 @@ def build(source, out, precision, backend, mla, no_mtp, no_verify, force, seed) 
     """Build a verified engine directory from a checkpoint dir or preset (default: tiny)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    from .build import build as run_build
+    from .pipeline import build as run_build
 
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, transient=False) as progress:
@@ -178,6 +178,116 @@ def _print_build_summary(out, manifest) -> None:
     state = "skipped" if verdict is None else ("[green]passed[/]" if verdict["passed"] else "[red]FAILED[/]")
     _console().print(f"verify: {state}   cache per token (fp32): latent {human_bytes(cache['latent_fp32'])}, "
                      f"naive would be {human_bytes(cache['naive_fp32'])}   built in {manifest['build_seconds']} s")
+
+
+def _parse_ids(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.replace(" ", ",").split(",") if t.strip()]
+    except ValueError:
+        raise ExportError(f"--ids: expected comma-separated integers, got {text!r}") from None
+    if not ids:
+        raise ExportError("empty prompt (--ids has no token ids)")
+    return ids
+
+
+@main.command()
+@click.argument("build_dir", type=click.Path(path_type=Path))
+@click.option("--prompt", default=None, help="Text to continue (needs the build's tokenizer.json).")
+@click.option("--ids", "ids_text", default=None, metavar="1,2,3", help="Token ids to continue, comma-separated.")
+@click.option("--max-new-tokens", type=int, default=64, show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--top-k", type=int, default=0, show_default=True, help="Sample from the K most likely (0 = all).")
+@click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling mass.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--backend", type=click.Choice(["ort", "trt"]), default=None, help="Default: the build's backend.")
+@click.option("--speculative", is_flag=True, help="MTP speculative decoding.")
+def run(build_dir, prompt, ids_text, max_new_tokens, temperature, top_k, top_p, seed, backend, speculative) -> None:
+    """Generate from a build: stream the continuation to stdout, a stats line to stderr."""
+    import engines
+    from engines.runtime import TextStream, check_generation_args
+
+    if (prompt is None) == (ids_text is None):
+        raise ExportError("give exactly one of --prompt or --ids")
+    source = prompt if prompt is not None else _parse_ids(ids_text)
+    if source == "":
+        raise ExportError("empty prompt")
+    check_generation_args(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
+    engine = engines.load(build_dir, backend=backend)
+    stops = engine.stop_ids()
+    stream = TextStream(engine.tokenizer) if engine.tokenizer is not None else None
+    first = [True]
+
+    def on_token(row: int, token: int) -> None:
+        if stream is not None:
+            if token not in stops:
+                click.echo(stream.push(token), nl=False)
+        else:
+            click.echo(("" if first[0] else " ") + str(token), nl=False)
+            first[0] = False
+        sys.stdout.flush()
+
+    result = engine.generate(source, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                             top_p=top_p, seed=seed, speculative=speculative, on_token=on_token)
+    click.echo(stream.flush() if stream is not None else "")
+    click.echo(result.stats.summary() + (" (stopped)" if result.finish_reason == "stop" else ""), err=True)
+
+
+@main.command()
+@click.argument("build_dir", type=click.Path(file_okay=False))
+@click.option("--source", default=None,
+              help="Checkpoint dir or preset to compare against (default: the one the manifest names).")
+@click.option("--seed", type=int, default=None, help="Seed of a preset source (default: the manifest's, else 0).")
+@click.option("--decode-steps", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Decode steps after the prefill, fed the reference's latent cache.")
+@click.option("--greedy-tokens", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Greedy tokens compared with the reference's.")
+@click.option("--backend", "backends", multiple=True, type=click.Choice(["ort", "graph", "trt"]),
+              help="Runners to check (repeatable; default: ort, graph, and trt where TensorRT works).")
+@click.option("--report-dir", type=click.Path(file_okay=False), default=None,
+              help="Where to write the report (default: BUILD_DIR/verify, recorded in the manifest).")
+@click.option("--json", "as_json", is_flag=True, help="Print the verdict as JSON.")
+def verify(build_dir, source, seed, decode_steps, greedy_tokens, backends, report_dir, as_json) -> None:
+    """Compare a build's graphs and engines with the PyTorch reference (Polygraphy); exit 1 on failure.
+
+    Writes report.json, report.md and error_per_step.png to BUILD_DIR/verify (or --report-dir)."""
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from . import open_source
+    from .verify import check_summary, read_manifest, source_from_manifest
+    from .verify import verify as run_verify
+
+    build = Path(build_dir)
+    if not build.is_dir():
+        raise ExportError(f"{build}: no such build directory")
+    manifest = read_manifest(build) or {}
+    if source is None:
+        src, spec = source_from_manifest(build, seed=seed)
+    else:
+        src, spec = open_source(source, seed=seed or 0), source
+    with Progress(transient=True) as progress:
+        result = run_verify(build, src, precision=manifest.get("precision", "fp32"),
+                            reporter=_RichReporter(progress), decode_steps=decode_steps,
+                            greedy_tokens=greedy_tokens, backends=list(backends) or None, report_dir=report_dir)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        verdict = "[green]PASS[/green]" if result["passed"] else "[red]FAIL[/red]"
+        t = Table(title=f"verify {build} against {spec}: {verdict}",
+                  caption="error: max|engine - ref| / max|ref| at the worst step")
+        for col in ("check", "runner", "result", "error", "tolerance"):
+            t.add_column(col)
+        for c in result["checks"]:
+            what, figure, tol = check_summary(c)
+            t.add_row(what, c.get("runner", ""), "pass" if c["passed"] else "[red]FAIL[/red]", figure, tol)
+        console = _console()
+        console.print(t)
+        for s in result["skipped"]:
+            console.print(f"skipped {s['runner']}: {s['reason']}")
+        report = Path(result["report"])
+        console.print(f"report: {report if report.is_absolute() else build / report}")
+    if not result["passed"]:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

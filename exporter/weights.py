@@ -104,13 +104,16 @@ def _block_tensor(source, p: str, rest: str, dtype: torch.dtype, keep_fp8: bool)
         dn = cfg.qk_nope_head_dim
         w = _dense(source, f"{p}.attn.wkv_b.weight", dtype).view(cfg.n_heads, dn + cfg.v_head_dim, cfg.kv_lora_rank)
         return (w[:, :dn] if rest == "attn.w_uk" else w[:, dn:]).contiguous()
-    if rest == "ffn.w_gate_up":  # [E, 2I, D]: gate rows then up rows
-        return torch.stack([torch.cat([_dense(source, f"{p}.ffn.experts.{e}.w1.weight", dtype),
-                                       _dense(source, f"{p}.ffn.experts.{e}.w3.weight", dtype)])
-                            for e in range(cfg.n_routed_experts)])
-    if rest == "ffn.w_down":  # [E, D, I]
-        return torch.stack([_dense(source, f"{p}.ffn.experts.{e}.w2.weight", dtype)
-                            for e in range(cfg.n_routed_experts)])
+    if rest in ("ffn.w_gate_up", "ffn.w_down"):
+        # The largest tensors of the model: filled in place, so the peak is one stack, not two.
+        parts = ("w1", "w3") if rest == "ffn.w_gate_up" else ("w2",)
+        stack = None
+        for e in range(cfg.n_routed_experts):
+            rows = [_dense(source, f"{p}.ffn.experts.{e}.{w}.weight", dtype) for w in parts]
+            if stack is None:
+                stack = torch.empty(cfg.n_routed_experts, sum(r.shape[0] for r in rows), rows[0].shape[1], dtype=dtype)
+            torch.cat(rows, out=stack[e])  # [2I, D] gate rows then up rows, or [D, I]
+        return stack
     return _tensor(source, f"{p}.{rest}", dtype, keep_fp8)
 
 

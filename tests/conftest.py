@@ -21,6 +21,16 @@ def tiny_fp8_ckpt(tmp_path_factory):
     return make_checkpoint("tiny", tmp_path_factory.mktemp("ckpt") / "tiny-fp8", fp8=True)
 
 
+@pytest.fixture(scope="session")
+def tiny_build(tmp_path_factory):
+    """The tiny preset built once per session (verify off). Tests that write into a build copy it."""
+    from exporter.pipeline import build
+
+    out = tmp_path_factory.getbasetemp() / "tiny-build"
+    build("tiny", out, verify=False, force=True)
+    return out
+
+
 def rel_max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| / max |a|: the figure every parity test states its tolerance in."""
     return ((a - b).abs().max() / a.abs().max()).item()

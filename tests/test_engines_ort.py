@@ -12,17 +12,6 @@ import torch
 from exporter.errors import ExportError
 
 
-@pytest.fixture(scope="session")
-def tiny_build(tmp_path_factory):
-    """tiny built once per session (verify off); test_runtime.py finds the same directory."""
-    from exporter.build import build
-
-    out = tmp_path_factory.getbasetemp() / "tiny-build"
-    if not (out / "manifest.json").is_file():
-        build("tiny", out, verify=False, force=True)
-    return out
-
-
 @pytest.fixture(scope="module")
 def reference():
     from exporter import load_reference

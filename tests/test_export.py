@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from exporter import load_reference, open_source
-from exporter.build import Reporter, export_graph
+from exporter.pipeline import Reporter, export_graph
 
 from conftest import rel_max_err
 

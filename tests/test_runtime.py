@@ -17,17 +17,6 @@ from exporter.errors import ExportError
 PROMPT = [0, 17, 301, 42, 9, 255, 77]
 
 
-@pytest.fixture(scope="session")
-def tiny_build(tmp_path_factory):
-    """tiny built once per session (verify off); shared with test_engines_ort.py through the path."""
-    from exporter.build import build
-
-    out = tmp_path_factory.getbasetemp() / "tiny-build"
-    if not (out / "manifest.json").is_file():
-        build("tiny", out, verify=False, force=True)
-    return out
-
-
 @pytest.fixture(scope="module")
 def engine(tiny_build):
     return engines.load(tiny_build, threads=1)

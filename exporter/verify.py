@@ -1,0 +1,757 @@
+"""Verification: the built graphs and engines against the PyTorch reference (DESIGN.md, "Verification").
+
+Polygraphy's `Comparator` runs every runner on the same feed dicts and compares each runner's outputs
+with the reference's, output by output:
+
+- runners: `ReferenceRunner` (the PyTorch model behind the graph contract's names), "ort" (the ONNX
+  Runtime engine as deployed: `engines.ort.session`, the saved optimized graph), "graph" (the raw
+  exported graph in ONNX Runtime through Polygraphy's `SessionFromOnnx`), "trt" (Polygraphy's
+  `TrtRunner`, only where TensorRT imports);
+- inputs: a prefill (batch 2, a 12-token prompt, an empty past) and a chain of decode steps, each fed
+  the REFERENCE's present latents and argmax token, so every runner sees identical inputs; the MTP
+  graph gets tokens i+1 with the reference's h_i and its own reference latent chain;
+- criteria: `TOLERANCES[precision]`, one entry per output (pattern); fp32 checks max|engine - ref|
+  against `limit` x max|ref| for that step (a relative-to-max criterion; elementwise relative error
+  explodes on values near 0);
+- greedy: `greedy_tokens` tokens from the reference's `generate_greedy` against each backend driven
+  with its own cache.
+
+The report goes to BUILD_DIR/verify/: report.json (every check, every step's figures), report.md
+(verdict, table, error plot) and error_per_step.png.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+import re
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from polygraphy.backend.base import BaseRunner
+
+from .errors import ExportError
+
+REPORT_DIR = "verify"
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+PLOT_PNG = "error_per_step.png"
+REFERENCE = "pytorch"
+BACKENDS = ("ort", "graph", "trt")
+CPU = "CPUExecutionProvider"
+PLOT_FLOOR = 1e-12  # exact zeros drawn here on the log axis
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """One acceptance criterion. metric:
+    - "rel_max": max|engine - ref| <= limit x max|ref| (per step, per output);
+    - "greedy_prefix": the generated tokens agree with the reference's for at least limit x n tokens
+      from the start (every row of the batch).
+    Quantized precisions will add metrics (cosine similarity, top-k agreement): give each a compare
+    function in `_compare_funcs` and a figure in `_step_figures`."""
+
+    metric: str
+    limit: float
+
+
+# precision -> {output name or fnmatch pattern, or "greedy" -> Tolerance}. The first matching key wins.
+TOLERANCES: dict[str, dict[str, Tolerance]] = {
+    "fp32": {
+        "logits": Tolerance("rel_max", 1e-4),
+        "hidden_states": Tolerance("rel_max", 1e-4),
+        "present_latent.*": Tolerance("rel_max", 1e-4),
+        "greedy": Tolerance("greedy_prefix", 1.0),
+    },
+}
+REFERENCE_DTYPE = {"fp32": "float32"}
+
+
+def tolerance_for(precision: str, output: str) -> Tolerance:
+    table = TOLERANCES.get(precision)
+    if table is None:
+        raise ExportError(f"no verification tolerances for precision {precision!r} "
+                          f"(known: {', '.join(TOLERANCES)})")
+    if output in table:
+        return table[output]
+    for pattern, tol in table.items():
+        if fnmatch.fnmatchcase(output, pattern):
+            return tol
+    raise ExportError(f"no verification tolerance for output {output!r} at precision {precision!r}")
+
+
+def output_group(name: str) -> str:
+    """present_latent.7 -> present_latent.* (one check for all layers); others unchanged."""
+    return re.sub(r"\.\d+$", ".*", name)
+
+
+# ---- the reference runner ---------------------------------------------------------------------------
+class ReferenceRunner(BaseRunner):
+    """The PyTorch reference as a Polygraphy runner: the feed dict names of model.onnx (input_ids,
+    past_latent.{i}) or mtp.onnx (input_ids, hidden_states, past_latent.mtp), the same output names,
+    numpy in and out."""
+
+    def __init__(self, model, graph: str = "model", name: str | None = None):
+        super().__init__(name=name, prefix="pytorch-reference")
+        if graph not in ("model", "mtp"):
+            raise ValueError(f"graph must be 'model' or 'mtp', got {graph!r}")
+        if graph == "mtp" and not len(model.mtp):
+            raise ValueError("the reference model has no MTP layer")
+        self.model, self.graph = model, graph
+
+    def _cache_dims(self) -> tuple[int, ...]:
+        from .export import cache_width
+
+        return cache_width(self.model.cfg, self.model.mla)
+
+    def get_input_metadata_impl(self):
+        import numpy as np
+        from polygraphy.common import TensorMetadata
+
+        cfg, width = self.model.cfg, self._cache_dims()
+        meta = TensorMetadata()
+        meta.add("input_ids", np.int64, ("batch", "seq"))
+        if self.graph == "model":
+            for i in range(cfg.n_layers):
+                meta.add(f"past_latent.{i}", np.float32, ("batch", "past", *width))
+        else:
+            meta.add("hidden_states", np.float32, ("batch", "seq", cfg.dim))
+            meta.add("past_latent.mtp", np.float32, ("batch", "past", *width))
+        return meta
+
+    def infer_impl(self, feed_dict):
+        import torch
+
+        dtype = self.model.dtype
+
+        def tensor(name):
+            t = torch.from_numpy(feed_dict[name].copy())
+            return t if name == "input_ids" else t.to(dtype)
+
+        def array(t):
+            return t.detach().float().cpu().numpy()
+
+        start = time.perf_counter()
+        with torch.no_grad():
+            ids = tensor("input_ids")
+            if self.graph == "model":
+                past = [tensor(f"past_latent.{i}") for i in range(self.model.cfg.n_layers)]
+                out = self.model(ids, past)
+                result = OrderedDict([("logits", array(out.logits)), ("hidden_states", array(out.hidden_states))])
+                result.update((f"present_latent.{i}", array(p)) for i, p in enumerate(out.past))
+            else:
+                logits, present = self.model.mtp_forward(ids, tensor("hidden_states"), tensor("past_latent.mtp"))
+                result = OrderedDict([("logits", array(logits)), ("present_latent.mtp", array(present))])
+        self.inference_time = time.perf_counter() - start
+        return result
+
+
+# ---- inputs -----------------------------------------------------------------------------------------
+def _present_to_past(name: str) -> str:
+    return name.replace("present_latent", "past_latent", 1)
+
+
+def _empty_past(io: dict, batch: int) -> dict:
+    """Zero-length past inputs shaped from the graph's own I/O description."""
+    import numpy as np
+
+    out = {}
+    for inp in io["inputs"]:
+        if inp["name"].startswith("past_latent"):
+            shape = [batch if i == 0 else 0 if i == 1 else int(d) for i, d in enumerate(inp["shape"])]
+            out[inp["name"]] = np.zeros(shape, dtype=inp["dtype"])
+    return out
+
+
+def make_inputs(reference: ReferenceRunner, io: dict, *, prompt, decode_steps: int,
+                mtp_reference: ReferenceRunner | None = None, mtp_io: dict | None = None,
+                advance: Callable[[int], None] = lambda n=1: None):
+    """The data loaders (lists of feed dicts): model.onnx prefill + `decode_steps` decode steps, each
+    fed the reference's present latents and argmax token; and, given an MTP reference, the MTP chain
+    over the same positions (input_ids = tokens i+1, hidden_states = the reference's h_i)."""
+    import numpy as np
+
+    batch = prompt.shape[0]
+    feeds, mtp_feeds = [], []
+    feed = {"input_ids": prompt.astype(np.int64), **_empty_past(io, batch)}
+    mtp_past = _empty_past(mtp_io, batch) if mtp_reference is not None else None
+    with reference:
+        for step in range(decode_steps + 1):
+            feeds.append(feed)
+            out = reference.infer(feed)
+            nxt = out["logits"][:, -1].argmax(-1)[:, None].astype(np.int64)
+            if mtp_reference is not None:
+                ids = np.concatenate([feed["input_ids"][:, 1:], nxt], axis=1)
+                mtp_feeds.append({"input_ids": ids, "hidden_states": _copy(out["hidden_states"])})
+            feed = {"input_ids": nxt, **_present_to_past_dict(out)}
+            advance(1)
+    if mtp_reference is not None:
+        with mtp_reference:
+            for f in mtp_feeds:  # each step's past = the reference's present of the step before
+                f.update(mtp_past)
+                mtp_past = _present_to_past_dict(mtp_reference.infer(f))
+                advance(1)
+    return feeds, mtp_feeds
+
+
+def _present_to_past_dict(out) -> dict:
+    return {_present_to_past(k): _copy(v) for k, v in out.items() if k.startswith("present_latent")}
+
+
+def _copy(a):
+    import numpy as np
+
+    return np.array(a, copy=True)
+
+
+def _step_labels(feeds) -> list[dict]:
+    labels = []
+    for i, f in enumerate(feeds):
+        past = next((v.shape[1] for k, v in f.items() if k.startswith("past_latent")), 0)
+        labels.append({"step": i, "phase": "prefill" if i == 0 else "decode",
+                       "seq": int(f["input_ids"].shape[1]), "past": int(past)})
+    return labels
+
+
+# ---- comparison -------------------------------------------------------------------------------------
+class RelMaxCompare:
+    """A Comparator compare function: Polygraphy's simple comparison (max statistic, rtol 0) with each
+    output's atol = limit x max|reference output| of this iteration. Each result object also carries
+    `ref_absmax` and `rel_limit` for the report."""
+
+    def __init__(self, limits: dict[str, float]):
+        self.limits = limits
+
+    def __call__(self, ref_result, result):
+        import numpy as np
+
+        absmax = {name: float(np.abs(np.asarray(ref_result[name], dtype=np.float64)).max(initial=0.0))
+                  for name in ref_result.keys() if name in self.limits}
+        atol = {name: self.limits[name] * absmax[name] for name in absmax}
+        if not any(name in result for name in absmax):  # none of the outputs: all fail (Polygraphy would raise)
+            return OrderedDict((name, False) for name in absmax)
+        simple = _simple_compare_func(atol=atol, rtol={"": 0.0}, check_error_stat="max",
+                                      find_output_func=lambda name, index, other: [name] if name in absmax else None)
+        matches = simple(ref_result, result)
+        for name, match in matches.items():
+            if not isinstance(match, bool):
+                match.ref_absmax = absmax.get(name)
+                match.rel_limit = self.limits.get(name)
+        for name in absmax:  # an output the runner did not produce fails (Polygraphy would skip it)
+            if name not in matches:
+                matches[name] = False
+        return matches
+
+
+def _simple_compare_func(**kw):
+    """Polygraphy's simple comparison: SimpleCompareFunc (>= 0.50), CompareFunc.simple before."""
+    try:
+        from polygraphy.comparator import SimpleCompareFunc
+    except ImportError:
+        from polygraphy.comparator import CompareFunc
+
+        return CompareFunc.simple(**kw)
+    return SimpleCompareFunc(**kw)
+
+
+def _compare_funcs(precision: str, outputs: Sequence[str]) -> list:
+    by_metric: dict[str, dict[str, float]] = {}
+    for name in outputs:
+        tol = tolerance_for(precision, name)
+        by_metric.setdefault(tol.metric, {})[name] = tol.limit
+    funcs = []
+    for metric, limits in by_metric.items():
+        if metric == "rel_max":
+            funcs.append(RelMaxCompare(limits))
+        else:
+            raise ExportError(f"verification metric {metric!r} has no compare function yet")
+    return funcs
+
+
+def _step_figures(match) -> dict:
+    """Figures of one output at one step, from a compare function's result object."""
+    if isinstance(match, bool) or getattr(match, "ref_absmax", None) is None:  # e.g. a shape mismatch
+        return {"max_abs_err": None, "max_abs_ref": None, "rel_err": None, "tolerance": None, "passed": bool(match)}
+    absmax, err = match.ref_absmax, float(match.max_absdiff)
+    if not math.isfinite(err) or not math.isfinite(absmax):  # NaN/inf: no figure (JSON has none), a failure
+        return {"max_abs_err": None, "max_abs_ref": absmax if math.isfinite(absmax) else None, "rel_err": None,
+                "tolerance": match.rel_limit, "passed": False, "note": "non-finite values"}
+    rel = err / absmax if absmax > 0 else (0.0 if err == 0 else float("inf"))
+    return {"max_abs_err": err, "max_abs_ref": absmax, "rel_err": rel if math.isfinite(rel) else None,
+            "tolerance": match.rel_limit, "passed": bool(match)}
+
+
+def _graph_checks(graph: str, precision: str, accuracy, labels: list[dict], runner_names: dict[str, str]) -> list[dict]:
+    """One check per (runner, output group); at each step the group's worst output stands for it."""
+    checks = []
+    # Polygraphy >= 0.50 returns one AccuracyResult per compare func (AccuracyResults), older ones one.
+    for acc in ([accuracy] if hasattr(accuracy, "keys") else accuracy):
+        for (_, runner_name), iterations in acc.items():
+            backend = runner_names[runner_name]
+            groups: dict[str, list[dict]] = OrderedDict()
+            for label, matches in zip(labels, iterations):
+                per_group: dict[str, list[dict]] = OrderedDict()
+                for out_name, match in matches.items():
+                    fig = {**_step_figures(match), "output": out_name}
+                    per_group.setdefault(output_group(out_name), []).append(fig)
+                for g, figs in per_group.items():
+                    worst = max(figs, key=_badness)
+                    groups.setdefault(g, []).append({**label, **worst, "passed": all(f["passed"] for f in figs)})
+            for g, steps in groups.items():
+                worst = max(steps, key=_badness)
+                tol = tolerance_for(precision, worst["output"])
+                checks.append({
+                    "name": f"{graph} {g} [{backend}]", "kind": "outputs", "graph": graph, "output": g,
+                    "runner": backend, "metric": tol.metric, "tolerance": tol.limit,
+                    "passed": all(s["passed"] for s in steps),
+                    "rel_err": worst["rel_err"], "max_abs_err": worst["max_abs_err"],
+                    "max_abs_ref": worst["max_abs_ref"], "worst_step": worst["step"],
+                    "worst_output": worst["output"], "steps": steps,
+                })
+    return checks
+
+
+def _badness(fig: dict) -> float:
+    """Sort key: a figure-less failure (shape mismatch) is the worst."""
+    return float("inf") if fig["rel_err"] is None else fig["rel_err"]
+
+
+# ---- runners ----------------------------------------------------------------------------------------
+_TRT_PLUGINS_REGISTERED = False
+
+
+def _register_trt_plugins() -> None:
+    global _TRT_PLUGINS_REGISTERED
+    if not _TRT_PLUGINS_REGISTERED:
+        from plugins.latent_attention.tensorrt import register as register_attention
+        from plugins.moe_dispatch.tensorrt import register as register_moe
+
+        register_attention()
+        register_moe()
+        _TRT_PLUGINS_REGISTERED = True
+
+
+def tensorrt_available() -> tuple[bool, str]:
+    try:
+        from engines.trt import require_tensorrt
+
+        require_tensorrt()
+    except ExportError as e:
+        return False, str(e).replace("--backend trt needs", "needs")
+    return True, ""
+
+
+def _shape_ranges(feeds: list[dict]) -> dict[str, tuple]:
+    ranges = {}
+    for f in feeds:
+        for name, arr in f.items():
+            lo, hi = ranges.get(name, (arr.shape, arr.shape))
+            ranges[name] = (tuple(map(min, lo, arr.shape)), tuple(map(max, hi, arr.shape)))
+    return ranges
+
+
+def _trt_runner(build_dir: Path, graph: str, feeds: list[dict], name: str):
+    """TensorRT through Polygraphy: a saved engine (model.engine / model.plan) when the build has one,
+    else one built here from the ONNX (strongly typed, plugins registered, one profile spanning the
+    verification shapes). The engine is built once, on first activation."""
+    from polygraphy.backend.common import BytesFromPath
+    from polygraphy.backend.trt import (CreateConfig, EngineFromBytes, EngineFromNetwork, NetworkFromOnnxPath,
+                                        Profile, TrtRunner)
+
+    stem = graph[: -len(".onnx")]
+    _register_trt_plugins()
+    for suffix in (".engine", ".plan"):
+        saved = build_dir / f"{stem}{suffix}"
+        if saved.is_file():
+            loader = EngineFromBytes(BytesFromPath(str(saved)))
+            break
+    else:
+        profile = Profile()
+        for inp, (lo, hi) in _shape_ranges(feeds).items():
+            profile.add(inp, min=lo, opt=hi, max=hi)
+        loader = EngineFromNetwork(NetworkFromOnnxPath(str(build_dir / graph), strongly_typed=True),
+                                   config=CreateConfig(profiles=[profile]))
+    cache = {}
+
+    def engine():
+        if "engine" not in cache:
+            cache["engine"] = loader()
+        return cache["engine"]
+
+    return TrtRunner(engine, name=name)
+
+
+def _ort_engine_loader(build_dir: Path, graph: str, providers: list[str]):
+    """The ONNX Runtime engine as `engines.ort.session` loads it (the saved optimized graph)."""
+    from engines.ort import session
+
+    return lambda: session(build_dir, graph[: -len(".onnx")], providers=providers)
+
+
+def _runners(build_dir: Path, graph: str, backends: list[str], providers: list[str], feeds: list[dict]):
+    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+
+    runners = []
+    for backend in backends:
+        name = f"{backend}:{graph}"
+        if backend == "ort":
+            runners.append((backend, OnnxrtRunner(_ort_engine_loader(build_dir, graph, providers), name=name)))
+        elif backend == "graph":
+            runners.append((backend, OnnxrtRunner(SessionFromOnnx(str(build_dir / graph), providers=providers),
+                                                  name=name)))
+        elif backend == "trt":
+            runners.append((backend, _trt_runner(build_dir, graph, feeds, name)))
+    return runners
+
+
+# ---- greedy -----------------------------------------------------------------------------------------
+def runner_greedy(runner, prompt, max_new_tokens: int, empty_past: dict,
+                  advance: Callable[[int], None] = lambda n=1: None):
+    """Greedy continuation through any Polygraphy runner of model.onnx, driven with its own cache."""
+    import numpy as np
+
+    tokens = []
+    feed = {"input_ids": prompt.astype(np.int64), **empty_past}
+    with runner:
+        for _ in range(max_new_tokens):
+            out = runner.infer(feed)
+            nxt = np.asarray(out["logits"])[:, -1].argmax(-1)[:, None].astype(np.int64)
+            tokens.append(nxt)
+            feed = {"input_ids": nxt, **{_present_to_past(k): np.array(v) for k, v in out.items()
+                                         if k.startswith("present_latent")}}
+            advance(1)
+    return np.concatenate(tokens, axis=1)
+
+
+def _greedy_check(backend: str, ref_tokens, tokens, tol: Tolerance) -> dict:
+    n = ref_tokens.shape[1]
+    agree = []
+    for r, e in zip(ref_tokens, tokens):
+        diff = [i for i in range(n) if r[i] != e[i]]
+        agree.append(diff[0] if diff else n)
+    fraction = min(agree) / n
+    return {
+        "name": f"greedy {n} tokens [{backend}]", "kind": "greedy", "graph": "model.onnx", "runner": backend,
+        "metric": tol.metric, "tolerance": tol.limit, "passed": fraction >= tol.limit,
+        "tokens": n, "agreement": fraction, "matching_prefix": agree,
+        "first_divergence": [a if a < n else None for a in agree],
+        "reference_tokens": ref_tokens.tolist(), "engine_tokens": tokens.tolist(),
+    }
+
+
+# ---- sources ----------------------------------------------------------------------------------------
+def read_manifest(build_dir: str | Path) -> dict | None:
+    path = Path(build_dir) / "manifest.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ExportError(f"{path}: not valid JSON ({e})") from None
+
+
+def source_from_manifest(build_dir: str | Path, *, seed: int | None = None):
+    """The weight source a build was made from, as its manifest names it: (open source, spec)."""
+    from . import open_source
+
+    manifest = read_manifest(build_dir)
+    if manifest is None:
+        raise ExportError(f"{build_dir}: no manifest.json (not a build directory?); give --source")
+    src = manifest.get("source") or {}
+    if src.get("kind") == "preset":
+        return open_source(src["name"], seed=src.get("seed", 0) if seed is None else seed), src["name"]
+    if src.get("kind") == "checkpoint":
+        return open_source(src["path"]), src["path"]
+    raise ExportError(f"{build_dir}/manifest.json: no usable \"source\" entry; give --source")
+
+
+def _describe_source(source) -> dict:
+    from .checkpoint import Checkpoint
+
+    if isinstance(source, Checkpoint):
+        return {"kind": "checkpoint", "path": str(source.path), "fingerprint": source.fingerprint()}
+    return {"kind": "preset", "seed": getattr(source, "seed", None)}
+
+
+# ---- the report -------------------------------------------------------------------------------------
+def _fmt(x, spec=".2e") -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+def check_summary(check: dict) -> tuple[str, str, str]:
+    """(what, figure, tolerance) strings for a table row, without the runner."""
+    if check["kind"] == "greedy":
+        return (f"greedy {check['tokens']} tokens", f"{min(check['matching_prefix'])}/{check['tokens']} agree",
+                f">= {check['tolerance']:.0%}")
+    what = f"{check['graph'].removesuffix('.onnx')} {check.get('output', '')}".strip()
+    if check["kind"] == "error":
+        error = check.get("error", "error")
+        return check["name"].rsplit(" [", 1)[0], error if len(error) <= 60 else error[:59] + "…", ""
+    return what, f"{_fmt(check['rel_err'])} @ step {check['worst_step']}", f"{_fmt(check['tolerance'], '.0e')}"
+
+
+def write_plot(checks: list[dict], path: Path) -> Path | None:
+    """Relative error per step, log scale, one line per (runner, output), one panel per graph, with the
+    tolerance lines. None where matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg", force=True)
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    outputs = [c for c in checks if c["kind"] == "outputs"]
+    graphs = list(OrderedDict.fromkeys(c["graph"] for c in outputs)) or ["model.onnx"]
+    fig, axes = plt.subplots(1, len(graphs), figsize=(6.5 * len(graphs), 4.2), squeeze=False, sharey=True)
+    styles = [("-", "o"), ("--", "x"), (":", "s"), ("-.", "^")]
+    runners = list(OrderedDict.fromkeys(c["runner"] for c in outputs))
+    groups = list(OrderedDict.fromkeys(c["output"] for c in outputs))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, graph in zip(axes[0], graphs):
+        tols = set()
+        for c in (c for c in outputs if c["graph"] == graph):
+            xs = [s["step"] for s in c["steps"] if s["rel_err"] is not None]
+            ys = [max(s["rel_err"], PLOT_FLOOR) for s in c["steps"] if s["rel_err"] is not None]
+            line, marker = styles[runners.index(c["runner"]) % len(styles)]
+            ax.plot(xs, ys, linestyle=line, marker=marker, markersize=4,
+                    color=colors[groups.index(c["output"]) % len(colors)], label=f"{c['output']} [{c['runner']}]")
+            tols.add(c["tolerance"])
+        for tol in sorted(tols):
+            ax.axhline(tol, color="red", linewidth=1.2, label=f"tolerance {tol:.0e}")
+        ax.set_yscale("log")
+        ax.set_title(graph)
+        ax.set_xlabel("step (0 = prefill, then decode)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+    axes[0][0].set_ylabel("max|engine - ref| / max|ref|")
+    fig.suptitle("relative error per step vs the PyTorch reference")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_markdown(report: dict, path: Path, plot: Path | None) -> None:
+    verdict = "PASS" if report["passed"] else "FAIL"
+    lines = [
+        f"# Verification: {verdict}", "",
+        f"- precision: {report['precision']}; reference: PyTorch ({report['reference_dtype']})",
+        f"- inputs: batch {report['inputs']['batch']}, prompt {report['inputs']['prompt_len']} tokens, "
+        f"prefill + {report['inputs']['decode_steps']} decode steps (past from the reference), "
+        f"greedy {report['inputs']['greedy_tokens']} tokens",
+        f"- runners: {', '.join(report['runners'])}",
+    ]
+    for s in report["skipped"]:
+        lines.append(f"- skipped {s['runner']}: {s['reason']}")
+    lines += ["", "| check | runner | result | worst error | tolerance |", "|---|---|---|---|---|"]
+    for c in report["checks"]:
+        what, fig, tol = check_summary(c)
+        cells = [what, c.get("runner", ""), "pass" if c["passed"] else "**FAIL**", fig, tol]
+        lines.append("| " + " | ".join(x.replace("|", "\\|") for x in cells) + " |")
+    lines += ["", "Error = max|engine - reference| / max|reference| of each output at a step (the worst step "
+              "shown; worst layer for present_latent.*); tolerance on the same scale. Greedy: tokens equal to "
+              "the reference's from the start, worst row of the batch.", ""]
+    if plot is not None:
+        lines += [f"![relative error per step]({plot.name})", ""]
+    for c in report["checks"]:
+        if c["kind"] == "greedy" and not c["passed"]:
+            lines += [f"{c['name']}: first divergence per row {c['first_divergence']}", ""]
+    path.write_text("\n".join(lines))
+
+
+# ---- the entry point --------------------------------------------------------------------------------
+def verify(build_dir: str | Path, source=None, *, precision: str = "fp32", reporter=None, decode_steps: int = 8,
+           greedy_tokens: int = 32, backends: Sequence[str] | None = None, providers: Sequence[str] | None = None,
+           batch: int = 2, prompt_len: int = 12, seed: int = 0, report_dir: str | Path | None = None
+           ) -> dict[str, Any]:
+    """Compare the build's graphs/engines with the reference made from `source` (an open weight
+    source, a checkpoint dir or a preset name; None: the one the manifest names). Writes
+    report.json, report.md and error_per_step.png to `report_dir` (default BUILD_DIR/verify; there,
+    a finished build's manifest.json is updated: the report files' hashes and the "verify" verdict).
+    Returns {"passed", "checks" (without per-step figures and token lists), "report", "skipped"}."""
+    import numpy as np
+    import torch
+    from polygraphy.comparator import Comparator
+    from polygraphy.logger import G_LOGGER
+
+    from . import load_reference, open_source
+    from .pipeline import Reporter, graph_io
+
+    build_dir = Path(build_dir)
+    reporter = reporter or Reporter()
+    if decode_steps < 1 or greedy_tokens < 1:
+        raise ExportError("decode_steps and greedy_tokens must be >= 1")
+    tolerance_for(precision, "logits")  # unknown precision: fail now
+    model_path = build_dir / "model.onnx"
+    if not model_path.is_file():
+        raise ExportError(f"{model_path}: no such graph (not a build directory?)")
+    if source is None:
+        source, _ = source_from_manifest(build_dir)
+    elif isinstance(source, (str, Path)):
+        source = open_source(source)
+    providers = list(providers or [CPU])
+
+    skipped = []
+    if backends is None:
+        backends = ["ort", "graph", "trt"]
+        explicit = False
+    else:
+        backends, explicit = list(backends), True
+    for b in backends:
+        if b not in BACKENDS:
+            raise ExportError(f"unknown verify backend {b!r} (choose from {', '.join(BACKENDS)})")
+    if "ort" in backends:
+        try:
+            import engines.ort  # noqa: F401
+        except ImportError:
+            backends.remove("ort")
+            skipped.append({"runner": "ort", "reason": "engines.ort is not available"})
+    if "trt" in backends:
+        ok, why = tensorrt_available()
+        if not ok:
+            if explicit:
+                raise ExportError(f"verify backend trt: {why}")
+            backends.remove("trt")
+            skipped.append({"runner": "trt", "reason": why})
+
+    io = graph_io(model_path)
+    mtp_path = build_dir / "mtp.onnx"
+    mtp_io = graph_io(mtp_path) if mtp_path.is_file() else None
+    past0 = next((i for i in io["inputs"] if i["name"] == "past_latent.0"), None)
+    mla = "naive" if past0 is not None and len(past0["shape"]) == 4 else "absorbed"
+    dtype = getattr(torch, REFERENCE_DTYPE.get(precision, "float32"))
+    started = time.time()
+
+    reporter.stage("verify: loading the reference")
+    model = load_reference(source, dtype=dtype, mla=mla, mtp=mtp_io is not None)
+    reporter.done("verify: loading the reference")
+    if mtp_io is not None and not len(model.mtp):
+        raise ExportError("the build has mtp.onnx but the source has no MTP layer")
+    reference = ReferenceRunner(model, "model", name=REFERENCE)
+    mtp_reference = ReferenceRunner(model, "mtp", name=REFERENCE) if mtp_io is not None else None
+
+    if prompt_len + max(decode_steps, greedy_tokens) > model.cfg.max_seq_len:
+        raise ExportError(f"prompt_len ({prompt_len}) + max(decode_steps, greedy_tokens) exceeds the model's "
+                          f"context length ({model.cfg.max_seq_len})")
+    rng = np.random.default_rng(seed)
+    prompt = rng.integers(2, model.cfg.vocab_size, size=(batch, prompt_len), dtype=np.int64)
+
+    advance = reporter.stage("verify: reference inputs", total=(decode_steps + 1) * (2 if mtp_io else 1))
+    feeds, mtp_feeds = make_inputs(reference, io, prompt=prompt, decode_steps=decode_steps,
+                                   mtp_reference=mtp_reference, mtp_io=mtp_io, advance=advance)
+    reporter.done("verify: reference inputs")
+
+    checks: list[dict] = []
+    graphs = [("model.onnx", reference, feeds, io)]
+    if mtp_io is not None:
+        graphs.append(("mtp.onnx", mtp_reference, mtp_feeds, mtp_io))
+    with G_LOGGER.verbosity(G_LOGGER.CRITICAL):
+        for graph, ref_runner, graph_feeds, graph_io_ in graphs:
+            stage = f"verify: comparing {graph}"
+            advance = reporter.stage(stage, total=len(backends) + 1)
+            labels = _step_labels(graph_feeds)
+            results = Comparator.run([ref_runner], data_loader=graph_feeds)
+            advance(1)
+            names = {}
+            for backend in backends:
+                try:  # a runner that cannot load or run the graph fails its check, with the reason
+                    (_, runner), = _runners(build_dir, graph, [backend], providers, graph_feeds)
+                    results.extend(Comparator.run([runner], data_loader=graph_feeds))
+                    names[runner.name] = backend
+                except Exception as e:
+                    checks.append({"name": f"{graph} run [{backend}]", "kind": "error", "graph": graph,
+                                   "runner": backend, "passed": False, "error": _one_line(e)})
+                advance(1)
+            if names:
+                outputs = [o["name"] for o in graph_io_["outputs"]]
+                funcs = _compare_funcs(precision, outputs)
+                accuracy = Comparator.compare_accuracy(  # a list of compare funcs needs Polygraphy >= 0.50
+                    results, comparisons=[(0, i) for i in range(1, len(names) + 1)],
+                    compare_func=funcs[0] if len(funcs) == 1 else funcs)
+                checks += _graph_checks(graph, precision, accuracy, labels, names)
+            reporter.done(stage)
+
+        greedy_backends = list(backends)
+        advance = reporter.stage("verify: greedy continuations", total=greedy_tokens * (len(greedy_backends) + 1))
+        with torch.no_grad():
+            ref_tokens = model.generate_greedy(torch.from_numpy(prompt), greedy_tokens).numpy()
+        advance(greedy_tokens)
+        tol = tolerance_for(precision, "greedy")
+        for backend in greedy_backends:
+            try:
+                (_, runner), = _runners(build_dir, "model.onnx", [backend], providers, feeds)
+                tokens = runner_greedy(runner, prompt, greedy_tokens, _empty_past(io, batch), advance)
+                checks.append(_greedy_check(backend, ref_tokens, tokens, tol))
+            except Exception as e:
+                checks.append({"name": f"greedy {greedy_tokens} tokens [{backend}]", "kind": "error",
+                               "graph": "model.onnx", "runner": backend, "passed": False,
+                               "error": _one_line(e)})
+        reporter.done("verify: greedy continuations")
+
+    reporter.stage("verify: writing the report")
+    in_build = report_dir is None or Path(report_dir).resolve() == (build_dir / REPORT_DIR).resolve()
+    out_dir = build_dir / REPORT_DIR if in_build else Path(report_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    passed = bool(checks) and all(c["passed"] for c in checks)
+    report = {
+        "passed": passed, "precision": precision, "reference_dtype": str(dtype).replace("torch.", ""),
+        "source": _describe_source(source), "runners": [REFERENCE] + list(backends), "skipped": skipped,
+        "providers": providers,
+        "inputs": {"batch": batch, "prompt_len": prompt_len, "decode_steps": decode_steps,
+                   "mtp_steps": len(mtp_feeds), "greedy_tokens": greedy_tokens, "seed": seed,
+                   "prompt": prompt.tolist()},
+        "tolerances": {k: asdict(v) for k, v in TOLERANCES[precision].items()},
+        "checks": checks, "seconds": round(time.time() - started, 2),
+        "tools": {"polygraphy": _version("polygraphy"), "onnxruntime": _version("onnxruntime"),
+                  "torch": torch.__version__},
+    }
+    plot = write_plot(checks, out_dir / PLOT_PNG)
+    report["plot"] = f"{REPORT_DIR}/{PLOT_PNG}" if plot else None
+    (out_dir / REPORT_JSON).write_text(json.dumps(report, indent=2) + "\n")
+    write_markdown(report, out_dir / REPORT_MD, plot)
+    reporter.done("verify: writing the report")
+    compact = [{k: v for k, v in c.items() if k not in ("steps", "reference_tokens", "engine_tokens")}
+               for c in checks]
+    result = {"passed": passed, "checks": compact,
+              "report": f"{REPORT_DIR}/{REPORT_JSON}" if in_build else str((out_dir / REPORT_JSON).resolve()),
+              "skipped": skipped}
+    if in_build:
+        _update_manifest(build_dir, out_dir, result)
+    return result
+
+
+def _update_manifest(build_dir: Path, out_dir: Path, result: dict) -> None:
+    """A finished build keeps a consistent manifest after a new verification: the verify/ files' entries
+    (engines.load checks every listed file's sha256) and the verdict. Nothing to do inside `build`,
+    which writes the manifest after verifying."""
+    from .pipeline import MANIFEST, sha256_file
+
+    path = build_dir / MANIFEST
+    manifest = read_manifest(build_dir)
+    if manifest is None or not isinstance(manifest.get("files"), dict):
+        return
+    prefix = f"{REPORT_DIR}/"
+    files = {k: v for k, v in manifest["files"].items() if not k.startswith(prefix)}
+    for f in sorted(p for p in out_dir.rglob("*") if p.is_file()):
+        files[f.relative_to(build_dir).as_posix()] = {"sha256": sha256_file(f), "bytes": f.stat().st_size}
+    manifest["files"] = dict(sorted(files.items()))
+    manifest["verify"] = result
+    tmp = path.with_name(f".{MANIFEST}.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
+def _version(module: str) -> str | None:
+    try:
+        return __import__(module).__version__
+    except Exception:
+        return None
