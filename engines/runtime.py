@@ -21,7 +21,7 @@ import numpy as np
 from exporter.errors import ExportError
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1  # the newest manifest format this runtime reads (exporter/build.py writes it)
+FORMAT_VERSION = 1  # the newest manifest format this runtime reads (exporter/pipeline.py writes it)
 BACKENDS = ("ort", "trt")
 HASH_CHUNK = 16 * 2**20
 
