@@ -53,10 +53,12 @@ def _has_gate_bias(src) -> bool:
 
 
 def build(source="tiny", out="build", *, precision: str = "fp32", backend: str = "ort", mla: str = "absorbed",
-          mtp: bool = True, verify: bool = True, force: bool = False, seed: int = 0, reporter=None) -> Path:
-    """Checkpoint dir or preset -> a verified engine directory (see exporter/pipeline.py); returns it."""
+          mtp: bool = True, verify: bool = True, force: bool = False, seed: int = 0, reporter=None,
+          trt_options: dict | None = None) -> Path:
+    """Checkpoint dir or preset -> a verified engine directory (see exporter/pipeline.py); returns it.
+    `trt_options` (backend "trt"): engines.trt.TrtOptions fields, e.g. {"max_batch": 4, "max_seq_len": 8192}."""
     from .pipeline import build as run
 
     run(source, out, precision=precision, backend=backend, mla=mla, mtp=mtp, verify=verify, force=force,
-        seed=seed, reporter=reporter)
+        seed=seed, reporter=reporter, trt_options=trt_options)
     return Path(out)

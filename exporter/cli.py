@@ -144,9 +144,16 @@ class _RichReporter:
               help="absorbed: cache the latent (the point); naive: per-head K/V cache, for comparison.")
 @click.option("--no-mtp", is_flag=True, help="Leave out mtp.onnx even when the checkpoint has the MTP layer.")
 @click.option("--no-verify", is_flag=True, help="Skip verification against the PyTorch reference.")
+@click.option("--no-lower", is_flag=True, help="Keep the portable function-body graph (no ORT-native Attention/MoE).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of a preset's random weights.")
-def build(source, out, precision, backend, mla, no_mtp, no_verify, force, seed) -> None:
+@click.option("--max-batch", type=int, default=None, help="TensorRT: largest batch the engine takes (default 8).")
+@click.option("--max-seq-len", type=int, default=None,
+              help="TensorRT: longest context (past + new tokens) the engine takes (default: the model's, at most 4096).")
+@click.option("--max-prefill", type=int, default=None,
+              help="TensorRT: longest prompt in one call (default: --max-seq-len, at most 2048).")
+def build(source, out, precision, backend, mla, no_mtp, no_verify, no_lower, force, seed, max_batch, max_seq_len,
+          max_prefill) -> None:
     """Build a verified engine directory from a checkpoint dir or preset (default: tiny)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
@@ -155,7 +162,8 @@ def build(source, out, precision, backend, mla, no_mtp, no_verify, force, seed) 
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, transient=False) as progress:
         manifest = run_build(source, out, precision=precision, backend=backend, mla=mla, mtp=not no_mtp,
-                             verify=not no_verify, force=force, reporter=_RichReporter(progress), seed=seed)
+                             verify=not no_verify, force=force, reporter=_RichReporter(progress), seed=seed,
+                             lower=not no_lower, trt_options=dict(max_batch=max_batch, max_seq_len=max_seq_len, max_prefill=max_prefill))
     _print_build_summary(out, manifest)
     verdict = manifest.get("verify")
     if verdict is not None and not verdict.get("passed"):

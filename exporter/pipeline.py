@@ -83,7 +83,8 @@ def graph_io(path: Path) -> dict[str, list[dict]]:
     return {"inputs": describe(model.graph.input), "outputs": describe(model.graph.output)}
 
 
-def export_graph(kind: str, source, out_dir: Path, reporter: Reporter, *, mla: str = "absorbed") -> Path:
+def export_graph(kind: str, source, out_dir: Path, reporter: Reporter, *, mla: str = "absorbed",
+                 lower: bool = False) -> Path:
     """Trace one graph ("model" or "mtp"), run the passes, save it with its weights streamed out."""
     import onnx_ir as ir
 
@@ -100,6 +101,10 @@ def export_graph(kind: str, source, out_dir: Path, reporter: Reporter, *, mla: s
     graph = export_main(model) if kind == "model" else export_mtp(model)
     reporter.done(f"tracing {kind}.onnx")
     graph = cleanup(attach_weights(plugin_attrs(graph), source))
+    if lower:  # ONNX Runtime's native Attention / MoE kernels in place of the portable bodies
+        from .passes.lower_ort import lower_ort
+
+        graph = lower_ort(graph)
     graph.producer_name, graph.producer_version = "dsv3-export", tool_versions().get("dsv3-export", "")
     path = out_dir / f"{kind}.onnx"
     advance = reporter.stage(f"writing {kind}.onnx weights", total=len(graph.graph.initializers))
@@ -161,9 +166,11 @@ def atomic_dir(out: Path, force: bool):
 
 def build(source_spec: str | Path = "tiny", out: str | Path = "build", *, precision: str = "fp32",
           backend: str = "ort", mla: str = "absorbed", mtp: bool = True, verify: bool = True,
-          force: bool = False, reporter: Reporter | None = None, seed: int = 0) -> dict[str, Any]:
+          force: bool = False, reporter: Reporter | None = None, seed: int = 0,
+          trt_options: dict[str, Any] | None = None, lower: bool = True) -> dict[str, Any]:
     """Export, pass, build the engine, verify, write the manifest. Returns the manifest (plus the
-    verify verdict under "verify")."""
+    verify verdict under "verify"). `trt_options`: engines.trt.TrtOptions fields (max_batch,
+    max_seq_len, max_prefill, ...) for backend "trt"."""
     from . import open_source
     from .inspect import cache_bytes_per_token
 
@@ -172,29 +179,44 @@ def build(source_spec: str | Path = "tiny", out: str | Path = "build", *, precis
         raise ExportError(f"--precision {precision!r} is not supported (choose from {', '.join(PRECISIONS)})")
     if backend not in BACKENDS:
         raise ExportError(f"--backend {backend!r} is not supported (choose from {', '.join(BACKENDS)})")
+    trt_options = {k: v for k, v in (trt_options or {}).items() if v is not None}
+    if trt_options and backend != "trt":
+        raise ExportError(f"{', '.join('--' + k.replace('_', '-') for k in sorted(trt_options))}: TensorRT options, "
+                          "for --backend trt only")
     if backend == "trt":
-        from engines.trt import require_tensorrt
+        from engines.trt import TrtOptions, require_tensorrt
 
-        require_tensorrt()
+        require_tensorrt()  # before any work: one line when TensorRT, a GPU or Triton is missing
     source = open_source(source_spec, seed=seed)
+    if backend == "trt":  # bad options fail before the export, not after
+        resolved_trt = TrtOptions.from_dict(trt_options).resolve(source.config.max_seq_len)
     started = time.time()
     with atomic_dir(Path(out), force) as tmp:
-        graphs = {"model.onnx": export_graph("model", source, tmp, reporter, mla=mla)}
+        lower = lower and backend == "ort"
+        graphs = {"model.onnx": export_graph("model", source, tmp, reporter, mla=mla, lower=lower)}
         if mtp and source.has_mtp:
-            graphs["mtp.onnx"] = export_graph("mtp", source, tmp, reporter, mla=mla)
+            graphs["mtp.onnx"] = export_graph("mtp", source, tmp, reporter, mla=mla, lower=lower)
         write_tokenizer(source, source_spec, tmp)
         info: dict[str, Any] = {
             "config": source.config.to_dict(), "precision": precision, "backend": backend, "mla": mla,
+            "lowered": lower,
             "source": source_info(source, source_spec), "tools": tool_versions(),
             "io": {name: graph_io(path) for name, path in graphs.items()},
             "cache_bytes_per_token": {"latent_fp32": cache_bytes_per_token(source.config, 4)["latent"],
                                       "naive_fp32": cache_bytes_per_token(source.config, 4)["naive"]},
         }
-        reporter.stage("building the ONNX Runtime engine")
-        from engines.ort import prepare
+        if backend == "trt":
+            reporter.stage("building the TensorRT engines")
+            from engines.trt import prepare as prepare_trt
 
-        info["engine"] = prepare(tmp, graphs)
-        reporter.done("building the ONNX Runtime engine")
+            info["engine"] = prepare_trt(tmp, graphs, resolved_trt)
+            reporter.done("building the TensorRT engines")
+        else:
+            reporter.stage("building the ONNX Runtime engine")
+            from engines.ort import prepare
+
+            info["engine"] = prepare(tmp, graphs)
+            reporter.done("building the ONNX Runtime engine")
         if verify:
             from .verify import verify as run_verify
 
