@@ -298,5 +298,74 @@ def verify(build_dir, source, seed, decode_steps, greedy_tokens, backends, repor
         sys.exit(1)
 
 
+def _int_list(ctx, param, value):
+    try:
+        return [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
+
+
+@main.command("bench")
+@click.argument("builds", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write all figures as JSON.")
+@click.option("--threads", type=int, default=2, show_default=True, help="Threads for every system measured.")
+@click.option("--repeats", type=int, default=5, show_default=True, help="Timed repeats (after one warm-up).")
+@click.option("--prefill", default="128,1024", show_default=True, callback=_int_list, help="Prompt lengths.")
+@click.option("--contexts", default="128,1024,4096", show_default=True, callback=_int_list,
+              help="Cache lengths for decode.")
+@click.option("--decode-steps", type=int, default=8, show_default=True, help="Single-token steps per decode timing.")
+@click.option("--no-reference", is_flag=True, help="Skip the PyTorch reference.")
+@click.option("--speculative", is_flag=True, help="Also time generation with MTP speculation (needs mtp.onnx).")
+def bench_cmd(builds, json_path, threads, repeats, prefill, contexts, decode_steps, no_reference, speculative) -> None:
+    """Prefill / decode tokens/s of one or more builds, with the PyTorch reference in the same run.
+
+    Ratios are engine/reference and, with several builds, each build/the first."""
+    from .bench import bench
+
+    console = _console()
+    with console.status("measuring") as status:
+        report = bench(list(builds), threads=threads, repeats=repeats, prefill=prefill, contexts=contexts,
+                       decode_steps=decode_steps, reference=not no_reference, speculative=speculative,
+                       progress=lambda what: status.update(f"measuring {what}"))
+    _print_bench(report)
+    if json_path:
+        Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
+        click.echo(f"wrote {json_path}")
+
+
+def _print_bench(report) -> None:
+    from rich.table import Table
+
+    from .inspect import human_bytes
+
+    from rich.markup import escape
+
+    t = Table(title=escape(f"tokens/s: median [min-max], {report['machine']['threads']} threads"))
+    t.add_column("system")
+    phases = [("prefill", k) for k in report["params"]["prefill"]] + [("decode", k) for k in report["params"]["contexts"]]
+    for phase, k in phases:
+        t.add_column(f"{phase} {k}", justify="right")
+    t.add_column("peak RSS", justify="right")
+    t.add_column("on disk", justify="right")
+    for r in report["results"]:
+        name = r["kind"] if r["kind"] == "reference" else f"{Path(r['build']).name} ({r['precision']}, {r['mla']})"
+        cells = []
+        for phase, k in phases:
+            f = r[phase].get(str(k))
+            cells.append(escape(f"{f['tokens_per_s']:.1f} [{f['min']:.0f}-{f['max']:.0f}]") if f else "-")
+        t.add_row(name, *cells, human_bytes(r["peak_rss_bytes"]), human_bytes(r["engine_bytes"]) if "engine_bytes" in r else "-")
+    _console().print(t)
+    for label, table in report["ratios"].items():
+        for build, ratios in table.items():
+            parts = [f"{phase} {k}: {v:.2f}x" for phase in ("prefill", "decode") for k, v in ratios[phase].items()]
+            _console().print(f"{label} [{Path(build).name}]: " + ", ".join(parts))
+    for r in report["results"]:
+        if "speculative" in r:
+            s = r["speculative"]
+            _console().print(f"speculative [{Path(r['build']).name}]: {s['speculative']['tokens_per_s']:.1f} vs "
+                             f"{s['plain']['tokens_per_s']:.1f} tokens/s ({s['speedup']:.2f}x), "
+                             f"acceptance {s['speculative']['acceptance_rate']}")
+
+
 if __name__ == "__main__":
     main()

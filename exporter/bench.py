@@ -1,0 +1,192 @@
+"""`bench`: prefill and decode speed of built engines against the PyTorch reference, in one run.
+
+Each system (an engine build, or the reference on the same weights) is measured in a fresh
+process, one after another, with the same thread count: peak memory is then that system's own,
+and nothing one leaves behind (caches, arenas) helps the next. Warm-up first, then medians over
+repeats, min and max kept. Decode at context c starts from a random latent cache of c rows (decode
+cost does not depend on the cache's values) and runs a chain of single-token steps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+from .errors import ExportError
+
+PREFILL = (128, 1024)
+CONTEXTS = (128, 1024, 4096)
+
+
+def _stats(samples: list[float], tokens: int) -> dict[str, float]:
+    """tokens/s from seconds per call: median, and the worst and best call."""
+    return {"tokens_per_s": tokens / statistics.median(samples), "min": tokens / max(samples),
+            "max": tokens / min(samples), "repeats": len(samples)}
+
+
+def _time(fn, repeats: int, warmup: int = 1) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def _cache_shape(manifest: dict) -> tuple[int, ...]:
+    """Trailing dims of one layer's cache, as the graph declares them (latent or naive K|V)."""
+    past = next(i for i in manifest["io"]["model.onnx"]["inputs"] if i["name"] == "past_latent.0")
+    return tuple(int(d) for d in past["shape"][2:])
+
+
+def _measure(kind: str, build_dir: str, params: dict[str, Any]) -> dict[str, Any]:
+    """Runs in a child process: measure one system and return its figures."""
+    import numpy as np
+
+    threads = params["threads"]
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    manifest = json.loads((Path(build_dir) / "manifest.json").read_text())
+    cfg = manifest["config"]
+    width = _cache_shape(manifest)
+    rng = np.random.default_rng(0)
+    started = time.time()
+    if kind == "engine":
+        import engines
+
+        engine = engines.load(build_dir, threads=threads)
+
+        def forward(ids, past):
+            return engine.forward(ids, past)[2]
+
+        def empty(c):
+            return [(0.5 * rng.standard_normal((1, c, *width))).astype(np.float32) for _ in range(cfg["n_layers"])]
+
+        def as_ids(a):
+            return a
+    else:
+        import torch
+
+        from . import load_reference
+
+        torch.set_num_threads(threads)
+        src = manifest["source"]
+        spec = src["name"] if src["kind"] == "preset" else src["path"]
+        model = load_reference(spec, mla=manifest["mla"], seed=src.get("seed", 0), mtp=False)
+
+        def forward(ids, past):
+            with torch.no_grad():
+                return model(ids, past).past
+
+        def empty(c):
+            return [torch.from_numpy((0.5 * rng.standard_normal((1, c, *width))).astype(np.float32))
+                    for _ in range(cfg["n_layers"])]
+
+        def as_ids(a):
+            return torch.from_numpy(a)
+    load_seconds = time.time() - started
+    out: dict[str, Any] = {"kind": kind, "build": build_dir, "load_seconds": round(load_seconds, 2),
+                           "prefill": {}, "decode": {}}
+    for n in params["prefill"]:
+        if n > cfg["max_seq_len"]:
+            continue
+        ids = as_ids(rng.integers(0, cfg["vocab_size"], (1, n)))
+        out["prefill"][str(n)] = _stats(_time(lambda: forward(ids, empty(0)), params["repeats"]), n)
+    steps = params["decode_steps"]
+    for c in params["contexts"]:
+        if c + steps > cfg["max_seq_len"]:
+            continue
+        start = empty(c)
+        tok = as_ids(rng.integers(0, cfg["vocab_size"], (1, 1)))
+
+        def chain():
+            past = start
+            for _ in range(steps):
+                past = forward(tok, past)
+
+        out["decode"][str(c)] = _stats(_time(chain, params["repeats"]), steps)
+        out["decode"][str(c)]["cache_bytes"] = cfg["n_layers"] * c * int(np.prod(width)) * 4
+    if kind == "engine" and params.get("speculative") and (Path(build_dir) / "mtp.onnx").is_file():
+        out["speculative"] = _speculative(engine, cfg, params)
+    out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return out
+
+
+def _speculative(engine, cfg, params) -> dict[str, Any]:
+    """Tokens/s of greedy generation with and without MTP speculation (same prompt, same length)."""
+    import numpy as np
+
+    prompt = np.random.default_rng(1).integers(2, cfg["vocab_size"], 16).tolist()
+    n = params["speculative_tokens"]
+    figures = {}
+    for spec in (False, True):
+        runs = [engine.generate(prompt, max_new_tokens=n, speculative=spec, stop=[]) for _ in range(params["repeats"])]
+        stats = [r.stats for r in runs]
+        figures["speculative" if spec else "plain"] = {
+            "tokens_per_s": statistics.median(s.decode_tokens_per_s for s in stats),
+            "acceptance_rate": getattr(stats[0], "acceptance_rate", None),
+            "tokens_per_step": getattr(stats[0], "tokens_per_step", None),
+        }
+    figures["speedup"] = figures["speculative"]["tokens_per_s"] / figures["plain"]["tokens_per_s"]
+    return figures
+
+
+def _disk(build_dir: Path, manifest: dict) -> dict[str, int]:
+    files = manifest["files"]
+    engine_files = [f for f in files if f.startswith(("model.ort.", "mtp.ort.")) or f.endswith((".plan",))]
+    if not engine_files:
+        engine_files = [f for f in files if f.startswith(("model.onnx", "mtp.onnx"))]
+    main = [f for f in engine_files if f.startswith("model")]
+    return {"build_bytes": sum(f["bytes"] for f in files.values()),
+            "engine_bytes": sum(files[f]["bytes"] for f in engine_files),
+            "main_graph_bytes": sum(files[f]["bytes"] for f in main)}
+
+
+def bench(builds: list[str | Path], *, threads: int = 2, repeats: int = 5, prefill=PREFILL, contexts=CONTEXTS,
+          decode_steps: int = 8, reference: bool = True, speculative: bool = False,
+          speculative_tokens: int = 64, progress=None) -> dict[str, Any]:
+    """Measure every build (and the reference of the first) in fresh processes; returns the figures."""
+    builds = [Path(b) for b in builds]
+    manifests = []
+    for b in builds:
+        if not (b / "manifest.json").is_file():
+            raise ExportError(f"{b}: not a build directory (no manifest.json)")
+        manifests.append(json.loads((b / "manifest.json").read_text()))
+    params = dict(threads=threads, repeats=repeats, prefill=list(prefill), contexts=list(contexts),
+                  decode_steps=decode_steps, speculative=speculative, speculative_tokens=speculative_tokens)
+    jobs = [("engine", str(b)) for b in builds] + ([("reference", str(builds[0]))] if reference else [])
+    results = []
+    for kind, b in jobs:
+        if progress:
+            progress(f"{kind}: {b}")
+        with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+            results.append(pool.submit(_measure, kind, b, params).result())
+    for r, b, m in zip(results, builds, manifests):
+        r.update(_disk(b, m), precision=m["precision"], mla=m["mla"], lowered=m.get("lowered", False))
+    report = {"machine": {"cpus": os.cpu_count(), "threads": threads}, "params": params, "results": results,
+              "ratios": _ratios(results, reference)}
+    return report
+
+
+def _ratios(results: list[dict], reference: bool) -> dict[str, Any]:
+    """engine / reference for each build, and each build / the first build."""
+    def divide(a: dict, b: dict) -> dict:
+        return {phase: {k: a[phase][k]["tokens_per_s"] / b[phase][k]["tokens_per_s"]
+                        for k in a[phase] if k in b[phase]} for phase in ("prefill", "decode")}
+
+    engines = [r for r in results if r["kind"] == "engine"]
+    out: dict[str, Any] = {}
+    if reference:
+        ref = results[-1]
+        out["vs_reference"] = {r["build"]: divide(r, ref) for r in engines}
+    if len(engines) > 1:
+        out["vs_first_build"] = {r["build"]: divide(r, engines[0]) for r in engines[1:]}
+    return out

@@ -1,0 +1,38 @@
+"""bench: the figures it reports and their shape (no timing is asserted: speed goes to docs/)."""
+
+import json
+
+from click.testing import CliRunner
+
+from exporter.bench import bench
+from exporter.cli import main
+
+
+def test_bench_reports_engine_and_reference(tiny_build):
+    report = bench([tiny_build], threads=1, repeats=2, prefill=(8, 16), contexts=(8, 32), decode_steps=2)
+    engine, ref = report["results"]
+    assert engine["kind"] == "engine" and ref["kind"] == "reference"
+    for r in (engine, ref):
+        assert set(r["prefill"]) == {"8", "16"} and set(r["decode"]) == {"8", "32"}
+        for f in list(r["prefill"].values()) + list(r["decode"].values()):
+            assert f["min"] <= f["tokens_per_s"] <= f["max"] and f["repeats"] == 2
+        assert r["peak_rss_bytes"] > 0
+    # latent cache bytes: layers x context x (kv_lora_rank + rope) x fp32
+    assert engine["decode"]["32"]["cache_bytes"] == 3 * 32 * 40 * 4
+    assert engine["engine_bytes"] > 0 and engine["precision"] == "fp32"
+    ratios = report["ratios"]["vs_reference"][str(tiny_build)]
+    assert set(ratios["decode"]) == {"8", "32"}
+
+
+def test_bench_cli_json(tiny_build, tmp_path):
+    out = tmp_path / "bench.json"
+    r = CliRunner().invoke(main, ["bench", str(tiny_build), "--repeats", "1", "--prefill", "8", "--contexts", "8",
+                                  "--decode-steps", "1", "--no-reference", "--threads", "1", "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    data = json.loads(out.read_text())
+    assert len(data["results"]) == 1 and "vs_reference" not in data["ratios"]
+
+
+def test_bench_refuses_non_build(tmp_path):
+    r = CliRunner().invoke(main, ["bench", str(tmp_path)])
+    assert r.exit_code == 1 and "manifest.json" in r.output and "Traceback" not in r.output
