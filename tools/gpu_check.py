@@ -118,12 +118,12 @@ def env_info() -> dict:
 
 
 @section("tests")
-def run_tests(timeout: float, examples: int) -> dict:
+def run_tests(timeout: float, examples: int, files: list | None = None) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["DSV3_HYPOTHESIS_EXAMPLES"] = str(examples)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    files = ["tests/plugins/test_latent_attention_triton.py", "tests/plugins/test_moe_dispatch_triton.py",
-             "tests/plugins/test_tensorrt_registration.py"]
+    files = files or ["tests/plugins/test_latent_attention_triton.py", "tests/plugins/test_moe_dispatch_triton.py",
+                      "tests/plugins/test_tensorrt_registration.py"]
     cmd = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-m", "slow or not slow", *files]
     log(f"running {' '.join(cmd[3:])} (timeout {timeout:.0f}s)")
     try:
@@ -356,6 +356,56 @@ def bench_tensorrt(budget: float) -> dict:
     return res
 
 
+def _cli(args: list, timeout: float) -> dict:
+    """One dsv3-export command in a subprocess: rc, seconds, the tail of its output."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [sys.executable, "-m", "exporter.cli", *map(str, args)]
+    log(f"  $ dsv3-export {' '.join(map(str, args))} (timeout {timeout:.0f}s)")
+    t0 = time.monotonic()
+    try:
+        done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as err:
+        return dict(rc=None, seconds=round(time.monotonic() - t0, 1), tail=f"timed out after {timeout:.0f}s; "
+                    + str(err.stdout or "")[-1500:])
+    out = (done.stdout + done.stderr).strip()
+    return dict(rc=done.returncode, seconds=round(time.monotonic() - t0, 1), tail=out[-1500:] if done.returncode else
+                out.splitlines()[-1] if out else "")
+
+
+@section("tensorrt_engine")
+def check_trt_engine(budget: float, timeout: float) -> dict:
+    """The whole TensorRT path through engines/trt.py: build the tiny preset's plans (the build verifies
+    them against the reference), verify the plan on its own, generate from it."""
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        log("TensorRT is not installed: skipping the engine build (pip install tensorrt>=10.15 to run it)")
+        return dict(available=False, message="tensorrt not installed")
+    if left(budget) < 60:
+        return dict(available=True, message="skipped: not enough time left")
+    out = ROOT / "build" / "gpu_check_tiny_trt"
+    res = dict(available=True, build_dir=str(out))
+    res["build"] = _cli(["build", "tiny", "-o", out, "--backend", "trt", "--force", "--no-verify", "--max-batch", 4,
+                         "--max-seq-len", 256], min(timeout, left(budget) - 20))
+    log(f"  build: rc={res['build']['rc']} in {res['build']['seconds']}s")
+    if res["build"]["rc"] == 0 and left(budget) > 30:
+        # trt named explicitly: verify then fails, instead of skipping it, where TensorRT does not load.
+        res["verify"] = _cli(["verify", out, "--backend", "graph", "--backend", "trt"], min(timeout, left(budget) - 15))
+        log(f"  verify: rc={res['verify']['rc']} in {res['verify']['seconds']}s")
+        if left(budget) > 15:
+            res["run"] = _cli(["run", out, "--ids", "1,2,3,4", "--max-new-tokens", 8], min(60, left(budget) - 5))
+            log(f"  run: rc={res['run']['rc']}: {res['run']['tail']}")
+        manifest = out / "manifest.json"
+        if manifest.is_file():
+            engine = json.loads(manifest.read_text()).get("engine", {})
+            res["engine"] = {k: engine.get(k) for k in ("tensorrt", "device", "attention_impl", "graphs")}
+    failed = [k for k in ("build", "verify", "run") if k in res and res[k]["rc"] != 0]
+    if failed:
+        raise RuntimeError(f"dsv3-export {', '.join(failed)} failed: {res[failed[0]]['tail'][-400:]}")
+    return res
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", default=str(ROOT / "build" / "gpu_check.json"),
@@ -365,6 +415,9 @@ def main() -> int:
     ap.add_argument("--examples", type=int, default=6, help="hypothesis examples per randomized test")
     ap.add_argument("--tokens", type=int, default=4096, help="MoE tokens for the prefill case")
     ap.add_argument("--skip-tests", action="store_true")
+    ap.add_argument("--trt-only", action="store_true",
+                    help="only the TensorRT engine check: build, verify and run the tiny preset with --backend trt")
+    ap.add_argument("--trt-timeout", type=float, default=240, help="seconds per dsv3-export command of that check")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU interpreter: tests this script")
     args = ap.parse_args()
     global DEV
@@ -382,12 +435,19 @@ def main() -> int:
         return 2
     try:
         env_info()
-        if not args.skip_tests:
+        if args.trt_only:
+            if not args.skip_tests:
+                run_tests(min(args.test_timeout, max(30.0, left(args.budget) - 200)), args.examples,
+                          files=["tests/test_engines_trt.py"])
+            check_trt_engine(args.budget, args.trt_timeout)
+        elif not args.skip_tests:
             run_tests(min(args.test_timeout, max(30.0, left(args.budget) - 200)), args.examples)
-        device_baselines()
-        bench_latent_attention(args.budget)
-        bench_moe(args.budget, args.tokens)
-        bench_tensorrt(args.budget)
+        if not args.trt_only:
+            device_baselines()
+            bench_latent_attention(args.budget)
+            bench_moe(args.budget, args.tokens)
+            bench_tensorrt(args.budget)
+            check_trt_engine(args.budget, args.trt_timeout)
     except KeyboardInterrupt:
         RESULT["interrupted"] = True
         log("interrupted: writing what was measured")

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # GPU check of the dsv3 plugin kernels (docs/gpu.md): runs the Triton kernel tests
 # on the GPU (no interpreter), times LatentAttention and MoEDispatch at the 671B
-# shapes against the device's copy bandwidth and bf16 matmul rate, and builds a
-# TensorRT engine with the AOT LatentAttention plugin when TensorRT is installed.
+# shapes against the device's copy bandwidth and bf16 matmul rate, and, when
+# TensorRT is installed, builds an engine with the AOT LatentAttention plugin and
+# then the tiny preset's plans through engines/trt.py (dsv3-export build tiny
+# --backend trt; dsv3-export verify; dsv3-export run: docs/tensorrt.md).
+# --trt-only: just that TensorRT path, with tests/test_engines_trt.py on the GPU.
 # Prints a line per measurement, then all results as one JSON line ("JSON {...}");
 # also writes build/gpu_check.json (override: --json PATH). Finishes in under 8 minutes:
 # the Python side keeps a 450 s budget and skips optional parts when time runs short,
