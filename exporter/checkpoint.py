@@ -9,7 +9,6 @@ are merged back on read). Tensors are read one at a time; nothing holds a whole 
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ import torch
 
 from . import names
 from .config import ModelConfig, from_hf_dict, from_modelargs_dict
-from .errors import CheckpointError
+from .errors import CheckpointError, read_json_object
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 _MP_FILE = re.compile(r"model(\d+)-mp(\d+)\.safetensors$")
@@ -262,13 +261,7 @@ class Checkpoint:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        d = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: not readable JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    return d
+    return read_json_object(path, CheckpointError)
 
 
 def _interleave_rope_rows(t: torch.Tensor, cfg: ModelConfig, name: str) -> torch.Tensor:

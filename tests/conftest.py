@@ -34,3 +34,15 @@ def tiny_build(tmp_path_factory):
 def rel_max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| / max |a|: the figure every parity test states its tolerance in."""
     return ((a - b).abs().max() / a.abs().max()).item()
+
+
+def assert_clean_error(result, *needles, one_line: bool = True):
+    """A CLI result that failed as users should see it: exit 1, an `error:` line naming the culprit,
+    no traceback (progress output may precede it where one_line is False)."""
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert "Traceback" not in result.output and lines[-1].startswith("error: "), result.output
+    if one_line:
+        assert len(lines) == 1, result.output
+    for n in needles:
+        assert n in lines[-1], lines[-1]

@@ -7,6 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from exporter.cli import main
+from conftest import assert_clean_error as conftest_assert_clean_error
 
 
 def run(*args):
@@ -14,11 +15,7 @@ def run(*args):
 
 
 def assert_clean_error(result, *needles):
-    assert result.exit_code == 1, result.output
-    lines = result.output.strip().splitlines()
-    assert lines[-1].startswith("error: ") and "Traceback" not in result.output, result.output
-    for n in needles:
-        assert n in lines[-1], lines[-1]
+    conftest_assert_clean_error(result, *needles, one_line=False)
 
 
 @pytest.fixture(scope="module")

@@ -11,20 +11,12 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 from exporter.cli import main
+from conftest import assert_clean_error
 
 
 def run(*args):
     result = CliRunner().invoke(main, [str(a) for a in args])
     return result
-
-
-def assert_clean_error(result, *needles):
-    assert result.exit_code == 1, result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    assert "Traceback" not in result.output
-    for n in needles:
-        assert n in lines[0], lines[0]
 
 
 def test_inspect_preset_json():
