@@ -182,11 +182,13 @@ def prepare(build_dir: str | Path, graphs: dict[str, Path]) -> dict:
 
 
 def session(build_dir: str | Path, graph: str = "model", providers: Iterable[str] | None = None,
-            threads: int | None = None) -> "ort.InferenceSession":
+            threads: int | None = None, spin: bool = True) -> "ort.InferenceSession":
     """An InferenceSession for one graph of a build ("model" or "mtp"). Loads the saved optimized
     graph (optimizations off: they are already applied) when it exists and the providers are the
     ones it was optimized for; otherwise the raw graph, optimized online. `threads`: intra-op
-    threads (None: ONNX Runtime's default, one per physical core). The path loaded is in
+    threads (None: ONNX Runtime's default, one per physical core). `spin=False`: the intra-op
+    threads sleep between runs instead of busy-waiting (for a session that alternates with another
+    one, as the MTP graph does with the main graph in speculative decoding). The path loaded is in
     `session.dsv3_model_path`."""
     import onnxruntime as ort
 
@@ -201,6 +203,8 @@ def session(build_dir: str | Path, graph: str = "model", providers: Iterable[str
             raise ExportError(f"threads must be >= 0 (0 = ONNX Runtime's default), got {threads}")
         so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
+    if not spin:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if optimized.is_file() and tuple(providers) == PREPARED_PROVIDERS:
         path = optimized
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL

@@ -95,8 +95,13 @@ class GenerationStats:
     prefill_seconds: float
     decode_seconds: float
     decode_tokens_per_s: float | None  # tokens from decode steps / decode seconds; None without any
-    steps: int  # decode calls of the graph after prefill
-    acceptance_rate: float | None = None  # MTP speculation (later)
+    steps: int  # decode calls of the (main) graph after prefill
+    # MTP speculation (generate(..., speculative=True)); None otherwise.
+    acceptance_rate: float | None = None  # accepted drafts / drafts verified
+    tokens_per_step: float | None = None  # tokens from decode steps / main-graph decode calls
+    drafted_tokens: int | None = None  # MTP drafts checked by the main graph
+    accepted_tokens: int | None = None  # of which accepted
+    speculative: bool = False
 
     def summary(self) -> str:
         parts = [f"prompt {self.prompt_tokens} tokens", f"{self.new_tokens} new tokens",
@@ -107,6 +112,8 @@ class GenerationStats:
             parts.append(f"decode {self.decode_tokens_per_s:.1f} tokens/s")
         if self.acceptance_rate is not None:
             parts.append(f"MTP acceptance {self.acceptance_rate:.0%}")
+        if self.tokens_per_step is not None:
+            parts.append(f"{self.tokens_per_step:.2f} tokens per main step")
         return ", ".join(parts)
 
 
@@ -220,22 +227,22 @@ class Engine:
             raise ExportError(f"--backend {self.backend!r} is not supported (choose from {', '.join(BACKENDS)})")
         if check_files:
             verify_files(self.build_dir, self.manifest)
-        if self.backend == "trt":
-            from .trt import require_tensorrt
-
-            require_tensorrt()
-            raise ExportError("--backend trt: the TensorRT runtime is not implemented yet; use --backend ort")
+        if self.backend == "trt" and providers is not None:
+            raise ExportError("execution providers apply to --backend ort only")
         self._providers = None if providers is None else list(providers)
         self._threads = threads
-        from . import ort as ort_engine
-
-        self.session = ort_engine.session(self.build_dir, "model", providers=self._providers, threads=threads)
+        self.session = self._open_session("model")
         self.model_file: Path = self.session.dsv3_model_path
         self._mtp_session = None
+        self._mtp_outputs: list[str] | None = None
         self._outputs = [o.name for o in self.session.get_outputs()]
         cfg = self.config
         self.n_layers = cfg.n_layers
         self.latent_dim = cfg.latent_dim
+        # Trailing dims of one layer's cache as the graph declares them: the latent row, or per-head
+        # K|V for a `--mla naive` build.
+        past_io = next((i for i in self.manifest["io"]["model.onnx"]["inputs"] if i["name"] == "past_latent.0"), None)
+        self.cache_shape = tuple(int(d) for d in past_io["shape"][2:]) if past_io else (self.latent_dim,)
         self.cache_dtype = self._cache_dtype()
         self.tokenizer = self._load_tokenizer()
 
@@ -261,14 +268,25 @@ class Engine:
     def mtp_session(self):
         """The MTP graph's session (opened on first use), or None when the build has no mtp.onnx."""
         if self._mtp_session is None and (self.build_dir / "mtp.onnx").is_file():
-            from . import ort as ort_engine
-
-            self._mtp_session = ort_engine.session(self.build_dir, "mtp", providers=self._providers,
-                                                   threads=self._threads)
+            self._mtp_session = self._open_session("mtp")
         return self._mtp_session
 
+    def _open_session(self, graph: str):
+        """The backend's session for "model" or "mtp": both have onnxruntime's run(names, feeds)."""
+        if self.backend == "trt":
+            from . import trt as trt_engine
+
+            return trt_engine.session(self.build_dir, graph)
+        from . import ort as ort_engine
+
+        # The MTP graph runs between main-graph calls (speculative decoding): its intra-op threads
+        # must not busy-wait after each run, or they take the cores the main graph needs next
+        # (measured: 0.7x -> 1.0-1.5x decode speed with two threads per session on 2 cores).
+        return ort_engine.session(self.build_dir, graph, providers=self._providers, threads=self._threads,
+                                  spin=graph != "mtp")
+
     def empty_past(self, batch: int) -> list[np.ndarray]:
-        return [np.zeros((batch, 0, self.latent_dim), self.cache_dtype) for _ in range(self.n_layers)]
+        return [np.zeros((batch, 0, *self.cache_shape), self.cache_dtype) for _ in range(self.n_layers)]
 
     def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
         """Token ids of `text` with the build's tokenizer; BOS first (added when the tokenizer's own
@@ -317,10 +335,12 @@ class Engine:
             if len(past) != self.n_layers:
                 raise ExportError(f"past must hold {self.n_layers} per-layer latents, got {len(past)}")
             past = [np.ascontiguousarray(p, dtype=self.cache_dtype) for p in past]
-            t = past[0].shape[1] if past[0].ndim == 3 else -1
+            rank = 2 + len(self.cache_shape)
+            t = past[0].shape[1] if past[0].ndim == rank else -1
             for i, p in enumerate(past):
-                if p.ndim != 3 or p.shape[0] != batch or p.shape[1] != t or p.shape[2] != self.latent_dim:
-                    raise ExportError(f"past[{i}] must be [{batch}, {max(t, 0)}, {self.latent_dim}], got {tuple(p.shape)}")
+                if p.ndim != rank or p.shape[0] != batch or p.shape[1] != t or p.shape[2:] != self.cache_shape:
+                    want = ", ".join(map(str, (batch, max(t, 0), *self.cache_shape)))
+                    raise ExportError(f"past[{i}] must be [{want}], got {tuple(p.shape)}")
             if t + ids.shape[1] > self.config.max_seq_len:
                 raise ExportError(f"past ({t}) + input ({ids.shape[1]}) tokens exceed the model's context "
                                   f"length (max_seq_len {self.config.max_seq_len})")
@@ -430,12 +450,110 @@ class Engine:
         decode = time.perf_counter() - t1 if steps else 0.0
         return out, prefill, decode, steps
 
-    def _generate_speculative(self, ids, batched, **kw) -> GenerationResult:
-        """MTP speculation: the MTP head drafts token i+2 from h_i and token i+1, one main-graph call
-        of seq 2 verifies both (DESIGN.md). Reserved for the MTP issue."""
+    def _mtp(self, input_ids: np.ndarray, hidden: np.ndarray, past: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One mtp.onnx call: (draft logits [B,S,V] for tokens i+2, present_latent.mtp [B,T+S,C]) from
+        tokens i+1 [B,S], the main model's h_i [B,S,D] and the MTP cache."""
+        sess = self.mtp_session
+        if self._mtp_outputs is None:
+            self._mtp_outputs = [o.name for o in sess.get_outputs()]
+        out = dict(zip(self._mtp_outputs, sess.run(None, {
+            "input_ids": input_ids.astype(np.int64, copy=False), "hidden_states": hidden,
+            "past_latent.mtp": past})))
+        return out["logits"], out["present_latent.mtp"]
+
+    def _generate_speculative(self, ids, batched, *, max_new_tokens: int, temperature: float, top_k: int,
+                              top_p: float, seed: int, stops: set[int], on_token) -> GenerationResult:
+        """MTP self-speculative decoding (batch 1; docs/speculative.md).
+
+        State between steps, with n tokens known (prompt + emitted) and x_{n-1} the newest:
+        the main cache holds rows 0..n-2 (x_{n-1} not fed yet), the MTP cache rows 0..n-2 (row j
+        made from h_j and x_{j+1}), and `draft` is the MTP's guess for x_n made by row n-2. A step
+        feeds [x_{n-1}, draft] to the main graph (positions n-1, n): its logits at n-1 decide x_n,
+        those at n give a bonus x_{n+1} when the draft is accepted. On accept both new main rows
+        stay and the MTP runs on (h_{n-1}, x_n), (h_n, x_{n+1}); on reject the main row of the
+        draft is cut off (the cache is plain arrays: slicing is the rollback) and the MTP runs on
+        (h_{n-1}, x_n) alone. Either way the newest MTP row drafts the next token. Greedy output
+        equals plain greedy output; sampling keeps its distribution (engines.speculative)."""
+        from .speculative import draw, processed_probs, verify_draft
+
         if self.mtp_session is None:
             raise ExportError(f"{self.build_dir}: this build has no mtp.onnx; speculative decoding needs the MTP graph")
-        raise ExportError("speculative (MTP) decoding is not yet implemented; run without --speculative")
+        if ids.shape[0] != 1:
+            raise ExportError(f"speculative decoding runs one sequence at a time (batch 1), got a batch of "
+                              f"{ids.shape[0]}; run the prompts one by one or without speculative decoding")
+        greedy = temperature == 0
+        rng = np.random.default_rng(seed)
+
+        def dist(logits: np.ndarray) -> np.ndarray:
+            return processed_probs(logits, temperature=temperature, top_k=top_k, top_p=top_p)
+
+        def pick(logits: np.ndarray) -> int:
+            return int(logits.argmax()) if greedy else draw(dist(logits), rng)
+
+        out: list[int] = []
+
+        def emit(tok: int) -> bool:
+            """Record a token; True when generation is over (stop token or length)."""
+            out.append(tok)
+            if on_token is not None:
+                on_token(0, tok)
+            return tok in stops or len(out) >= max_new_tokens
+
+        t0 = time.perf_counter()
+        logits, hidden, past = self._run(ids, self.empty_past(1))
+        x = pick(logits[0, -1])
+        finished = emit(x)
+        drafted = accepted = steps = 0
+        if not finished:
+            # MTP over the prompt: rows j = 0..P-1 from (h_j, x_{j+1}), x_P being the token just chosen.
+            mtp_ids = np.concatenate([ids[:, 1:], [[x]]], axis=1)
+            mtp_logits, mtp_past = self._mtp(mtp_ids, hidden, np.zeros((1, 0, *self.cache_shape), self.cache_dtype))
+        prefill = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        while not finished:
+            if max_new_tokens - len(out) == 1:
+                # One token left: a plain step, nothing to draft.
+                logits, hidden, past = self._run(np.array([[x]], np.int64), past)
+                steps += 1
+                finished = emit(pick(logits[0, -1]))
+                break
+            draft_logits = mtp_logits[0, -1]
+            if greedy:
+                draft = int(draft_logits.argmax())
+            else:
+                q = dist(draft_logits)
+                draft = draw(q, rng)
+            logits, hidden, past = self._run(np.array([[x, draft]], np.int64), past)
+            steps += 1
+            drafted += 1
+            if greedy:
+                token = int(logits[0, 0].argmax())
+                ok = token == draft
+            else:
+                ok, token = verify_draft(dist(logits[0, 0]), q, draft, rng)
+            if ok:
+                accepted += 1
+                if emit(draft):
+                    break
+                bonus = pick(logits[0, 1])
+                if emit(bonus):
+                    break
+                mtp_logits, mtp_past = self._mtp(np.array([[draft, bonus]], np.int64), hidden, mtp_past)
+                x = bonus
+            else:
+                past = [p[:, :-1] for p in past]  # roll back the rejected draft's row
+                if emit(token):
+                    break
+                mtp_logits, mtp_past = self._mtp(np.array([[token]], np.int64), hidden[:, :1], mtp_past)
+                x = token
+        decode = time.perf_counter() - t1 if steps else 0.0
+        result = self._result(ids, batched, [out], prefill, decode, steps, stops,
+                              acceptance=accepted / drafted if drafted else None)
+        st = result.stats
+        st.speculative = True
+        st.drafted_tokens, st.accepted_tokens = drafted, accepted
+        st.tokens_per_step = (len(out) - 1) / steps if steps else None
+        return result
 
     def _result(self, ids, batched, out, prefill, decode, steps, stops, acceptance=None) -> GenerationResult:
         batch = ids.shape[0]

@@ -45,7 +45,7 @@ def main() -> None:
 
 
 @main.command()
-@click.argument("source", default="tiny")
+@click.argument("source", default="demo")
 @click.option("--json", "as_json", is_flag=True, help="Print the description as JSON.")
 def inspect(source: str, as_json: bool) -> None:
     """Describe a checkpoint dir or preset: shape, parameters, cache cost, MTP, stored precision."""
@@ -135,10 +135,15 @@ class _RichReporter:
 
 
 @main.command()
-@click.argument("source", default="tiny")
+@click.argument("source", default="demo")
 @click.option("-o", "--out", default="build", show_default=True, type=click.Path(file_okay=False),
               help="Build directory to create.")
-@click.option("--precision", default="fp32", show_default=True, help="fp32 (fp8/int8/int4 come with their issue).")
+@click.option("--precision", default="fp32", show_default=True,
+              help="fp32 | fp8 (E4M3, 128x128 block scales, DeepSeek's format) | int8 (W8A8) | int8-wo | int4-wo "
+                   "(weight-only). See docs/precision.md.")
+@click.option("--keep-fp", "keep_fp", multiple=True, metavar="PATTERN",
+              help="Weights (fnmatch over parameter names, e.g. 'layers.0.*') left in high precision; repeatable. "
+                   "Default: embeddings, router gates, LM heads; 'default' adds to those, 'none' keeps nothing.")
 @click.option("--backend", default="ort", show_default=True, type=click.Choice(["ort", "trt"]))
 @click.option("--mla", default="absorbed", show_default=True, type=click.Choice(["absorbed", "naive"]),
               help="absorbed: cache the latent (the point); naive: per-head K/V cache, for comparison.")
@@ -152,9 +157,10 @@ class _RichReporter:
               help="TensorRT: longest context (past + new tokens) the engine takes (default: the model's, at most 4096).")
 @click.option("--max-prefill", type=int, default=None,
               help="TensorRT: longest prompt in one call (default: --max-seq-len, at most 2048).")
-def build(source, out, precision, backend, mla, no_mtp, no_verify, no_lower, force, seed, max_batch, max_seq_len,
-          max_prefill) -> None:
-    """Build a verified engine directory from a checkpoint dir or preset (default: tiny)."""
+def build(source, out, precision, keep_fp, backend, mla, no_mtp, no_verify, no_lower, force, seed, max_batch,
+          max_seq_len, max_prefill) -> None:
+    """Build a verified engine directory from a checkpoint dir or preset (default: demo, the embedded
+    trained model)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from .pipeline import build as run_build
@@ -163,7 +169,7 @@ def build(source, out, precision, backend, mla, no_mtp, no_verify, no_lower, for
     with Progress(*columns, transient=False) as progress:
         manifest = run_build(source, out, precision=precision, backend=backend, mla=mla, mtp=not no_mtp,
                              verify=not no_verify, force=force, reporter=_RichReporter(progress), seed=seed,
-                             lower=not no_lower, trt_options=dict(max_batch=max_batch, max_seq_len=max_seq_len, max_prefill=max_prefill))
+                             lower=not no_lower, keep_fp=list(keep_fp) or None, trt_options=dict(max_batch=max_batch, max_seq_len=max_seq_len, max_prefill=max_prefill))
     _print_build_summary(out, manifest)
     verdict = manifest.get("verify")
     if verdict is not None and not verdict.get("passed"):
@@ -199,7 +205,7 @@ def _parse_ids(text: str) -> list[int]:
 
 
 @main.command()
-@click.argument("build_dir", type=click.Path(path_type=Path))
+@click.argument("build_dir", type=click.Path(path_type=Path), default="build")
 @click.option("--prompt", default=None, help="Text to continue (needs the build's tokenizer.json).")
 @click.option("--ids", "ids_text", default=None, metavar="1,2,3", help="Token ids to continue, comma-separated.")
 @click.option("--max-new-tokens", type=int, default=64, show_default=True)
@@ -208,9 +214,11 @@ def _parse_ids(text: str) -> list[int]:
 @click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling mass.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--backend", type=click.Choice(["ort", "trt"]), default=None, help="Default: the build's backend.")
-@click.option("--speculative", is_flag=True, help="MTP speculative decoding.")
+@click.option("--speculative", is_flag=True,
+              help="MTP self-speculative decoding (batch 1): the MTP graph drafts one token, one main step checks "
+                   "two; same output (greedy) or same distribution (sampling), acceptance in the stats line.")
 def run(build_dir, prompt, ids_text, max_new_tokens, temperature, top_k, top_p, seed, backend, speculative) -> None:
-    """Generate from a build: stream the continuation to stdout, a stats line to stderr."""
+    """Generate from a build (default: ./build): stream the continuation to stdout, a stats line to stderr."""
     import engines
     from engines.runtime import TextStream, check_generation_args
 

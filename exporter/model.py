@@ -40,6 +40,7 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype), requires_grad=False)
         self.register_buffer("scale", None)
         self.block = (128, 128)
+        self.act_quant = None  # x -> x quantized and back: the emulation of a quantized graph (exporter/quant.py)
 
     def set_fp8(self, weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> None:
         self.weight = nn.Parameter(weight, requires_grad=False)
@@ -52,6 +53,8 @@ class Linear(nn.Module):
         return self.weight.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act_quant is not None:
+            x = self.act_quant(x)
         return F.linear(x, self.dense_weight(x.dtype))
 
 
@@ -188,11 +191,13 @@ class Gate(nn.Module):
         # The router stays fp32 whatever the model dtype (as checkpoints and transformers keep it).
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.dim), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(cfg.n_routed_experts), requires_grad=False) if has_bias else None
+        self.act_quant = None  # as Linear's
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.cfg
         acc = torch.promote_types(x.dtype, torch.float32)
-        logits = F.linear(x.to(acc), self.weight.to(acc))
+        xin = x if self.act_quant is None else self.act_quant(x)
+        logits = F.linear(xin.to(acc), self.weight.to(acc))
         scores = logits.softmax(dim=-1) if cfg.score_func == "softmax" else logits.sigmoid()
         original = scores
         if self.bias is not None:
@@ -221,11 +226,13 @@ class MoE(nn.Module):
         self.w_gate_up = nn.Parameter(torch.empty(e, 2 * i, d, dtype=dtype), requires_grad=False)
         self.w_down = nn.Parameter(torch.empty(e, d, i, dtype=dtype), requires_grad=False)
         self.shared_experts = MLP(d, cfg.n_shared_experts * i, dtype) if cfg.n_shared_experts else None
+        self.act_quant = None  # on the routed experts' input only, like the quantized graph
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.flatten(0, -2)
         weights, idx = self.gate(flat)
-        y = moe_dispatch_op(flat, idx, weights, self.w_gate_up.to(x.dtype), self.w_down.to(x.dtype))
+        xe = flat if self.act_quant is None else self.act_quant(flat)
+        y = moe_dispatch_op(xe, idx, weights, self.w_gate_up.to(x.dtype), self.w_down.to(x.dtype))
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)
         return y.view_as(x)

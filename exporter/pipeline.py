@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import ExportError
+from .precision import PRECISIONS  # noqa: F401  (fp32, fp8, int8, int8-wo, int4-wo: exporter/precision.py)
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
-PRECISIONS = ("fp32",)
 BACKENDS = ("ort", "trt")
 
 
@@ -84,7 +84,7 @@ def graph_io(path: Path) -> dict[str, list[dict]]:
 
 
 def export_graph(kind: str, source, out_dir: Path, reporter: Reporter, *, mla: str = "absorbed",
-                 lower: bool = False) -> Path:
+                 lower: bool = False, policy=None, quant_target: str = "ort") -> Path:
     """Trace one graph ("model" or "mtp"), run the passes, save it with its weights streamed out."""
     import onnx_ir as ir
 
@@ -100,7 +100,12 @@ def export_graph(kind: str, source, out_dir: Path, reporter: Reporter, *, mla: s
     reporter.stage(f"tracing {kind}.onnx")
     graph = export_main(model) if kind == "model" else export_mtp(model)
     reporter.done(f"tracing {kind}.onnx")
-    graph = cleanup(attach_weights(plugin_attrs(graph), source))
+    graph = attach_weights(plugin_attrs(graph), source)
+    if policy is not None and policy.scheme is not None:  # before cleanup: it needs the traced MatMul forms
+        from .passes.quantize import quantize
+
+        graph = quantize(graph, source, policy, target=quant_target)
+    graph = cleanup(graph)
     if lower:  # ONNX Runtime's native Attention / MoE kernels in place of the portable bodies
         from .passes.lower_ort import lower_ort
 
@@ -164,19 +169,20 @@ def atomic_dir(out: Path, force: bool):
         raise
 
 
-def build(source_spec: str | Path = "tiny", out: str | Path = "build", *, precision: str = "fp32",
+def build(source_spec: str | Path = "demo", out: str | Path = "build", *, precision: str = "fp32",
           backend: str = "ort", mla: str = "absorbed", mtp: bool = True, verify: bool = True,
           force: bool = False, reporter: Reporter | None = None, seed: int = 0,
-          trt_options: dict[str, Any] | None = None, lower: bool = True) -> dict[str, Any]:
+          trt_options: dict[str, Any] | None = None, lower: bool = True, keep_fp=None) -> dict[str, Any]:
     """Export, pass, build the engine, verify, write the manifest. Returns the manifest (plus the
     verify verdict under "verify"). `trt_options`: engines.trt.TrtOptions fields (max_batch,
-    max_seq_len, max_prefill, ...) for backend "trt"."""
+    max_seq_len, max_prefill, ...) for backend "trt". `keep_fp`: --keep-fp patterns (exporter/precision.py)."""
     from . import open_source
     from .inspect import cache_bytes_per_token
 
     reporter = reporter or Reporter()
-    if precision not in PRECISIONS:
-        raise ExportError(f"--precision {precision!r} is not supported (choose from {', '.join(PRECISIONS)})")
+    from .precision import Policy
+
+    policy = Policy.make(precision, keep_fp)  # an unknown precision or bad pattern fails here
     if backend not in BACKENDS:
         raise ExportError(f"--backend {backend!r} is not supported (choose from {', '.join(BACKENDS)})")
     trt_options = {k: v for k, v in (trt_options or {}).items() if v is not None}
@@ -193,13 +199,17 @@ def build(source_spec: str | Path = "tiny", out: str | Path = "build", *, precis
     started = time.time()
     with atomic_dir(Path(out), force) as tmp:
         lower = lower and backend == "ort"
-        graphs = {"model.onnx": export_graph("model", source, tmp, reporter, mla=mla, lower=lower)}
+        target = "ort" if backend == "ort" else "qdq"  # TensorRT takes the Q/DQ form
+        graphs = {"model.onnx": export_graph("model", source, tmp, reporter, mla=mla, lower=lower, policy=policy,
+                                             quant_target=target)}
         if mtp and source.has_mtp:
-            graphs["mtp.onnx"] = export_graph("mtp", source, tmp, reporter, mla=mla, lower=lower)
+            graphs["mtp.onnx"] = export_graph("mtp", source, tmp, reporter, mla=mla, lower=lower, policy=policy,
+                                              quant_target=target)
         write_tokenizer(source, source_spec, tmp)
         info: dict[str, Any] = {
             "config": source.config.to_dict(), "precision": precision, "backend": backend, "mla": mla,
             "lowered": lower,
+            "quantization": {**policy.to_dict(), "form": target} if policy.scheme is not None else None,
             "source": source_info(source, source_spec), "tools": tool_versions(),
             "io": {name: graph_io(path) for name, path in graphs.items()},
             "cache_bytes_per_token": {"latent_fp32": cache_bytes_per_token(source.config, 4)["latent"],
@@ -220,7 +230,8 @@ def build(source_spec: str | Path = "tiny", out: str | Path = "build", *, precis
         if verify:
             from .verify import verify as run_verify
 
-            info["verify"] = run_verify(tmp, source, precision=precision, reporter=reporter)
+            info["verify"] = run_verify(tmp, source, precision=precision, reporter=reporter,
+                                        quantization=info["quantization"])
         info["build_seconds"] = round(time.time() - started, 1)
         manifest = write_manifest(tmp, info)
     return manifest

@@ -6,7 +6,8 @@ with the reference's, output by output:
 - runners: `ReferenceRunner` (the PyTorch model behind the graph contract's names), "ort" (the ONNX
   Runtime engine as deployed: `engines.ort.session`, the saved optimized graph), "graph" (the raw
   exported graph in ONNX Runtime through Polygraphy's `SessionFromOnnx`), "trt" (Polygraphy's
-  `TrtRunner`, only where TensorRT imports);
+  `TrtRunner` over the build's plan, engines.trt.polygraphy_runner; by default only where TensorRT
+  works and the build has model.plan);
 - inputs: a prefill (batch 2, a 12-token prompt, an empty past) and a chain of decode steps, each fed
   the REFERENCE's present latents and argmax token, so every runner sees identical inputs; the MTP
   graph gets tokens i+1 with the reference's h_i and its own reference latent chain;
@@ -52,8 +53,12 @@ class Tolerance:
     - "rel_max": max|engine - ref| <= limit x max|ref| (per step, per output);
     - "greedy_prefix": the generated tokens agree with the reference's for at least limit x n tokens
       from the start (every row of the batch).
-    Quantized precisions will add metrics (cosine similarity, top-k agreement): give each a compare
-    function in `_compare_funcs` and a figure in `_step_figures`."""
+    - "cosine": cosine similarity of engine and reference output (flattened) >= limit, per step;
+    - "lm_cosine" / "lm_top1" / "lm_kl": next-token figures over >= 256 positions of real text
+      (exporter/lm_eval.py): mean logits cosine >= limit, top-1 agreement >= limit, mean
+      KL(reference || engine) <= limit. "lm_cosine_emulated" (fp8): the same cosine against the
+      reference that runs the graph's own dequantized weights and activation quantization.
+    docs/precision.md explains the numbers."""
 
     metric: str
     limit: float
@@ -66,8 +71,34 @@ TOLERANCES: dict[str, dict[str, Tolerance]] = {
         "hidden_states": Tolerance("rel_max", 1e-4),
         "present_latent.*": Tolerance("rel_max", 1e-4),
         "greedy": Tolerance("greedy_prefix", 1.0),
+        "lm_cosine": Tolerance("lm_cosine", 0.9999),
+        "lm_top1": Tolerance("lm_top1", 0.99),
+        "lm_kl": Tolerance("lm_kl", 1e-4),
     },
 }
+
+
+def _quantized(cosine: float, top1: float, kl: float, steps: float, emulated: float | None = None) -> dict:
+    """A quantized precision against the fp32 reference: per-step outputs by cosine, greedy tokens
+    reported but not required to agree (a quantized model may pick another token at a near tie,
+    and then continues differently), the language-model figures required."""
+    table = {"logits": Tolerance("cosine", steps), "hidden_states": Tolerance("cosine", steps),
+             "present_latent.*": Tolerance("cosine", steps), "greedy": Tolerance("greedy_prefix", 0.0),
+             "lm_cosine": Tolerance("lm_cosine", cosine), "lm_top1": Tolerance("lm_top1", top1),
+             "lm_kl": Tolerance("lm_kl", kl)}
+    if emulated is not None:
+        table["lm_cosine_emulated"] = Tolerance("lm_cosine", emulated)
+    return table
+
+
+# One row per precision (docs/precision.md, "Verification thresholds"): lm cosine, lm top-1, lm KL
+# (nats), per-step output cosine, [fp8: cosine against the emulated reference].
+TOLERANCES.update({
+    "fp8": _quantized(0.99, 0.90, 0.05, 0.98, emulated=0.999),
+    "int8": _quantized(0.99, 0.90, 0.05, 0.98),
+    "int8-wo": _quantized(0.99, 0.90, 0.05, 0.98),
+    "int4-wo": _quantized(0.97, 0.80, 0.20, 0.95),
+})
 REFERENCE_DTYPE = {"fp32": "float32"}
 
 
@@ -247,6 +278,48 @@ class RelMaxCompare:
         return matches
 
 
+class CosineMatch:
+    """One output's cosine at one step: truthy when it passes."""
+
+    def __init__(self, cosine: float, limit: float):
+        self.cosine, self.limit = cosine, limit
+
+    def __bool__(self) -> bool:
+        return self.cosine >= self.limit
+
+
+class CosineCompare:
+    """A Comparator compare function: cosine similarity of each output with the reference's
+    (flattened, float64); NaN/inf or a shape mismatch fail."""
+
+    def __init__(self, limits: dict[str, float]):
+        self.limits = limits
+
+    def __call__(self, ref_result, result):
+        import numpy as np
+
+        matches = OrderedDict()
+        for name, limit in self.limits.items():
+            if name not in ref_result.keys():
+                continue
+            if name not in result.keys():
+                matches[name] = False
+                continue
+            r = np.asarray(ref_result[name], np.float64).ravel()
+            e = np.asarray(result[name], np.float64)
+            if e.size != r.size:
+                matches[name] = False
+                continue
+            e = e.ravel()
+            if not np.isfinite(e).all():
+                matches[name] = CosineMatch(float("nan"), limit)
+                continue
+            norm = np.linalg.norm(r) * np.linalg.norm(e)
+            cos = float(r @ e / norm) if norm > 0 else float(np.array_equal(r, e))
+            matches[name] = CosineMatch(cos, limit)
+        return matches
+
+
 def _simple_compare_func(**kw):
     """Polygraphy's simple comparison: SimpleCompareFunc (>= 0.50), CompareFunc.simple before."""
     try:
@@ -267,6 +340,8 @@ def _compare_funcs(precision: str, outputs: Sequence[str]) -> list:
     for metric, limits in by_metric.items():
         if metric == "rel_max":
             funcs.append(RelMaxCompare(limits))
+        elif metric == "cosine":
+            funcs.append(CosineCompare(limits))
         else:
             raise ExportError(f"verification metric {metric!r} has no compare function yet")
     return funcs
@@ -274,6 +349,10 @@ def _compare_funcs(precision: str, outputs: Sequence[str]) -> list:
 
 def _step_figures(match) -> dict:
     """Figures of one output at one step, from a compare function's result object."""
+    if isinstance(match, CosineMatch):  # rel_err = 1 - cosine: the worst step sorts and plots the same way
+        ok = match.cosine == match.cosine
+        return {"cosine": match.cosine if ok else None, "rel_err": 1.0 - match.cosine if ok else None,
+                "max_abs_err": None, "max_abs_ref": None, "tolerance": match.limit, "passed": bool(match)}
     if isinstance(match, bool) or getattr(match, "ref_absmax", None) is None:  # e.g. a shape mismatch
         return {"max_abs_err": None, "max_abs_ref": None, "rel_err": None, "tolerance": None, "passed": bool(match)}
     absmax, err = match.ref_absmax, float(match.max_absdiff)
@@ -310,6 +389,7 @@ def _graph_checks(graph: str, precision: str, accuracy, labels: list[dict], runn
                     "passed": all(s["passed"] for s in steps),
                     "rel_err": worst["rel_err"], "max_abs_err": worst["max_abs_err"],
                     "max_abs_ref": worst["max_abs_ref"], "worst_step": worst["step"],
+                    **({"cosine": worst.get("cosine")} if tol.metric == "cosine" else {}),
                     "worst_output": worst["output"], "steps": steps,
                 })
     return checks
@@ -321,20 +401,6 @@ def _badness(fig: dict) -> float:
 
 
 # ---- runners ----------------------------------------------------------------------------------------
-_TRT_PLUGINS_REGISTERED = False
-
-
-def _register_trt_plugins() -> None:
-    global _TRT_PLUGINS_REGISTERED
-    if not _TRT_PLUGINS_REGISTERED:
-        from plugins.latent_attention.tensorrt import register as register_attention
-        from plugins.moe_dispatch.tensorrt import register as register_moe
-
-        register_attention()
-        register_moe()
-        _TRT_PLUGINS_REGISTERED = True
-
-
 def tensorrt_available() -> tuple[bool, str]:
     try:
         from engines.trt import require_tensorrt
@@ -345,44 +411,13 @@ def tensorrt_available() -> tuple[bool, str]:
     return True, ""
 
 
-def _shape_ranges(feeds: list[dict]) -> dict[str, tuple]:
-    ranges = {}
-    for f in feeds:
-        for name, arr in f.items():
-            lo, hi = ranges.get(name, (arr.shape, arr.shape))
-            ranges[name] = (tuple(map(min, lo, arr.shape)), tuple(map(max, hi, arr.shape)))
-    return ranges
-
-
 def _trt_runner(build_dir: Path, graph: str, feeds: list[dict], name: str):
-    """TensorRT through Polygraphy: a saved engine (model.engine / model.plan) when the build has one,
-    else one built here from the ONNX (strongly typed, plugins registered, one profile spanning the
-    verification shapes). The engine is built once, on first activation."""
-    from polygraphy.backend.common import BytesFromPath
-    from polygraphy.backend.trt import (CreateConfig, EngineFromBytes, EngineFromNetwork, NetworkFromOnnxPath,
-                                        Profile, TrtRunner)
+    """TensorRT through Polygraphy's TrtRunner (engines.trt.polygraphy_runner): the build's saved plan
+    when it has one, else an engine built here from the ONNX; each feed runs in the optimization
+    profile its shapes fit (prefill or decode)."""
+    from engines.trt import polygraphy_runner
 
-    stem = graph[: -len(".onnx")]
-    _register_trt_plugins()
-    for suffix in (".engine", ".plan"):
-        saved = build_dir / f"{stem}{suffix}"
-        if saved.is_file():
-            loader = EngineFromBytes(BytesFromPath(str(saved)))
-            break
-    else:
-        profile = Profile()
-        for inp, (lo, hi) in _shape_ranges(feeds).items():
-            profile.add(inp, min=lo, opt=hi, max=hi)
-        loader = EngineFromNetwork(NetworkFromOnnxPath(str(build_dir / graph), strongly_typed=True),
-                                   config=CreateConfig(profiles=[profile]))
-    cache = {}
-
-    def engine():
-        if "engine" not in cache:
-            cache["engine"] = loader()
-        return cache["engine"]
-
-    return TrtRunner(engine, name=name)
+    return polygraphy_runner(build_dir, graph, name=name, feeds=feeds)
 
 
 def _ort_engine_loader(build_dir: Path, graph: str, providers: list[str]):
@@ -487,7 +522,12 @@ def check_summary(check: dict) -> tuple[str, str, str]:
     if check["kind"] == "greedy":
         return (f"greedy {check['tokens']} tokens", f"{min(check['matching_prefix'])}/{check['tokens']} agree",
                 f">= {check['tolerance']:.0%}")
+    if check["kind"] == "lm":
+        op = "<=" if check["metric"] == "lm_kl" else ">="
+        return check["name"].rsplit(" [", 1)[0], _fmt(check["value"], ".4g"), f"{op} {check['tolerance']:g}"
     what = f"{check['graph'].removesuffix('.onnx')} {check.get('output', '')}".strip()
+    if check.get("metric") == "cosine" and check["kind"] == "outputs":
+        return what, f"cos {_fmt(check.get('cosine'), '.5f')} @ step {check['worst_step']}", f">= {check['tolerance']:g}"
     if check["kind"] == "error":
         error = check.get("error", "error")
         return check["name"].rsplit(" [", 1)[0], error if len(error) <= 60 else error[:59] + "…", ""
@@ -519,7 +559,7 @@ def write_plot(checks: list[dict], path: Path) -> Path | None:
             line, marker = styles[runners.index(c["runner"]) % len(styles)]
             ax.plot(xs, ys, linestyle=line, marker=marker, markersize=4,
                     color=colors[groups.index(c["output"]) % len(colors)], label=f"{c['output']} [{c['runner']}]")
-            tols.add(c["tolerance"])
+            tols.add(1.0 - c["tolerance"] if c.get("metric") == "cosine" else c["tolerance"])
         for tol in sorted(tols):
             ax.axhline(tol, color="red", linewidth=1.2, label=f"tolerance {tol:.0e}")
         ax.set_yscale("log")
@@ -527,7 +567,8 @@ def write_plot(checks: list[dict], path: Path) -> Path | None:
         ax.set_xlabel("step (0 = prefill, then decode)")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7, loc="best")
-    axes[0][0].set_ylabel("max|engine - ref| / max|ref|")
+    axes[0][0].set_ylabel("1 - cosine" if any(c.get("metric") == "cosine" for c in outputs)
+                          else "max|engine - ref| / max|ref|")
     fig.suptitle("relative error per step vs the PyTorch reference")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -566,8 +607,8 @@ def write_markdown(report: dict, path: Path, plot: Path | None) -> None:
 # ---- the entry point --------------------------------------------------------------------------------
 def verify(build_dir: str | Path, source=None, *, precision: str = "fp32", reporter=None, decode_steps: int = 8,
            greedy_tokens: int = 32, backends: Sequence[str] | None = None, providers: Sequence[str] | None = None,
-           batch: int = 2, prompt_len: int = 12, seed: int = 0, report_dir: str | Path | None = None
-           ) -> dict[str, Any]:
+           batch: int = 2, prompt_len: int = 12, seed: int = 0, report_dir: str | Path | None = None,
+           quantization: dict | None = None) -> dict[str, Any]:
     """Compare the build's graphs/engines with the reference made from `source` (an open weight
     source, a checkpoint dir or a preset name; None: the one the manifest names). Writes
     report.json, report.md and error_per_step.png to `report_dir` (default BUILD_DIR/verify; there,
@@ -612,6 +653,10 @@ def verify(build_dir: str | Path, source=None, *, precision: str = "fp32", repor
             skipped.append({"runner": "ort", "reason": "engines.ort is not available"})
     if "trt" in backends:
         ok, why = tensorrt_available()
+        if ok and not explicit and not (build_dir / "model.plan").is_file():
+            # An ORT build's graph may be lowered to ONNX Runtime-only ops; building an engine from it
+            # is for an explicit --backend trt.
+            ok, why = False, "the build has no TensorRT plan (model.plan); --backend trt builds one from the ONNX"
         if not ok:
             if explicit:
                 raise ExportError(f"verify backend trt: {why}")
@@ -691,6 +736,17 @@ def verify(build_dir: str | Path, source=None, *, precision: str = "fp32", repor
                                "graph": "model.onnx", "runner": backend, "passed": False,
                                "error": _one_line(e)})
         reporter.done("verify: greedy continuations")
+
+        from .lm_eval import lm_checks
+
+        if quantization is None:
+            quantization = (read_manifest(build_dir) or {}).get("quantization")
+        advance = reporter.stage("verify: language-model figures on real text", total=len(backends) + 1)
+        checks += lm_checks(build_dir, source, model, precision, backends,
+                            lambda b: _runners(build_dir, "model.onnx", [b], providers, feeds)[0][1],
+                            _empty_past(io, 1), lambda key: tolerance_for(precision, key),
+                            quantization=quantization, advance=advance)
+        reporter.done("verify: language-model figures on real text")
 
     reporter.stage("verify: writing the report")
     in_build = report_dir is None or Path(report_dir).resolve() == (build_dir / REPORT_DIR).resolve()

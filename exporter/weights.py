@@ -12,7 +12,8 @@ import math
 import torch
 
 from . import names
-from .checkpoint import dequantize_blocks, quantize_blocks
+from .checkpoint import FP8_DTYPE, dequantize_blocks, quantize_blocks
+from .precision import FP8_BLOCK
 from .config import ModelConfig
 from .errors import CheckpointError
 from .model import Linear, Transformer, rope_inv_freq
@@ -76,26 +77,101 @@ class RandomWeights:
         return w
 
 
+def resolve(source, fqn: str) -> tuple[str, str]:
+    """Where a model parameter comes from: (checkpoint layer prefix "layers.N", rest) for a decoder
+    block's parameter (MTP blocks included), ("", checkpoint name) for any other."""
+    cfg = source.config
+    parts = fqn.split(".")
+    if parts[0] == "layers":
+        return f"layers.{parts[1]}", ".".join(parts[2:])
+    if parts[0] == "mtp":
+        p, rest = f"layers.{cfg.n_layers + int(parts[1])}", ".".join(parts[2:])
+        if rest.startswith("block."):
+            return p, rest[len("block."):]
+        head = f"{p}.shared_head.head.weight"
+        return "", {"norm.weight": f"{p}.shared_head.norm.weight",
+                    "head.weight": head if head in source else "head.weight"}.get(rest, f"{p}.{rest}")
+    return "", fqn
+
+
 def source_tensor(source, fqn: str, dtype: torch.dtype, keep_fp8: bool = False):
     """The value of the model parameter `fqn` (its name in `Transformer`), made from the source's
     canonical tensors: W_UK / W_UV cut from wkv_b, experts stacked, FP8 dequantized (or, with
     keep_fp8, returned as (fp8 weight, scale)). The one mapping the reference loader and the ONNX
     weight attachment share."""
-    cfg = source.config
     if fqn == "inv_freq":
-        return rope_inv_freq(cfg)
-    parts = fqn.split(".")
-    if parts[0] == "layers":
-        return _block_tensor(source, f"layers.{parts[1]}", ".".join(parts[2:]), dtype, keep_fp8)
-    if parts[0] == "mtp":
-        p, rest = f"layers.{cfg.n_layers + int(parts[1])}", ".".join(parts[2:])
-        if rest.startswith("block."):
-            return _block_tensor(source, p, rest[len("block."):], dtype, keep_fp8)
-        head = f"{p}.shared_head.head.weight"
-        name = {"norm.weight": f"{p}.shared_head.norm.weight",
-                "head.weight": head if head in source else "head.weight"}.get(rest, f"{p}.{rest}")
-        return _tensor(source, name, dtype, keep_fp8)
-    return _tensor(source, fqn, dtype, keep_fp8)
+        return rope_inv_freq(source.config)
+    prefix, rest = resolve(source, fqn)
+    if prefix:
+        return _block_tensor(source, prefix, rest, dtype, keep_fp8)
+    return _tensor(source, rest, dtype, keep_fp8)
+
+
+def source_fp8(source, fqn: str):
+    """A matmul weight of the graph in DeepSeek's FP8 form, through the same mapping: the stored
+    E4M3 bytes and scales when the checkpoint has them (bit for bit), else `quantize_blocks` of the
+    dense weight. Returns (q, scale):
+
+    - a Linear weight [out, in]: scale per row and 128-column block, [out, ceil(in/128)] (the
+      128x128 block scale repeated along the output axis);
+    - attn.w_uk / attn.w_uv [H, d, r], cut from wkv_b: row scales [H, d, ceil(r/128)] (a head's rows
+      need not start on a block);
+    - ffn.w_gate_up [E, 2*Ip, D] / ffn.w_down [E, D, Ip]: 128x128 block scales [E, 2*Ip/128,
+      ceil(D/128)] / [E, ceil(D/128), Ip/128], the inner dim I zero-padded to Ip = a multiple of 128
+      so that gate and up rows each start on a block (exact: padded rows and columns are 0).
+    """
+    cfg = source.config
+    prefix, rest = resolve(source, fqn)
+    if prefix and rest in ("attn.w_uk", "attn.w_uv"):
+        q, scale = _fp8(source, f"{prefix}.attn.wkv_b.weight")
+        dn, dv = cfg.qk_nope_head_dim, cfg.v_head_dim
+        rows = _row_scales(scale, q.shape[0]).view(cfg.n_heads, dn + dv, -1)
+        q = q.view(cfg.n_heads, dn + dv, cfg.kv_lora_rank)
+        part = slice(0, dn) if rest == "attn.w_uk" else slice(dn, dn + dv)
+        return q[:, part].contiguous(), rows[:, part].contiguous()
+    if prefix and rest in ("ffn.w_gate_up", "ffn.w_down"):
+        return _fp8_experts(source, prefix, rest)
+    q, scale = _fp8(source, f"{prefix}.{rest}" if prefix else rest)
+    return q, _row_scales(scale, q.shape[0])
+
+
+def _row_scales(scale: torch.Tensor, rows: int) -> torch.Tensor:
+    return scale.repeat_interleave(FP8_BLOCK, 0)[:rows].contiguous()
+
+
+def _fp8(source, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if name not in source:
+        raise CheckpointError(f"tensor {name!r} missing")
+    if source.is_fp8(name):
+        if tuple(source.block) != (FP8_BLOCK, FP8_BLOCK):
+            raise CheckpointError(f"{name}: FP8 blocks of {source.block[0]}x{source.block[1]}; --precision fp8 "
+                                  f"keeps DeepSeek's {FP8_BLOCK}x{FP8_BLOCK} blocks only (build fp32 or int8 instead)")
+        return source.get(name), source.get(name[: -len("weight")] + "scale").float()
+    return quantize_blocks(source.get(name).float(), (FP8_BLOCK, FP8_BLOCK))
+
+
+def _fp8_experts(source, p: str, rest: str) -> tuple[torch.Tensor, torch.Tensor]:
+    cfg = source.config
+    n_e, inter, d = cfg.n_routed_experts, cfg.moe_inter_dim, cfg.dim
+    padded = -(-inter // FP8_BLOCK) * FP8_BLOCK
+    nb_i, nb_d = padded // FP8_BLOCK, -(-d // FP8_BLOCK)
+    if rest == "ffn.w_gate_up":
+        q = torch.zeros(n_e, 2 * padded, d, dtype=torch.uint8).view(FP8_DTYPE)
+        scale = torch.zeros(n_e, 2 * nb_i, nb_d)
+    else:
+        q = torch.zeros(n_e, d, padded, dtype=torch.uint8).view(FP8_DTYPE)
+        scale = torch.zeros(n_e, nb_d, nb_i)
+    for e in range(n_e):
+        if rest == "ffn.w_gate_up":
+            for j, w in enumerate(("w1", "w3")):  # gate rows, then up rows, each from a block boundary
+                qe, se = _fp8(source, f"{p}.ffn.experts.{e}.{w}.weight")
+                q[e, j * padded: j * padded + inter] = qe
+                scale[e, j * nb_i: j * nb_i + se.shape[0]] = se
+        else:
+            qe, se = _fp8(source, f"{p}.ffn.experts.{e}.w2.weight")
+            q[e, :, :inter] = qe
+            scale[e, :, : se.shape[1]] = se
+    return q, scale
 
 
 def _block_tensor(source, p: str, rest: str, dtype: torch.dtype, keep_fp8: bool):

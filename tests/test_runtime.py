@@ -13,6 +13,7 @@ from click.testing import CliRunner
 import engines
 from exporter.cli import main
 from exporter.errors import ExportError
+from conftest import assert_clean_error
 
 PROMPT = [0, 17, 301, 42, 9, 255, 77]
 
@@ -42,15 +43,6 @@ def copy_build(tiny_build, tmp_path):
 
 def cli(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def assert_clean_error(result, *needles):
-    assert result.exit_code == 1, result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    assert "Traceback" not in result.output
-    for n in needles:
-        assert n in lines[0], lines[0]
 
 
 # ---- loading ----------------------------------------------------------------------------------------
@@ -182,7 +174,7 @@ def test_text_prompts(engine):
     (dict(prompt=[0, 1], temperature=-1.0), "temperature"),
     (dict(prompt=[0, 1], top_p=0.0), "top_p"),
     (dict(prompt=[0, 1], top_k=-2), "top_k"),
-    (dict(prompt=[0, 1], speculative=True), "not yet"),
+    (dict(prompt=[[0, 1], [0, 2]], speculative=True), "batch 1"),
     (dict(prompt=3.5), "prompt"),
 ])
 def test_bad_generate_arguments(engine, kwargs, match):
@@ -225,7 +217,7 @@ def test_cli_run_ids_without_tokenizer(engine, copy_build):
     (["--ids", ""], "empty prompt"),
     (["--ids", "1,x"], "--ids"),
     (["--ids", "0,1", "--max-new-tokens", "2000"], "max_seq_len"),
-    (["--prompt", "hi", "--speculative"], "not yet"),
+    (["--prompt", "hi", "--speculative", "--max-new-tokens", "2000"], "max_seq_len"),
     (["--prompt", "hi", "--backend", "trt"], "TensorRT"),
     (["--prompt", "hi", "--ids", "1"], "exactly one"),
     (["--prompt", "hi", "--top-p", "1.5"], "top_p"),

@@ -91,7 +91,7 @@ def test_unloadable_engine_fails(verified, tmp_path):
     result = verify(broken, "tiny", decode_steps=1, greedy_tokens=2, backends=["ort"])
     assert not result["passed"]
     failed = {c["name"] for c in result["checks"] if not c["passed"]}
-    assert failed == {"model.onnx run [ort]", "greedy 2 tokens [ort]"}
+    assert failed == {"model.onnx run [ort]", "greedy 2 tokens [ort]", "lm text [ort]"}
     assert all("model.ort.onnx" in c["error"] for c in result["checks"] if not c["passed"])
 
 

@@ -19,7 +19,9 @@ def cleanup(model: ir.Model) -> ir.Model:
     # none is read (a lazy weight read here would cost a full pass over the checkpoint).
     hidden = {}
     for name, value in model.graph.initializers.items():
-        if value.const_value is not None and value.const_value.size > FOLD_LIMIT:
+        # Quantized weights and scales (passes/quantize.py) too, whatever their size: folding a
+        # DequantizeLinear of a small one would turn it back into floats.
+        if value.const_value is not None and (value.const_value.size > FOLD_LIMIT or value.meta.get("dsv3.quantized")):
             hidden[name], value.const_value = value.const_value, None
     quiet = [logging.getLogger(n) for n in ("onnx_ir", "onnxscript")]
     levels = [lg.level for lg in quiet]

@@ -39,8 +39,41 @@ def MoEDispatch(x, topk_idx, topk_weight, w_gate_up, w_down, plugin_namespace: s
     return y
 
 
+# MoEDispatchFP8: each [E, rows, cols] E4M3 weight is dequantized by DequantizeLinear with
+# block_size=128 along cols, its [E, ceil(rows/128), ceil(cols/128)] scale first repeated 128 times
+# along rows; then the body above. Dense over experts, like MoEDispatch's body.
+@onnxscript.script(dsv3, default_opset=op)
+def MoEDispatchFP8(x, topk_idx, topk_weight, w_gate_up, w_down, w_gate_up_scale, w_down_scale, plugin_namespace: str = PLUGIN_NAMESPACE, plugin_version: str = PLUGIN_VERSION):
+    block = op.Constant(value_ints=[128])
+    gs_shape = op.Concat(op.Shape(w_gate_up_scale, start=0, end=2), block, op.Shape(w_gate_up_scale, start=2, end=3), axis=0)
+    gs_rows = op.Concat(op.Shape(w_gate_up_scale, start=0, end=1), op.Constant(value_ints=[-1]), op.Shape(w_gate_up_scale, start=2, end=3), axis=0)
+    gs = op.Reshape(op.Expand(op.Unsqueeze(w_gate_up_scale, [2]), gs_shape), gs_rows)
+    gs = op.Slice(gs, op.Constant(value_ints=[0]), op.Shape(w_gate_up, start=1, end=2), op.Constant(value_ints=[1]))
+    wgu = op.CastLike(op.DequantizeLinear(w_gate_up, gs, axis=2, block_size=128), x)
+    ds_shape = op.Concat(op.Shape(w_down_scale, start=0, end=2), block, op.Shape(w_down_scale, start=2, end=3), axis=0)
+    ds_rows = op.Concat(op.Shape(w_down_scale, start=0, end=1), op.Constant(value_ints=[-1]), op.Shape(w_down_scale, start=2, end=3), axis=0)
+    ds = op.Reshape(op.Expand(op.Unsqueeze(w_down_scale, [2]), ds_shape), ds_rows)
+    ds = op.Slice(ds, op.Constant(value_ints=[0]), op.Shape(w_down, start=1, end=2), op.Constant(value_ints=[1]))
+    wd = op.CastLike(op.DequantizeLinear(w_down, ds, axis=2, block_size=128), x)
+
+    gate_up = op.MatMul(x, op.Transpose(wgu, perm=[0, 2, 1]))
+    gate, up = op.Split(gate_up, axis=-1, num_outputs=2)
+    h = op.Mul(op.Mul(gate, op.Sigmoid(gate)), up)
+    y_e = op.MatMul(h, op.Transpose(wd, perm=[0, 2, 1]))
+    n_e = op.Concat(op.Shape(x, start=0, end=1), op.Shape(w_down, start=0, end=1), axis=0)
+    zeros = op.ConstantOfShape(n_e)
+    route = op.ScatterElements(zeros, topk_idx, op.Cast(topk_weight, to=onnx.TensorProto.FLOAT), axis=1, reduction="add")
+    route = op.Unsqueeze(op.Transpose(op.CastLike(route, x), perm=[1, 0]), [2])
+    y = op.ReduceSum(op.Mul(y_e, route), [0], keepdims=0)
+    return y
+
+
 def function_proto() -> onnx.FunctionProto:
     return MoEDispatch.to_function_proto()
+
+
+def fp8_function_proto() -> onnx.FunctionProto:
+    return MoEDispatchFP8.to_function_proto()
 
 
 def make_node(x: str, topk_idx: str, topk_weight: str, w_gate_up: str, w_down: str, y: str, *, name: str | None = None) -> onnx.NodeProto:
@@ -60,6 +93,17 @@ def register_schema() -> None:
     register(spec.OP_NAME,
              [("x", "T"), ("topk_idx", "I"), ("topk_weight", "T"), ("w_gate_up", "T"), ("w_down", "T")],
              [("y", "T")], [("T", _FLOATS, ""), ("I", ["tensor(int64)"], "")],
+             {"plugin_namespace": PLUGIN_NAMESPACE, "plugin_version": PLUGIN_VERSION})
+
+
+def register_fp8_schema() -> None:
+    from plugins import register_schema as register
+
+    register(spec.FP8_OP_NAME,
+             [("x", "T"), ("topk_idx", "I"), ("topk_weight", "T"), ("w_gate_up", "F8"), ("w_down", "F8"),
+              ("w_gate_up_scale", "S"), ("w_down_scale", "S")],
+             [("y", "T")], [("T", _FLOATS, ""), ("I", ["tensor(int64)"], ""), ("F8", ["tensor(float8e4m3fn)"], ""),
+                            ("S", ["tensor(float)"], "")],
              {"plugin_namespace": PLUGIN_NAMESPACE, "plugin_version": PLUGIN_VERSION})
 
 

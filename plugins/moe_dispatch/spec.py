@@ -5,6 +5,16 @@
 
     y[n] = sum_j topk_weight[n,j] * w_down[e] @ (silu(gate_e x_n) * up_e x_n),
     e = topk_idx[n,j], gate_e = w_gate_up[e,:I], up_e = w_gate_up[e,I:].
+
+MoEDispatchFP8 (docs/precision.md): the same op with E4M3 expert weights and their float32 scales
+per 128x128 block, two more inputs; a separate op type because TensorRT plugins have a fixed
+number of inputs:
+
+    ..., w_gate_up [E,2I,D] fp8, w_down [E,D,I] fp8,
+    w_gate_up_scale [E,ceil(2I/128),ceil(D/128)], w_down_scale [E,ceil(D/128),ceil(I/128)]
+
+    w[e,r,c] = float(w_fp8[e,r,c]) * scale[e, r // 128, c // 128]; activations are not quantized
+    inside the op (the Triton kernel widens the weight tiles to x's dtype).
 """
 
 from plugins import DOMAIN, PLUGIN_NAMESPACE, PLUGIN_VERSION
@@ -12,9 +22,11 @@ from plugins import DOMAIN, PLUGIN_NAMESPACE, PLUGIN_VERSION
 OP_NAME = "MoEDispatch"
 OP_DOMAIN = DOMAIN
 INPUTS = ("x", "topk_idx", "topk_weight", "w_gate_up", "w_down")
-# FP8 variant (not implemented yet): appends the 128x128 block scales of the
-# expert weights as inputs, in this order, after INPUTS.
+# FP8 variant: the 128x128 block scales of the expert weights as inputs, in this order, after INPUTS.
+FP8_OP_NAME = "MoEDispatchFP8"
 FP8_SCALE_INPUTS = ("w_gate_up_scale", "w_down_scale")
+FP8_INPUTS = INPUTS + FP8_SCALE_INPUTS
+FP8_BLOCK = 128
 OUTPUTS = ("y",)
 ATTRIBUTES = {
     "plugin_namespace": PLUGIN_NAMESPACE,
@@ -78,3 +90,24 @@ def validate(x, topk_idx, topk_weight, w_gate_up, w_down) -> None:
     e = w_gate_up.shape[0]
     if topk_idx.shape[0] * topk_idx.shape[1] and not (0 <= int(topk_idx.min()) and int(topk_idx.max()) < e):
         raise ValueError(f"MoEDispatch: topk_idx values must lie in [0, E={e}), got [{int(topk_idx.min())}, {int(topk_idx.max())}]")
+
+
+def fp8_scale_shape(weight_shape) -> tuple:
+    """[E, ceil(rows/128), ceil(cols/128)] for an [E, rows, cols] weight."""
+    e, rows, cols = weight_shape
+    return (e, -(-rows // FP8_BLOCK), -(-cols // FP8_BLOCK))
+
+
+def validate_fp8(x, topk_idx, topk_weight, w_gate_up, w_down, w_gate_up_scale, w_down_scale) -> None:
+    """MoEDispatchFP8's inputs: the float contract with E4M3 weights and float32 block scales."""
+    validate_shapes(*(tuple(t.shape) for t in (x, topk_idx, topk_weight, w_gate_up, w_down)))
+    name = lambda t: str(t.dtype).removeprefix("torch.")  # noqa: E731
+    for label, w, s in (("w_gate_up", w_gate_up, w_gate_up_scale), ("w_down", w_down, w_down_scale)):
+        if name(w) != "float8_e4m3fn":
+            raise ValueError(f"MoEDispatchFP8: {label} must be float8_e4m3fn, got {name(w)}")
+        if name(s) != "float32":
+            raise ValueError(f"MoEDispatchFP8: {label}_scale must be float32, got {name(s)}")
+        want = fp8_scale_shape(tuple(w.shape))
+        if tuple(s.shape) != want:
+            raise ValueError(f"MoEDispatchFP8: {label}_scale must have shape {want} (128x128 blocks of "
+                             f"{label} {tuple(w.shape)}), got {tuple(s.shape)}")

@@ -8,8 +8,8 @@ at run time. Importing the module needs neither TensorRT nor a GPU.
 
 FP8: a tensorrt.plugin op has a fixed number of inputs (no optional ones), so
 the FP8 form with its two block-scale inputs (spec.FP8_SCALE_INPUTS) is a
-second op, FP8_OP_NAME, with seven inputs. The exporter must emit that op type
-for FP8 experts (open point: spec.py keeps one name for both).
+second op, spec.FP8_OP_NAME, with seven inputs; the quantize pass emits that op
+type for FP8 experts (exporter/passes/quantize.py).
 
 No `from __future__ import annotations` here: tensorrt.plugin inspects the
 annotations as classes.
@@ -22,7 +22,7 @@ from plugins.moe_dispatch import spec
 from plugins.trt_common import Registration, as_torch, import_trtp
 
 PLUGIN_ID = f"{PLUGIN_NAMESPACE}::{spec.OP_NAME}"
-FP8_OP_NAME = f"{spec.OP_NAME}FP8"
+FP8_OP_NAME = spec.FP8_OP_NAME
 FP8_PLUGIN_ID = f"{PLUGIN_NAMESPACE}::{FP8_OP_NAME}"
 ATTRIBUTE_TYPES: dict = {}  # only plugin_namespace / plugin_version, which TensorRT does not forward
 _state = Registration(PLUGIN_ID)
