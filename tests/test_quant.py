@@ -24,19 +24,13 @@ FQN = "layers.0.attn.wo.weight"  # [dim, n_heads * v_head_dim]
 
 def test_quantize_int_partial_blocks():
     w = torch.randn(3, 200)
-    q, s = quantize_int(w, 8, 128)
+    q, s = quantize_int(w, 4, 128)
     assert q.dtype == torch.int8 and q.shape == (3, 200) and s.shape == (3, 2)
-    assert int(q.abs().max()) <= 127
+    assert int(q.abs().max()) <= 7
     # the partial block (72 columns) has its own scale, from its own values
-    assert torch.allclose(s[:, 1], w[:, 128:].abs().amax(-1) / 127)
+    assert torch.allclose(s[:, 1], w[:, 128:].abs().amax(-1) / 7)
     err = (dequantize_int(q, s, 128) - w).abs()
     assert (err <= s.repeat_interleave(128, -1)[:, :200] / 2 + 1e-6).all()  # round to nearest
-    # 4 bits: the scale with the least squared error among clipped ones, never worse than amax/7
-    q4, s4 = quantize_int(w, 4, 128)
-    assert int(q4.abs().max()) <= 7 and (s4 <= torch.stack([w[:, :128], F.pad(w[:, 128:], (0, 56))], 1).abs().amax(-1) / 7 + 1e-7).all()
-    plain = torch.stack([w[:, :128], F.pad(w[:, 128:], (0, 56))], 1).abs().amax(-1) / 7
-    rtn = dequantize_int(torch.round(w / plain.repeat_interleave(128, -1)[:, :200]).clamp(-7, 7), plain, 128)
-    assert (dequantize_int(q4, s4, 128) - w).square().sum() <= (rtn - w).square().sum() + 1e-9
     q8, s8 = quantize_int(w, 8, 0)  # per output channel
     assert s8.shape == (3, 1) and torch.allclose(dequantize_int(q8, s8, 0), w, atol=float(s8.max()) / 2 + 1e-6)
 
