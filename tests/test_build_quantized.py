@@ -37,7 +37,7 @@ def test_manifest_records_the_policy(int4_build):
     t = q["tensors"]
     assert t["embed.weight"].startswith("int8 per row") and t["head.weight"].startswith("int4")
     assert t["layers.1.ffn.w_down"] == "int4 blocks of 32; QMoE" and t["layers.1.ffn.gate.weight"].startswith("int4")
-    assert t["layers.0.attn.w_uk"] == "int4 blocks of 128, weight-only (DequantizeLinear -> Einsum)"
+    assert t["layers.0.attn.w_uk"] == "int8 per row, weight-only (DequantizeLinear -> Einsum)"
     assert sum(q["counts"].values()) == len(t)
 
 

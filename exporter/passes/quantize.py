@@ -273,18 +273,20 @@ class _Quantizer:
             how = "fp8 e4m3, wkv_b's 128x128 blocks (row scales); activations float (as DeepSeek absorbs)"
         else:
             # Per-head [H, d, r] weights: no integer kernel takes a batched weight, so weight-only
-            # DequantizeLinear (blocks along r) feeding the Einsum, in every integer precision.
+            # DequantizeLinear feeding the Einsum, in every integer precision. One scale per (h, d)
+            # row, stored 2-D [H*d, r] for a per-axis DequantizeLinear: ORT's blocked one is 8x slower
+            # (0.7 vs 0.085 ms for 256k weights, measured), and it runs on every call.
             s = self.scheme
-            bits, block = s.bits, s.block
+            bits = 8  # exporter.quant.quantized_int: einsum weights are 8-bit in every integer precision
             shape = tuple(int(d) for d in value.shape)
-            nb = -(-shape[-1] // block) if block else 1
-            make = lambda: _int_rows(quantized_int(self.source, fqn, s, block), bits)  # noqa: E731
+            rows = shape[0] * shape[1]
+            make = lambda: _int_flat(quantized_int(self.source, fqn, s, 0), bits)  # noqa: E731
             dtype = ir.DataType.INT4 if bits == 4 else ir.DataType.INT8
-            wq = self.lazy(f"{value.name}_q", fqn, 2, make, 0, shape, dtype)
-            ws = self.lazy(f"{value.name}_scale", fqn, 2, make, 1, shape[:-1] + (nb,), ir.DataType.FLOAT)
-            w = self.op("DequantizeLinear", [wq, ws], {"axis": 2, "block_size": block or shape[-1]})
-            grain = f"blocks of {block}" if block else "per row"
-            how = f"int{bits} {grain}, weight-only (DequantizeLinear -> Einsum)"
+            wq = self.lazy(f"{value.name}_q", fqn, 2, make, 0, (rows, shape[-1]), dtype)
+            ws = self.lazy(f"{value.name}_scale", fqn, 2, make, 1, (rows,), ir.DataType.FLOAT)
+            w = self.op("Reshape", [self.op("DequantizeLinear", [wq, ws], {"axis": 0}),
+                                    self.const(np.array(shape, np.int64), "shape")])
+            how = f"int{bits} per row, weight-only (DequantizeLinear -> Einsum)"
         for node, index in list(uses):
             node.replace_input_with(index, w)
         return how
@@ -411,6 +413,13 @@ def _int_kn(qs, bits: int = 8, per_channel: bool = False, offset: bool = False):
 def _nbits(qs, bits: int, block: int):
     q, scale = qs
     return matmulnbits_blob(q, bits, block), scale.reshape(-1).numpy()
+
+
+def _int_flat(qs, bits: int):
+    """[H, d, r] q and [H, d, 1] scales -> [H*d, r] and [H*d]."""
+    q, scale = qs
+    q = q.reshape(-1, q.shape[-1])
+    return (onnx_int4(q) if bits == 4 else q.numpy()), scale.reshape(-1).numpy()
 
 
 def _int_rows(qs, bits: int):
