@@ -106,7 +106,8 @@ def _moe_with_shared_native(op, x, topk_idx, topk_weight, w_gate_up, w_down, w1,
     gu.meta["dsv3.interleaved"] = True
     k = topk_idx.shape[1]
     rows = op.Shape(x, start=0, end=1)
-    neg_inf = op.ConstantOfShape(op.Concat(rows, op.Shape(w_down, start=0, end=1), axis=0),
+    # E as a constant: a Shape of the old w_down would keep that weight in the file
+    neg_inf = op.ConstantOfShape(op.Concat(rows, op.Constant(value_ints=[e - n]), axis=0),
                                  value=ir.tensor(np.array([-np.inf], np.float32)))
     always = op.ConstantOfShape(op.Concat(rows, op.Constant(value_ints=[n]), axis=0),
                                 value=ir.tensor(np.array([0.0], np.float32)))  # log(1)

@@ -166,6 +166,7 @@ def test_moe_with_shared_experts_to_one_moe(n_shared):
 
     lowered_graph = lower_ort(plugin_attrs(graph())).graph
     assert not any(n.op_type == "Gemm" for n in lowered_graph)
+    assert sorted(lowered_graph.initializers) == ["w_down.with_shared", "w_gate_up.with_shared"]  # no stale copy
     moe = next(n for n in lowered_graph if n.op_type == "MoE")
     assert moe.attributes["k"].as_int() == k + n_shared and moe.inputs[2].shape[0] == e + n_shared
     body, lowered = _sessions(graph)
