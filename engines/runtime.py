@@ -171,21 +171,17 @@ def check_generation_args(*, max_new_tokens: int = 1, temperature: float = 0.0, 
         raise ExportError(f"top_p must be in (0, 1], got {top_p}")
 
 
-def sample(logits: np.ndarray, rng: np.random.Generator | None, *, temperature: float = 0.0, top_k: int = 0,
-           top_p: float = 1.0) -> np.ndarray:
-    """Next tokens [B] from last-position logits [B, V]: argmax when temperature == 0; otherwise
-    softmax(logits / temperature) restricted to the top_k most likely (0: all), then to the smallest
-    set whose probability reaches top_p (nucleus), drawn with `rng` (one uniform per row)."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    logits = logits.astype(np.float64, copy=False)
-    batch, vocab = logits.shape
+def ranked_probs(logits: np.ndarray, *, temperature: float, top_k: int = 0,
+                 top_p: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """(candidates [B, n], their probabilities [B, n]) of sampling from logits [B, V] (float64):
+    most likely first, among equals the lower id (as argmax, so top_k=1 is greedy); softmax of
+    logits / temperature over the top_k most likely (0: all), then zero beyond the smallest set
+    whose probability reaches top_p (nucleus), renormalized."""
+    vocab = logits.shape[-1]
     if top_k and top_k < vocab:
         cand = np.argpartition(-logits, top_k - 1, axis=-1)[:, :top_k]
         vals = np.take_along_axis(logits, cand, -1)
-        # Most likely first; among equals the lower id (as argmax), so top_k=1 is greedy.
-        order = np.lexsort((cand, -vals), axis=-1)
-        cand = np.take_along_axis(cand, order, -1)
+        cand = np.take_along_axis(cand, np.lexsort((cand, -vals), axis=-1), -1)
     else:
         cand = np.argsort(-logits, axis=-1, kind="stable")
     z = np.take_along_axis(logits, cand, -1) / temperature
@@ -195,6 +191,18 @@ def sample(logits: np.ndarray, rng: np.random.Generator | None, *, temperature: 
         before = np.cumsum(probs, -1) - probs  # mass of the more likely candidates
         probs = np.where(before < top_p, probs, 0.0)
         probs /= probs.sum(-1, keepdims=True)
+    return cand, probs
+
+
+def sample(logits: np.ndarray, rng: np.random.Generator | None, *, temperature: float = 0.0, top_k: int = 0,
+           top_p: float = 1.0) -> np.ndarray:
+    """Next tokens [B] from last-position logits [B, V]: argmax when temperature == 0; otherwise one
+    draw per row (one uniform each, with `rng`) from `ranked_probs`."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    cand, probs = ranked_probs(logits.astype(np.float64, copy=False), temperature=temperature, top_k=top_k,
+                               top_p=top_p)
+    batch = cand.shape[0]
     cum = np.cumsum(probs, -1)
     u = rng.random(batch)[:, None] * cum[:, -1:]
     pick = np.minimum((cum <= u).sum(-1), cand.shape[1] - 1)

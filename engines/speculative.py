@@ -21,6 +21,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .runtime import ranked_probs
+
 
 def processed_probs(logits: np.ndarray, *, temperature: float, top_k: int = 0, top_p: float = 1.0) -> np.ndarray:
     """The distribution `engines.runtime.sample` draws from, over the whole vocabulary: float64
@@ -37,19 +39,7 @@ def processed_probs(logits: np.ndarray, *, temperature: float, top_k: int = 0, t
         z = flat / temperature
         probs = np.exp(z - z.max(-1, keepdims=True))
         return (probs / probs.sum(-1, keepdims=True)).reshape(shape)
-    if top_k and top_k < vocab:
-        cand = np.argpartition(-flat, top_k - 1, axis=-1)[:, :top_k]
-        vals = np.take_along_axis(flat, cand, -1)
-        order = np.take_along_axis(cand, np.lexsort((cand, -vals), axis=-1), -1)
-    else:  # most likely first; among equals the lower id
-        order = np.argsort(-flat, axis=-1, kind="stable")
-    z = np.take_along_axis(flat, order, -1) / temperature
-    probs = np.exp(z - z[:, :1])
-    probs /= probs.sum(-1, keepdims=True)
-    if top_p < 1.0:
-        before = np.cumsum(probs, -1) - probs  # mass of the more likely candidates
-        probs = np.where(before < top_p, probs, 0.0)
-        probs /= probs.sum(-1, keepdims=True)
+    order, probs = ranked_probs(flat, temperature=temperature, top_k=top_k, top_p=top_p)
     out = np.zeros_like(flat)
     np.put_along_axis(out, order, probs, -1)
     return out.reshape(shape)

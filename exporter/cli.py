@@ -270,7 +270,8 @@ def verify(build_dir, source, seed, decode_steps, greedy_tokens, backends, repor
     from rich.table import Table
 
     from . import open_source
-    from .verify import check_summary, read_manifest, source_from_manifest
+    from .verify import read_manifest, source_from_manifest
+    from .verify_report import check_summary
     from .verify import verify as run_verify
 
     build = Path(build_dir)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import math
 import re
 import time
 from collections import OrderedDict
@@ -36,6 +35,8 @@ from typing import Any, Callable, Sequence
 from polygraphy.backend.base import BaseRunner
 
 from .errors import ExportError
+from .verify_compare import CosineCompare, RelMaxCompare, step_figures
+from .verify_report import write_markdown, write_plot
 
 REPORT_DIR = "verify"
 REPORT_JSON = "report.json"
@@ -44,7 +45,6 @@ PLOT_PNG = "error_per_step.png"
 REFERENCE = "pytorch"
 BACKENDS = ("ort", "graph", "trt")
 CPU = "CPUExecutionProvider"
-PLOT_FLOOR = 1e-12  # exact zeros drawn here on the log axis
 
 
 @dataclass(frozen=True)
@@ -249,88 +249,6 @@ def _step_labels(feeds) -> list[dict]:
 
 
 # ---- comparison -------------------------------------------------------------------------------------
-class RelMaxCompare:
-    """A Comparator compare function: Polygraphy's simple comparison (max statistic, rtol 0) with each
-    output's atol = limit x max|reference output| of this iteration. Each result object also carries
-    `ref_absmax` and `rel_limit` for the report."""
-
-    def __init__(self, limits: dict[str, float]):
-        self.limits = limits
-
-    def __call__(self, ref_result, result):
-        import numpy as np
-
-        absmax = {name: float(np.abs(np.asarray(ref_result[name], dtype=np.float64)).max(initial=0.0))
-                  for name in ref_result.keys() if name in self.limits}
-        atol = {name: self.limits[name] * absmax[name] for name in absmax}
-        if not any(name in result for name in absmax):  # none of the outputs: all fail (Polygraphy would raise)
-            return OrderedDict((name, False) for name in absmax)
-        simple = _simple_compare_func(atol=atol, rtol={"": 0.0}, check_error_stat="max",
-                                      find_output_func=lambda name, index, other: [name] if name in absmax else None)
-        matches = simple(ref_result, result)
-        for name, match in matches.items():
-            if not isinstance(match, bool):
-                match.ref_absmax = absmax.get(name)
-                match.rel_limit = self.limits.get(name)
-        for name in absmax:  # an output the runner did not produce fails (Polygraphy would skip it)
-            if name not in matches:
-                matches[name] = False
-        return matches
-
-
-class CosineMatch:
-    """One output's cosine at one step: truthy when it passes."""
-
-    def __init__(self, cosine: float, limit: float):
-        self.cosine, self.limit = cosine, limit
-
-    def __bool__(self) -> bool:
-        return self.cosine >= self.limit
-
-
-class CosineCompare:
-    """A Comparator compare function: cosine similarity of each output with the reference's
-    (flattened, float64); NaN/inf or a shape mismatch fail."""
-
-    def __init__(self, limits: dict[str, float]):
-        self.limits = limits
-
-    def __call__(self, ref_result, result):
-        import numpy as np
-
-        matches = OrderedDict()
-        for name, limit in self.limits.items():
-            if name not in ref_result.keys():
-                continue
-            if name not in result.keys():
-                matches[name] = False
-                continue
-            r = np.asarray(ref_result[name], np.float64).ravel()
-            e = np.asarray(result[name], np.float64)
-            if e.size != r.size:
-                matches[name] = False
-                continue
-            e = e.ravel()
-            if not np.isfinite(e).all():
-                matches[name] = CosineMatch(float("nan"), limit)
-                continue
-            norm = np.linalg.norm(r) * np.linalg.norm(e)
-            cos = float(r @ e / norm) if norm > 0 else float(np.array_equal(r, e))
-            matches[name] = CosineMatch(cos, limit)
-        return matches
-
-
-def _simple_compare_func(**kw):
-    """Polygraphy's simple comparison: SimpleCompareFunc (>= 0.50), CompareFunc.simple before."""
-    try:
-        from polygraphy.comparator import SimpleCompareFunc
-    except ImportError:
-        from polygraphy.comparator import CompareFunc
-
-        return CompareFunc.simple(**kw)
-    return SimpleCompareFunc(**kw)
-
-
 def _compare_funcs(precision: str, outputs: Sequence[str]) -> list:
     by_metric: dict[str, dict[str, float]] = {}
     for name in outputs:
@@ -347,23 +265,6 @@ def _compare_funcs(precision: str, outputs: Sequence[str]) -> list:
     return funcs
 
 
-def _step_figures(match) -> dict:
-    """Figures of one output at one step, from a compare function's result object."""
-    if isinstance(match, CosineMatch):  # rel_err = 1 - cosine: the worst step sorts and plots the same way
-        ok = match.cosine == match.cosine
-        return {"cosine": match.cosine if ok else None, "rel_err": 1.0 - match.cosine if ok else None,
-                "max_abs_err": None, "max_abs_ref": None, "tolerance": match.limit, "passed": bool(match)}
-    if isinstance(match, bool) or getattr(match, "ref_absmax", None) is None:  # e.g. a shape mismatch
-        return {"max_abs_err": None, "max_abs_ref": None, "rel_err": None, "tolerance": None, "passed": bool(match)}
-    absmax, err = match.ref_absmax, float(match.max_absdiff)
-    if not math.isfinite(err) or not math.isfinite(absmax):  # NaN/inf: no figure (JSON has none), a failure
-        return {"max_abs_err": None, "max_abs_ref": absmax if math.isfinite(absmax) else None, "rel_err": None,
-                "tolerance": match.rel_limit, "passed": False, "note": "non-finite values"}
-    rel = err / absmax if absmax > 0 else (0.0 if err == 0 else float("inf"))
-    return {"max_abs_err": err, "max_abs_ref": absmax, "rel_err": rel if math.isfinite(rel) else None,
-            "tolerance": match.rel_limit, "passed": bool(match)}
-
-
 def _graph_checks(graph: str, precision: str, accuracy, labels: list[dict], runner_names: dict[str, str]) -> list[dict]:
     """One check per (runner, output group); at each step the group's worst output stands for it."""
     checks = []
@@ -375,7 +276,7 @@ def _graph_checks(graph: str, precision: str, accuracy, labels: list[dict], runn
             for label, matches in zip(labels, iterations):
                 per_group: dict[str, list[dict]] = OrderedDict()
                 for out_name, match in matches.items():
-                    fig = {**_step_figures(match), "output": out_name}
+                    fig = {**step_figures(match), "output": out_name}
                     per_group.setdefault(output_group(out_name), []).append(fig)
                 for g, figs in per_group.items():
                     worst = max(figs, key=_badness)
@@ -510,98 +411,6 @@ def _describe_source(source) -> dict:
     if isinstance(source, Checkpoint):
         return {"kind": "checkpoint", "path": str(source.path), "fingerprint": source.fingerprint()}
     return {"kind": "preset", "seed": getattr(source, "seed", None)}
-
-
-# ---- the report -------------------------------------------------------------------------------------
-def _fmt(x, spec=".2e") -> str:
-    return "n/a" if x is None else format(x, spec)
-
-
-def check_summary(check: dict) -> tuple[str, str, str]:
-    """(what, figure, tolerance) strings for a table row, without the runner."""
-    if check["kind"] == "greedy":
-        return (f"greedy {check['tokens']} tokens", f"{min(check['matching_prefix'])}/{check['tokens']} agree",
-                f">= {check['tolerance']:.0%}")
-    if check["kind"] == "lm":
-        op = "<=" if check["metric"] == "lm_kl" else ">="
-        return check["name"].rsplit(" [", 1)[0], _fmt(check["value"], ".4g"), f"{op} {check['tolerance']:g}"
-    what = f"{check['graph'].removesuffix('.onnx')} {check.get('output', '')}".strip()
-    if check.get("metric") == "cosine" and check["kind"] == "outputs":
-        return what, f"cos {_fmt(check.get('cosine'), '.5f')} @ step {check['worst_step']}", f">= {check['tolerance']:g}"
-    if check["kind"] == "error":
-        error = check.get("error", "error")
-        return check["name"].rsplit(" [", 1)[0], error if len(error) <= 60 else error[:59] + "…", ""
-    return what, f"{_fmt(check['rel_err'])} @ step {check['worst_step']}", f"{_fmt(check['tolerance'], '.0e')}"
-
-
-def write_plot(checks: list[dict], path: Path) -> Path | None:
-    """Relative error per step, log scale, one line per (runner, output), one panel per graph, with the
-    tolerance lines. None where matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg", force=True)
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    outputs = [c for c in checks if c["kind"] == "outputs"]
-    graphs = list(OrderedDict.fromkeys(c["graph"] for c in outputs)) or ["model.onnx"]
-    fig, axes = plt.subplots(1, len(graphs), figsize=(6.5 * len(graphs), 4.2), squeeze=False, sharey=True)
-    styles = [("-", "o"), ("--", "x"), (":", "s"), ("-.", "^")]
-    runners = list(OrderedDict.fromkeys(c["runner"] for c in outputs))
-    groups = list(OrderedDict.fromkeys(c["output"] for c in outputs))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, graph in zip(axes[0], graphs):
-        tols = set()
-        for c in (c for c in outputs if c["graph"] == graph):
-            xs = [s["step"] for s in c["steps"] if s["rel_err"] is not None]
-            ys = [max(s["rel_err"], PLOT_FLOOR) for s in c["steps"] if s["rel_err"] is not None]
-            line, marker = styles[runners.index(c["runner"]) % len(styles)]
-            ax.plot(xs, ys, linestyle=line, marker=marker, markersize=4,
-                    color=colors[groups.index(c["output"]) % len(colors)], label=f"{c['output']} [{c['runner']}]")
-            tols.add(1.0 - c["tolerance"] if c.get("metric") == "cosine" else c["tolerance"])
-        for tol in sorted(tols):
-            ax.axhline(tol, color="red", linewidth=1.2, label=f"tolerance {tol:.0e}")
-        ax.set_yscale("log")
-        ax.set_title(graph)
-        ax.set_xlabel("step (0 = prefill, then decode)")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
-    axes[0][0].set_ylabel("1 - cosine" if any(c.get("metric") == "cosine" for c in outputs)
-                          else "max|engine - ref| / max|ref|")
-    fig.suptitle("relative error per step vs the PyTorch reference")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def write_markdown(report: dict, path: Path, plot: Path | None) -> None:
-    verdict = "PASS" if report["passed"] else "FAIL"
-    lines = [
-        f"# Verification: {verdict}", "",
-        f"- precision: {report['precision']}; reference: PyTorch ({report['reference_dtype']})",
-        f"- inputs: batch {report['inputs']['batch']}, prompt {report['inputs']['prompt_len']} tokens, "
-        f"prefill + {report['inputs']['decode_steps']} decode steps (past from the reference), "
-        f"greedy {report['inputs']['greedy_tokens']} tokens",
-        f"- runners: {', '.join(report['runners'])}",
-    ]
-    for s in report["skipped"]:
-        lines.append(f"- skipped {s['runner']}: {s['reason']}")
-    lines += ["", "| check | runner | result | worst error | tolerance |", "|---|---|---|---|---|"]
-    for c in report["checks"]:
-        what, fig, tol = check_summary(c)
-        cells = [what, c.get("runner", ""), "pass" if c["passed"] else "**FAIL**", fig, tol]
-        lines.append("| " + " | ".join(x.replace("|", "\\|") for x in cells) + " |")
-    lines += ["", "Error = max|engine - reference| / max|reference| of each output at a step (the worst step "
-              "shown; worst layer for present_latent.*); tolerance on the same scale. Greedy: tokens equal to "
-              "the reference's from the start, worst row of the batch.", ""]
-    if plot is not None:
-        lines += [f"![relative error per step]({plot.name})", ""]
-    for c in report["checks"]:
-        if c["kind"] == "greedy" and not c["passed"]:
-            lines += [f"{c['name']}: first divergence per row {c['first_divergence']}", ""]
-    path.write_text("\n".join(lines))
 
 
 # ---- the entry point --------------------------------------------------------------------------------
