@@ -87,12 +87,12 @@ def _moe_with_shared_native(op, x, topk_idx, topk_weight, w_gate_up, w_down, w1,
     n = dims(w1)[0] // inter
     routed, down, g, u, d = (v.const_value for v in (w_gate_up, w_down, w1, w3, w2))
 
-    def gate_up() -> ir.Tensor:
+    def gate_up() -> ir.Tensor:  # written in place: peak memory is the routed tensor plus the result
         w = routed.numpy()
-        extra = np.concatenate([g.numpy().reshape(n, inter, -1), u.numpy().reshape(n, inter, -1)], axis=1)
-        both = np.concatenate([w, extra])
-        out = np.empty_like(both)
-        out[:, 0::2], out[:, 1::2] = both[:, :inter], both[:, inter:]
+        out = np.empty((w.shape[0] + n, *w.shape[1:]), w.dtype)
+        out[: w.shape[0], 0::2], out[: w.shape[0], 1::2] = w[:, :inter], w[:, inter:]
+        del w
+        out[-n:, 0::2], out[-n:, 1::2] = g.numpy().reshape(n, inter, -1), u.numpy().reshape(n, inter, -1)
         return ir.Tensor(out, name=f"{w_gate_up.name}.with_shared")
 
     def downs() -> ir.Tensor:
