@@ -36,22 +36,35 @@ def _moe_dispatch(op, x, topk_idx, topk_weight, w_gate_up, w_down):
 def _moe_dispatch_check(context, x, topk_idx, topk_weight, w_gate_up, w_down, **_) -> bool:
     # The gate/up rows are re-laid out at save time: only possible on a weight (an initializer).
     return w_gate_up.is_initializer() and w_gate_up.const_value is not None and topk_idx.shape is not None \
-        and isinstance(topk_idx.shape[1], int)
+        and isinstance(topk_idx.shape[1], int) and dims(w_down) is not None and isinstance(dims(w_down)[0], int)
+
+
+def _ort_moe(op, x, topk_idx, topk_weight, w_gate_up, w_down, routed: int, always: int = 0):
+    """com.microsoft.MoE with DeepSeek's routing kept exact: log(weight) at the selected experts,
+    −inf at the other `routed` ones, log(1) = 0 at the `always` experts stacked after them; the
+    kernel's softmax then gives w/(Σw + always), so the output is scaled back by Σw + always."""
+    rows = op.Shape(x, start=0, end=1)
+    neg_inf = op.ConstantOfShape(op.Concat(rows, op.Constant(value_ints=[routed]), axis=0),
+                                 value=ir.tensor(np.array([-np.inf], np.float32)))
+    router = op.ScatterElements(neg_inf, topk_idx, op.Log(topk_weight), axis=1)
+    total = op.ReduceSum(topk_weight, op.Constant(value_ints=[1]), keepdims=1)
+    if always:
+        zeros = op.ConstantOfShape(op.Concat(rows, op.Constant(value_ints=[always]), axis=0),
+                                   value=ir.tensor(np.array([0.0], np.float32)))
+        router = op.Concat(router, zeros, axis=1)
+        total = op.Add(total, op.Constant(value_float=float(always)))
+    y = op.MoE(x, router, w_gate_up, None, w_down, _domain="com.microsoft", k=topk_idx.shape[1] + always,
+               activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0,
+               normalize_routing_weights=0)
+    # ORT's CPU MoE kernel may write its output over its input x (the kernel allows in-place reuse)
+    # but clears the output before reading x: when MoE is x's last reader the result is zeros.
+    # A later reader of x that is exact (Where with a false condition picks y bit for bit) keeps x alive.
+    return op.Where(op.Constant(value=ir.tensor(np.array(False))), x, op.Mul(y, total))
 
 
 def _moe_native(op, x, topk_idx, topk_weight, w_gate_up, w_down, **_):
     _interleave_gate_up(w_gate_up)
-    k = topk_idx.shape[1]
-    n_e = op.Concat(op.Shape(x, start=0, end=1), op.Shape(w_down, start=0, end=1), axis=0)
-    neg_inf = op.ConstantOfShape(n_e, value=ir.tensor(np.array([-np.inf], np.float32)))
-    router = op.ScatterElements(neg_inf, topk_idx, op.Log(topk_weight), axis=1)
-    y = op.MoE(x, router, w_gate_up, None, w_down, _domain="com.microsoft", k=k, activation_type="swiglu",
-               swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0, normalize_routing_weights=0)
-    y = op.Mul(y, op.ReduceSum(topk_weight, op.Constant(value_ints=[1]), keepdims=1))
-    # ORT's CPU MoE kernel may write its output over its input x (the kernel allows in-place reuse)
-    # but clears the output before reading x: when MoE is x's last reader the result is zeros.
-    # A later reader of x that is exact (Where with a false condition picks y bit for bit) keeps x alive.
-    return op.Where(op.Constant(value=ir.tensor(np.array(False))), x, y)
+    return _ort_moe(op, x, topk_idx, topk_weight, w_gate_up, w_down, routed=dims(w_down)[0])
 
 
 def _moe_with_shared(op, x, topk_idx, topk_weight, w_gate_up, w_down, w1, w3, w2):
@@ -104,18 +117,8 @@ def _moe_with_shared_native(op, x, topk_idx, topk_weight, w_gate_up, w_down, w1,
     gu = op.initializer(ir.LazyTensor(gate_up, dtype=routed.dtype, shape=gu_shape, name=f"{w_gate_up.name}.with_shared"))
     dn = op.initializer(ir.LazyTensor(downs, dtype=down.dtype, shape=down_shape, name=f"{w_down.name}.with_shared"))
     gu.meta["dsv3.interleaved"] = True
-    k = topk_idx.shape[1]
-    rows = op.Shape(x, start=0, end=1)
-    # E as a constant: a Shape of the old w_down would keep that weight in the file
-    neg_inf = op.ConstantOfShape(op.Concat(rows, op.Constant(value_ints=[e - n]), axis=0),
-                                 value=ir.tensor(np.array([-np.inf], np.float32)))
-    always = op.ConstantOfShape(op.Concat(rows, op.Constant(value_ints=[n]), axis=0),
-                                value=ir.tensor(np.array([0.0], np.float32)))  # log(1)
-    router = op.Concat(op.ScatterElements(neg_inf, topk_idx, op.Log(topk_weight), axis=1), always, axis=1)
-    y = op.MoE(x, router, gu, None, dn, _domain="com.microsoft", k=k + n, activation_type="swiglu",
-               swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0, normalize_routing_weights=0)
-    total = op.Add(op.ReduceSum(topk_weight, op.Constant(value_ints=[1]), keepdims=1), op.Constant(value_float=float(n)))
-    return op.Where(op.Constant(value=ir.tensor(np.array(False))), x, op.Mul(y, total))  # see _moe_native
+    # E as a constant inside _ort_moe: a Shape of the old w_down would keep that weight in the file
+    return _ort_moe(op, x, topk_idx, topk_weight, gu, dn, routed=e - n, always=n)
 
 
 def _interleave_gate_up(value: ir.Value) -> None:

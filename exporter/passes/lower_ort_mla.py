@@ -101,13 +101,20 @@ def _absorbed_attention(g, q: ir.Value, latent: ir.Value, scale: float, rank: in
 _BY_HEAD = [0, 2, 1, 3]  # [B,S,H,d] <-> [B,H,S,d]
 
 
+def _times_w_uk(g, q_nope, w_uk) -> ir.Value:  # [B,H,S,d] @ [H,d,r] -> [B,S,H,r]
+    return g("Transpose", g("MatMul", g("Transpose", q_nope, perm=_BY_HEAD), w_uk), perm=_BY_HEAD)
+
+
+def _times_w_uv(g, o_lat, w_uv) -> ir.Value:  # [B,H,S,r] @ [H,r,d] -> [B,S,H,d]
+    w_t = g("Transpose", w_uv, perm=[0, 2, 1])
+    return g("Transpose", g("MatMul", g("Transpose", o_lat, perm=_BY_HEAD), w_t), perm=_BY_HEAD)
+
+
 def _absorbed_branch(name, q_nope, w_uk, q_rope, latent, w_uv, scale: float, rank: int) -> ir.Graph:
     g = _Subgraph(f"{name}/absorbed")
-    q_lat = g("Transpose", g("MatMul", g("Transpose", q_nope, perm=_BY_HEAD), w_uk), perm=_BY_HEAD)  # [B,S,H,r]
-    q = g("Concat", q_lat, q_rope, axis=-1)
+    q = g("Concat", _times_w_uk(g, q_nope, w_uk), q_rope, axis=-1)
     q.shape, q.type = ir.Shape([*dims(q_nope)[:3], rank + dims(q_rope)[3]]), q_nope.type  # _absorbed_attention reads H, C
-    o_lat = g("Transpose", _absorbed_attention(g, q, latent, scale, rank), perm=_BY_HEAD)
-    out = g("Transpose", g("MatMul", o_lat, g("Transpose", w_uv, perm=[0, 2, 1])), perm=_BY_HEAD)
+    out = _times_w_uv(g, _absorbed_attention(g, q, latent, scale, rank), w_uv)
     return g.graph(out, "mla_absorbed")
 
 
@@ -176,17 +183,16 @@ def _absorb_query(op, q_nope, w):
     return op.Einsum(q_nope, w, equation="bshd,hdc->bshc")
 
 
-def _absorb_query_matmul(op, q_nope, w, **_):  # [B,H,S,d] @ [H,d,c] -> [B,H,S,c]
-    return op.Transpose(op.MatMul(op.Transpose(q_nope, perm=_BY_HEAD), w), perm=_BY_HEAD)
+def _absorb_query_matmul(op, q_nope, w, **_):
+    return _times_w_uk(_Tape(op), q_nope, w)
 
 
 def _absorb_output(op, o_lat, w):
     return op.Einsum(o_lat, w, equation="bshc,hdc->bshd")
 
 
-def _absorb_output_matmul(op, o_lat, w, **_):  # [B,H,S,c] @ [H,c,d] -> [B,H,S,d]
-    w_t = op.Transpose(w, perm=[0, 2, 1])
-    return op.Transpose(op.MatMul(op.Transpose(o_lat, perm=_BY_HEAD), w_t), perm=_BY_HEAD)
+def _absorb_output_matmul(op, o_lat, w, **_):
+    return _times_w_uv(_Tape(op), o_lat, w)
 
 
 FUSIONS = [pattern.RewriteRule(_mla, _mla_native, _mla_check, name="MLAToNaivePrefillAbsorbedDecode")]
