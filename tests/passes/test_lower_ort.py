@@ -102,9 +102,10 @@ def test_mla_absorbed_decode_naive_prefill(s_len, t_len):
     assert np.abs(b - ref).max() <= 1e-5 * scale, branch
 
 
-@pytest.mark.parametrize("n_tokens, k", [(1, 2), (5, 2), (14, 3)])
-def test_moe_dispatch_to_moe(n_tokens, k):
-    e, d, i = 8, 16, 12
+@pytest.mark.parametrize("n_tokens, k, i", [(1, 2, 12), (5, 2, 12), (14, 3, 12), (5, 2, 7)])
+def test_moe_dispatch_to_moe(n_tokens, k, i):
+    """Experts cut in MOE_PARTS = 2 pieces (i = 12), or kept whole when the width does not divide (7)."""
+    e, d = 8, 16
     rng = np.random.default_rng(n_tokens)
     w_gate_up = rng.standard_normal((e, 2 * i, d), dtype=np.float32)
     w_down = rng.standard_normal((e, d, i), dtype=np.float32)
@@ -124,6 +125,9 @@ def test_moe_dispatch_to_moe(n_tokens, k):
         graph = ir.Graph([x, idx, w], [out], nodes=[neg, node], initializers=[a, b], opset_imports={"": 23, "dsv3": 1}, name="g")
         return ir.Model(graph, ir_version=10)
 
+    moe = next(n for n in lower_ort(plugin_attrs(graph())).graph if n.op_type == "MoE")
+    parts = 2 if i % 2 == 0 else 1
+    assert moe.attributes["k"].as_int() == parts * k and list(moe.inputs[4].shape) == [parts * e, d, i // parts]
     body, lowered = _sessions(graph)
     # only experts 0..3 are ever routed to: 4..7 get no tokens
     idx = np.stack([rng.permutation(4)[:k] for _ in range(n_tokens)]).astype(np.int64)
@@ -166,9 +170,10 @@ def test_moe_with_shared_experts_to_one_moe(n_shared):
 
     lowered_graph = lower_ort(plugin_attrs(graph())).graph
     assert not any(n.op_type == "Gemm" for n in lowered_graph)
-    assert sorted(lowered_graph.initializers) == ["w_down.with_shared", "w_gate_up.with_shared"]  # no stale copy
+    # no stale copy; each expert in MOE_PARTS pieces, every chosen expert's pieces chosen
+    assert sorted(lowered_graph.initializers) == ["w_down.with_shared.parts2", "w_gate_up.with_shared.parts2"]
     moe = next(n for n in lowered_graph if n.op_type == "MoE")
-    assert moe.attributes["k"].as_int() == k + n_shared and moe.inputs[2].shape[0] == e + n_shared
+    assert moe.attributes["k"].as_int() == 2 * (k + n_shared) and list(moe.inputs[2].shape) == [2 * (e + n_shared), i, d]
     body, lowered = _sessions(graph)
     idx = np.stack([rng.permutation(e)[:k] for _ in range(n_tokens)]).astype(np.int64)
     feeds = {"x": rng.standard_normal((n_tokens, d), dtype=np.float32), "idx": idx,

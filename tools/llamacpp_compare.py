@@ -1,0 +1,149 @@
+"""Our ONNX Runtime engine against llama.cpp on the same weights and thread count, one run.
+
+    python tools/llamacpp_compare.py CHECKPOINT BUILD --llama-cpp DIR [--threads 2] [--json FILE]
+
+CHECKPOINT: the Hugging Face checkpoint BUILD was built from. DIR: a llama.cpp source tree with
+`build/bin/llama-bench` built (`cmake -B build -DGGML_NATIVE=ON && cmake --build build --target
+llama-bench`); its `convert_hf_to_gguf.py` turns the checkpoint into an F32 GGUF next to BUILD
+(kept for the next run). llama.cpp runs DeepSeek-V3 as `deepseek2` with the same absorbed-MLA
+latent cache we use, so the two run the same computation on the same weights.
+
+The GGUF is for speed only: llama.cpp refuses a BPE tokenizer whose pre-tokenizer it does not
+know (our test checkpoints' tokenizers are not in its table), so the conversion records GPT-2's;
+that changes how text would be split into tokens, not the model or its speed (llama-bench feeds
+random tokens). Our figures come from `exporter.bench` (fresh process, warm-up, medians),
+llama.cpp's from `llama-bench` (its mean ± std over repeats, after its own warm-up).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# Runs convert_hf_to_gguf.py with the pre-tokenizer check answered "gpt-2" (see the docstring).
+_CONVERT = """
+import runpy, sys
+root = sys.argv.pop(1)
+sys.path[:0] = [root + "/gguf-py", root]
+import conversion.base as base
+for obj in vars(base).values():
+    if isinstance(obj, type) and hasattr(obj, "get_vocab_base_pre"):
+        obj.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"
+sys.argv[0] = root + "/convert_hf_to_gguf.py"
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def convert(llama_cpp: Path, checkpoint: Path, out: Path) -> None:
+    """CHECKPOINT -> F32 GGUF at `out` (written under a temporary name, renamed when complete)."""
+    tmp = out.with_name(out.name + ".partial")
+    cmd = [sys.executable, "-c", _CONVERT, str(llama_cpp), str(checkpoint), "--outtype", "f32", "--outfile", str(tmp)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise SystemExit(f"{checkpoint}: llama.cpp's convert_hf_to_gguf.py failed: {last}")
+    tmp.rename(out)
+
+
+def llama_bench(binary: Path, gguf: Path, *, threads: int, prefill: list[int], contexts: list[int],
+                repeats: int, decode_tokens: int) -> list[dict]:
+    """llama-bench's JSON records: one prompt-processing run per prefill length, one generation run
+    of `decode_tokens` tokens per context depth."""
+    runs = [["-p", ",".join(map(str, prefill)), "-n", "0"],
+            ["-p", "0", "-n", str(decode_tokens), "-d", ",".join(map(str, contexts))]]
+    records = []
+    for extra in runs:
+        cmd = [str(binary), "-m", str(gguf), "-t", str(threads), "-r", str(repeats), "-o", "json", *extra]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise SystemExit(f"{binary}: llama-bench failed: {last}")
+        records += json.loads(done.stdout)
+    return records
+
+
+def llama_rows(records: list[dict]) -> dict[str, dict[int, dict]]:
+    """llama-bench records -> {"prefill": {prompt tokens: figures}, "decode": {context: figures}},
+    figures as exporter.bench reports them (tokens_per_s, min, max from the per-repeat samples)."""
+    out: dict[str, dict[int, dict]] = {"prefill": {}, "decode": {}}
+    for r in records:
+        samples = r.get("samples_ts") or [r["avg_ts"]]
+        figures = {"tokens_per_s": float(r["avg_ts"]), "std": float(r.get("stddev_ts", 0.0)),
+                   "min": float(min(samples)), "max": float(max(samples)), "repeats": len(samples)}
+        if r["n_gen"] == 0 and r["n_prompt"] > 0:
+            out["prefill"][int(r["n_prompt"])] = figures
+        elif r["n_gen"] > 0 and r["n_prompt"] == 0:
+            out["decode"][int(r.get("n_depth", 0))] = figures
+    return out
+
+
+def compare(ours: dict, theirs: dict) -> list[dict]:
+    """One row per measurement both sides have: ours, llama.cpp's, and ours / llama.cpp."""
+    rows = []
+    for phase in ("prefill", "decode"):
+        mine = {int(k): v for k, v in ours[phase].items()}  # exporter.bench keys are strings
+        for n in sorted(set(mine) & set(theirs[phase])):
+            a, b = mine[n], theirs[phase][n]
+            rows.append({"phase": phase, "tokens": n, "ours": a["tokens_per_s"], "llama_cpp": b["tokens_per_s"],
+                         "ratio": a["tokens_per_s"] / b["tokens_per_s"]})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("checkpoint", type=Path)
+    ap.add_argument("build", type=Path)
+    ap.add_argument("--llama-cpp", type=Path, required=True, help="llama.cpp source tree with build/bin/llama-bench")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prefill", default="128,1024")
+    ap.add_argument("--contexts", default="128,1024,4096")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--decode-tokens", type=int, default=16)
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args(argv)
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from exporter.bench import bench
+
+    binary = args.llama_cpp / "build" / "bin" / "llama-bench"
+    for path, what in ((binary, "llama-bench binary"), (args.llama_cpp / "convert_hf_to_gguf.py", "converter"),
+                       (args.checkpoint / "config.json", "checkpoint config"), (args.build / "manifest.json", "build manifest")):
+        if not path.is_file():
+            raise SystemExit(f"{path}: no such file (the {what})")
+    prefill = [int(x) for x in args.prefill.split(",")]
+    contexts = [int(x) for x in args.contexts.split(",")]
+    console = Console(stderr=True)
+    gguf = args.build.parent / f"{args.build.name}.f32.gguf"
+    if not gguf.is_file():
+        with console.status(f"converting {args.checkpoint} to {gguf}"):
+            convert(args.llama_cpp, args.checkpoint, gguf)
+    with console.status("ONNX Runtime engine (exporter.bench)"):
+        ours = bench([args.build], threads=args.threads, repeats=args.repeats, prefill=prefill, contexts=contexts,
+                     reference=False)["results"][0]
+    with console.status("llama.cpp (llama-bench)"):
+        theirs = llama_rows(llama_bench(binary, gguf, threads=args.threads, prefill=prefill, contexts=contexts,
+                                        repeats=args.repeats, decode_tokens=args.decode_tokens))
+    rows = compare(ours, theirs)
+    table = Table(title=f"{args.build.name} vs llama.cpp F32, {args.threads} threads (tokens/s)")
+    for col in ("measurement", "ours", "llama.cpp", "ours / llama.cpp"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        what = f"prefill {r['tokens']}" if r["phase"] == "prefill" else f"decode @ {r['tokens']}"
+        table.add_row(what, f"{r['ours']:.1f}", f"{r['llama_cpp']:.1f}", f"{r['ratio']:.2f}×")
+    Console().print(table)
+    report = {"threads": args.threads, "gguf": str(gguf), "ours": ours, "llama_cpp": theirs, "rows": rows}
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1, default=str))
+    return report
+
+
+if __name__ == "__main__":
+    main()
