@@ -12,13 +12,15 @@ The GGUF is for speed only: llama.cpp refuses a BPE tokenizer whose pre-tokenize
 know (our test checkpoints' tokenizers are not in its table), so the conversion records GPT-2's;
 that changes how text would be split into tokens, not the model or its speed (llama-bench feeds
 random tokens). Our figures come from `exporter.bench` (fresh process, warm-up, medians),
-llama.cpp's from `llama-bench` (its mean ± std over repeats, after its own warm-up).
+llama.cpp's from `llama-bench` (its mean over repeats, after its own warm-up); the two alternate for
+`--rounds` rounds and the table shows each measurement's median over the rounds.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -83,6 +85,17 @@ def llama_rows(records: list[dict]) -> dict[str, dict[int, dict]]:
     return out
 
 
+def median_over_rounds(runs: list[dict]) -> dict[str, dict[int, dict]]:
+    """Per measurement, the median tokens/s over rounds (and every round's figure)."""
+    out: dict[str, dict[int, dict]] = {"prefill": {}, "decode": {}}
+    for phase in out:
+        keys = set.intersection(*({int(k) for k in run[phase]} for run in runs))
+        for n in sorted(keys):
+            per_round = [next(v for k, v in run[phase].items() if int(k) == n)["tokens_per_s"] for run in runs]
+            out[phase][n] = {"tokens_per_s": statistics.median(per_round), "rounds": per_round}
+    return out
+
+
 def compare(ours: dict, theirs: dict) -> list[dict]:
     """One row per measurement both sides have: ours, llama.cpp's, and ours / llama.cpp."""
     rows = []
@@ -103,7 +116,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prefill", default="128,1024")
     ap.add_argument("--contexts", default="128,1024,4096")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3, help="Timed repeats per measurement in each round.")
+    ap.add_argument("--rounds", type=int, default=3, help="Alternating rounds of the two (medians over rounds).")
     ap.add_argument("--decode-tokens", type=int, default=16)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -125,12 +139,18 @@ def main(argv: list[str] | None = None) -> dict:
     if not gguf.is_file():
         with console.status(f"converting {args.checkpoint} to {gguf}"):
             convert(args.llama_cpp, args.checkpoint, gguf)
-    with console.status("ONNX Runtime engine (exporter.bench)"):
-        ours = bench([args.build], threads=args.threads, repeats=args.repeats, prefill=prefill, contexts=contexts,
-                     reference=False)["results"][0]
-    with console.status("llama.cpp (llama-bench)"):
-        theirs = llama_rows(llama_bench(binary, gguf, threads=args.threads, prefill=prefill, contexts=contexts,
-                                        repeats=args.repeats, decode_tokens=args.decode_tokens))
+    # Alternate the two for --rounds rounds and keep each measurement's median over rounds: on a
+    # shared machine the speed drifts by tens of percent within minutes, and it must hit both alike.
+    ours_runs, theirs_runs = [], []
+    for r in range(args.rounds):
+        with console.status(f"round {r + 1}/{args.rounds}: ONNX Runtime engine (exporter.bench)"):
+            ours_runs.append(bench([args.build], threads=args.threads, repeats=args.repeats, prefill=prefill,
+                                   contexts=contexts, reference=False)["results"][0])
+        with console.status(f"round {r + 1}/{args.rounds}: llama.cpp (llama-bench)"):
+            theirs_runs.append(llama_rows(llama_bench(binary, gguf, threads=args.threads, prefill=prefill,
+                                                      contexts=contexts, repeats=args.repeats,
+                                                      decode_tokens=args.decode_tokens)))
+    ours, theirs = median_over_rounds(ours_runs), median_over_rounds(theirs_runs)
     rows = compare(ours, theirs)
     table = Table(title=f"{args.build.name} vs llama.cpp F32, {args.threads} threads (tokens/s)")
     for col in ("measurement", "ours", "llama.cpp", "ours / llama.cpp"):
@@ -139,7 +159,8 @@ def main(argv: list[str] | None = None) -> dict:
         what = f"prefill {r['tokens']}" if r["phase"] == "prefill" else f"decode @ {r['tokens']}"
         table.add_row(what, f"{r['ours']:.1f}", f"{r['llama_cpp']:.1f}", f"{r['ratio']:.2f}×")
     Console().print(table)
-    report = {"threads": args.threads, "gguf": str(gguf), "ours": ours, "llama_cpp": theirs, "rows": rows}
+    report = {"threads": args.threads, "rounds": args.rounds, "gguf": str(gguf), "ours": ours, "llama_cpp": theirs,
+              "rows": rows, "ours_runs": ours_runs, "llama_cpp_runs": theirs_runs}
     if args.json:
         args.json.write_text(json.dumps(report, indent=1, default=str))
     return report
