@@ -4,7 +4,11 @@ Each system (an engine build, or the reference on the same weights) is measured 
 process, one after another, with the same thread count: peak memory is then that system's own,
 and nothing one leaves behind (caches, arenas) helps the next. Warm-up first, then medians over
 repeats, min and max kept. Decode at context c starts from a random latent cache of c rows (decode
-cost does not depend on the cache's values) and runs a chain of single-token steps.
+cost does not depend on the cache's values) and runs a chain of single-token steps, a different
+random token each step (an MoE step's cost depends on the experts its token routes to). With
+`rounds` > 1 the whole sequence of systems runs that many times, alternating, and each figure is the
+median over rounds (each round's figure kept): on a shared machine speed drifts within minutes, and
+alternating makes the drift hit every system alike.
 """
 
 from __future__ import annotations
@@ -105,11 +109,12 @@ def _measure(kind: str, build_dir: str, params: dict[str, Any]) -> dict[str, Any
         if c + steps > cfg["max_seq_len"]:
             continue
         start = empty(c)
-        tok = as_ids(rng.integers(0, cfg["vocab_size"], (1, 1)))
+        # A different token each step: an MoE step's cost depends on which experts it routes to.
+        toks = [as_ids(t) for t in rng.integers(0, cfg["vocab_size"], (steps, 1, 1))]
 
         def chain():
             past = start
-            for _ in range(steps):
+            for tok in toks:
                 past = forward(tok, past)
 
         out["decode"][str(c)] = _stats(_time(chain, params["repeats"]), steps)
@@ -152,8 +157,11 @@ def _disk(build_dir: Path, manifest: dict) -> dict[str, int]:
 
 def bench(builds: list[str | Path], *, threads: int = 2, repeats: int = 5, prefill=PREFILL, contexts=CONTEXTS,
           decode_steps: int = 8, reference: bool = True, speculative: bool = False,
-          speculative_tokens: int = 64, progress=None) -> dict[str, Any]:
-    """Measure every build (and the reference of the first) in fresh processes; returns the figures."""
+          speculative_tokens: int = 64, rounds: int = 1, progress=None) -> dict[str, Any]:
+    """Measure every build (and the reference of the first) in fresh processes, `rounds` times
+    alternating; returns the figures."""
+    if rounds < 1:
+        raise ExportError(f"--rounds must be at least 1, got {rounds}")
     builds = [Path(b) for b in builds]
     manifests = []
     for b in builds:
@@ -161,19 +169,47 @@ def bench(builds: list[str | Path], *, threads: int = 2, repeats: int = 5, prefi
             raise ExportError(f"{b}: not a build directory (no manifest.json)")
         manifests.append(json.loads((b / "manifest.json").read_text()))
     params = dict(threads=threads, repeats=repeats, prefill=list(prefill), contexts=list(contexts),
-                  decode_steps=decode_steps, speculative=speculative, speculative_tokens=speculative_tokens)
+                  decode_steps=decode_steps, speculative=speculative, speculative_tokens=speculative_tokens,
+                  rounds=rounds)
     jobs = [("engine", str(b)) for b in builds] + ([("reference", str(builds[0]))] if reference else [])
-    results = []
-    for kind, b in jobs:
-        if progress:
-            progress(f"{kind}: {b}")
-        with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
-            results.append(pool.submit(_measure, kind, b, params).result())
+    runs: list[list[dict]] = [[] for _ in jobs]
+    for r in range(rounds):
+        for j, (kind, b) in enumerate(jobs):
+            if progress:
+                progress(f"{kind}: {b}" + (f" (round {r + 1}/{rounds})" if rounds > 1 else ""))
+            with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+                runs[j].append(pool.submit(_measure, kind, b, params).result())
+    results = [merge_rounds(system_runs) for system_runs in runs]
     for r, b, m in zip(results, builds, manifests):
         r.update(_disk(b, m), precision=m["precision"], mla=m["mla"], lowered=m.get("lowered", False))
     report = {"machine": {"cpus": os.cpu_count(), "threads": threads}, "params": params, "results": results,
               "ratios": _ratios(results, reference)}
     return report
+
+
+def merge_rounds(runs: list[dict]) -> dict[str, Any]:
+    """One system's figures from several rounds: each prefill/decode figure's tokens/s is the median
+    of the rounds' medians (listed in "rounds"), min/max over all calls, peak RSS the largest."""
+    if len(runs) == 1:
+        return runs[0]
+    out = dict(runs[0])
+    for phase in ("prefill", "decode"):
+        out[phase] = {}
+        for key in runs[0][phase]:
+            figures = [run[phase][key] for run in runs if key in run[phase]]
+            per_round = [f["tokens_per_s"] for f in figures]
+            out[phase][key] = {**figures[0], "tokens_per_s": statistics.median(per_round),
+                               "min": min(f["min"] for f in figures), "max": max(f["max"] for f in figures),
+                               "repeats": sum(f["repeats"] for f in figures), "rounds": per_round}
+    out["peak_rss_bytes"] = max(run["peak_rss_bytes"] for run in runs)
+    out["load_seconds"] = statistics.median(run["load_seconds"] for run in runs)
+    specs = [run["speculative"] for run in runs if "speculative" in run]
+    if specs:
+        spec = {mode: {**specs[0][mode], "tokens_per_s": statistics.median(s[mode]["tokens_per_s"] for s in specs)}
+                for mode in ("plain", "speculative")}
+        spec["speedup"] = spec["speculative"]["tokens_per_s"] / spec["plain"]["tokens_per_s"]
+        out["speculative"] = spec
+    return out
 
 
 def _ratios(results: list[dict], reference: bool) -> dict[str, Any]:

@@ -325,7 +325,10 @@ def _int_list(ctx, param, value):
 @click.option("--decode-steps", type=int, default=8, show_default=True, help="Single-token steps per decode timing.")
 @click.option("--no-reference", is_flag=True, help="Skip the PyTorch reference.")
 @click.option("--speculative", is_flag=True, help="Also time generation with MTP speculation (needs mtp.onnx).")
-def bench_cmd(builds, json_path, threads, repeats, prefill, contexts, decode_steps, no_reference, speculative) -> None:
+@click.option("--rounds", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Run every system this many times, alternating; figures are medians over rounds.")
+def bench_cmd(builds, json_path, threads, repeats, prefill, contexts, decode_steps, no_reference, speculative,
+              rounds) -> None:
     """Prefill / decode tokens/s of one or more builds, with the PyTorch reference in the same run.
 
     Ratios are engine/reference and, with several builds, each build/the first."""
@@ -335,7 +338,7 @@ def bench_cmd(builds, json_path, threads, repeats, prefill, contexts, decode_ste
     with console.status("measuring") as status:
         report = bench(list(builds), threads=threads, repeats=repeats, prefill=prefill, contexts=contexts,
                        decode_steps=decode_steps, reference=not no_reference, speculative=speculative,
-                       progress=lambda what: status.update(f"measuring {what}"))
+                       rounds=rounds, progress=lambda what: status.update(f"measuring {what}"))
     _print_bench(report)
     if json_path:
         Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
@@ -349,7 +352,9 @@ def _print_bench(report) -> None:
 
     from rich.markup import escape
 
-    t = Table(title=escape(f"tokens/s: median [min-max], {report['machine']['threads']} threads"))
+    rounds = report["params"].get("rounds", 1)
+    over = f", medians of {rounds} alternating rounds" if rounds > 1 else ""
+    t = Table(title=escape(f"tokens/s: median [min-max], {report['machine']['threads']} threads{over}"))
     t.add_column("system")
     phases = [("prefill", k) for k in report["params"]["prefill"]] + [("decode", k) for k in report["params"]["contexts"]]
     for phase, k in phases:

@@ -4,7 +4,7 @@ import json
 
 from click.testing import CliRunner
 
-from exporter.bench import bench
+from exporter.bench import bench, merge_rounds
 from exporter.cli import main
 
 
@@ -36,3 +36,29 @@ def test_bench_cli_json(tiny_build, tmp_path):
 def test_bench_refuses_non_build(tmp_path):
     r = CliRunner().invoke(main, ["bench", str(tmp_path)])
     assert r.exit_code == 1 and "manifest.json" in r.output and "Traceback" not in r.output
+
+
+def test_rounds_alternate_and_report_medians(tiny_build):
+    report = bench([tiny_build], threads=1, repeats=1, prefill=(8,), contexts=(8,), decode_steps=2, rounds=3)
+    assert report["params"]["rounds"] == 3
+    for r in report["results"]:
+        for f in (r["prefill"]["8"], r["decode"]["8"]):
+            assert len(f["rounds"]) == 3 and f["repeats"] == 3
+            assert f["tokens_per_s"] == sorted(f["rounds"])[1] and f["min"] <= min(f["rounds"])
+
+
+def test_merge_rounds_takes_medians_and_the_largest_memory():
+    def run(tps, rss):
+        fig = {"tokens_per_s": tps, "min": tps - 1, "max": tps + 1, "repeats": 2}
+        return {"kind": "engine", "load_seconds": 1.0, "prefill": {"8": dict(fig)}, "decode": {"8": dict(fig)},
+                "peak_rss_bytes": rss}
+
+    merged = merge_rounds([run(10.0, 5), run(30.0, 7), run(20.0, 6)])
+    assert merged["decode"]["8"]["tokens_per_s"] == 20.0 and merged["decode"]["8"]["rounds"] == [10.0, 30.0, 20.0]
+    assert merged["decode"]["8"]["min"] == 9.0 and merged["decode"]["8"]["max"] == 31.0
+    assert merged["prefill"]["8"]["repeats"] == 6 and merged["peak_rss_bytes"] == 7
+
+
+def test_bench_refuses_zero_rounds(tiny_build):
+    r = CliRunner().invoke(main, ["bench", str(tiny_build), "--rounds", "0"])
+    assert r.exit_code != 0 and "--rounds" in r.output and "Traceback" not in r.output
