@@ -35,8 +35,8 @@ from .lower_ort_mla import const_array, const_is, dims
 # threads). Cutting every expert in two along its intermediate axis and putting the first halves of
 # all experts before all the second halves gives each of two threads one half of every chosen expert.
 # Measured on `small`'s MoE (33 × 1024×512, 2 threads): 1 token 1.17 -> 0.98 ms, 2 tokens 2.09 -> 2.19,
-# 128 tokens 25.8 -> 25.0, 1024 tokens 137 -> 127. Exact: SiLU(gate)·up is per unit and the down
-# projection is linear, so the pieces' outputs sum to the expert's.
+# 128 tokens 25.8 -> 25.0, 1024 tokens 137 -> 127; ~6 % of a decode step (docs/performance.md).
+# Exact: SiLU(gate)·up is per unit and the down projection is linear, so the pieces sum to the expert.
 MOE_PARTS = 2
 
 
