@@ -31,6 +31,18 @@ def tiny_build(tmp_path_factory):
     return out
 
 
+def load_tool(name: str):
+    """A script of tools/ as a module (tools/ is scripts, not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def rel_max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| / max |a|: the figure every parity test states its tolerance in."""
     return ((a - b).abs().max() / a.abs().max()).item()

@@ -1,19 +1,15 @@
 """tools/llamacpp_compare.py: llama-bench's records read right and paired with exporter.bench's figures;
 the end-to-end run needs a built llama.cpp tree (DSV3_LLAMA_CPP), so it skips without one."""
 
-import importlib.util
 import os
-from pathlib import Path
 
 import pytest
 
+from conftest import load_tool
+
 
 def _tool():
-    path = Path(__file__).resolve().parents[1] / "tools" / "llamacpp_compare.py"
-    spec = importlib.util.spec_from_file_location("llamacpp_compare", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("llamacpp_compare")
 
 
 # Fields as llama-bench -o json writes them (tools/llama-bench/llama-bench.cpp), trimmed.

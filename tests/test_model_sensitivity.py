@@ -1,15 +1,10 @@
 """tools/model_sensitivity.py: no nudge moves nothing; a large nudge moves the logits."""
 
-import importlib.util
-from pathlib import Path
+from conftest import load_tool
 
 
 def _tool():
-    path = Path(__file__).resolve().parents[1] / "tools" / "model_sensitivity.py"
-    spec = importlib.util.spec_from_file_location("model_sensitivity", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("model_sensitivity")
 
 
 def test_nudged_embeddings_move_the_logits_in_proportion():

@@ -335,14 +335,9 @@ def demo_engine(tmp_path_factory):
 
 def _demo_prompts(n: int) -> list[str]:
     """Held-out prompts of the demo model (tools/speculative_figures.py picks them)."""
-    import importlib.util
-    from pathlib import Path
+    from conftest import load_tool
 
-    path = Path(__file__).resolve().parents[1] / "tools" / "speculative_figures.py"
-    spec = importlib.util.spec_from_file_location("speculative_figures", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.heldout_prompts(n)
+    return load_tool("speculative_figures").heldout_prompts(n)
 
 
 @needs_demo
