@@ -136,15 +136,20 @@ class MLA(nn.Module):
         q = self.wq_b(self.q_norm(self.wq_a(x))) if self.cfg.q_lora_rank else self.wq(x)
         return q.unflatten(-1, (self.cfg.n_heads, self.cfg.qk_head_dim))
 
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """(q_nope [B,S,H,dn], q_pe [B,S,H,dr] rotated, c_kv [B,S,r] normed, k_pe [B,S,dr] rotated):
+        what every form of the attention starts from."""
+        cfg = self.cfg
+        q_nope, q_pe = self.query(x).split([cfg.qk_nope_head_dim, cfg.qk_rope_head_dim], dim=-1)
+        c_kv, k_pe = self.wkv_a(x).split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
+        return (q_nope, apply_rope(q_pe, cos, sin), self.kv_norm(c_kv),
+                apply_rope(k_pe.unsqueeze(2), cos, sin).squeeze(2))
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 past: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.cfg
         dn, dr, dv, r, h = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank, cfg.n_heads
-        q_nope, q_pe = self.query(x).split([dn, dr], dim=-1)
-        q_pe = apply_rope(q_pe, cos, sin)
-        c_kv, k_pe = self.wkv_a(x).split([r, dr], dim=-1)
-        c_kv = self.kv_norm(c_kv)
-        k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin).squeeze(2)
+        q_nope, q_pe, c_kv, k_pe = self.project(x, cos, sin)
         if self.mla == "absorbed":
             latent = torch.cat([c_kv, k_pe], dim=-1)
             if past is not None:

@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from exporter import names  # noqa: E402
 from exporter.config import ModelConfig, preset  # noqa: E402
-from exporter.model import MLA, MoE, Transformer, apply_rope  # noqa: E402
+from exporter.model import MLA, MoE, Transformer  # noqa: E402
 from exporter.synth import BOS, EOS, write_hf  # noqa: E402
 
 EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__", "dist-packages",
@@ -105,12 +105,9 @@ def _train_attention(self, x, cos, sin, past):
     the attention through torch's fused scaled_dot_product_attention (V zero-padded to the QK
     width so the flash kernel applies; the padding adds nothing to the output)."""
     cfg = self.cfg
-    dn, dr, dv, r, h = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank, cfg.n_heads
-    q_nope, q_pe = self.query(x).split([dn, dr], dim=-1)
-    q_pe = apply_rope(q_pe, cos, sin)
-    c_kv, k_pe = self.wkv_a(x).split([r, dr], dim=-1)
-    c_kv = self.kv_norm(c_kv)
-    k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin)
+    dn, dr, dv, h = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.n_heads
+    q_nope, q_pe, c_kv, k_pe = self.project(x, cos, sin)
+    k_pe = k_pe.unsqueeze(2)
     k_nope, v = self.wkv_b(c_kv).unflatten(-1, (h, dn + dv)).split([dn, dv], dim=-1)
     q = torch.cat([q_nope, q_pe], dim=-1)
     k = torch.cat([k_nope, k_pe.expand(-1, -1, h, -1)], dim=-1)
