@@ -86,7 +86,8 @@ def llama_rows(records: list[dict]) -> dict[str, dict[int, dict]]:
 
 
 def median_over_rounds(runs: list[dict]) -> dict[str, dict[int, dict]]:
-    """Per measurement, the median tokens/s over rounds (and every round's figure)."""
+    """Per measurement, the median tokens/s over rounds (and every round's figure): for llama-bench's
+    rows; ours go through exporter.bench.merge_rounds like any `bench --rounds`."""
     out: dict[str, dict[int, dict]] = {"prefill": {}, "decode": {}}
     for phase in out:
         keys = set.intersection(*({int(k) for k in run[phase]} for run in runs))
@@ -125,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
     from rich.console import Console
     from rich.table import Table
 
-    from exporter.bench import bench
+    from exporter.bench import bench, merge_rounds
 
     binary = args.llama_cpp / "build" / "bin" / "llama-bench"
     for path, what in ((binary, "llama-bench binary"), (args.llama_cpp / "convert_hf_to_gguf.py", "converter"),
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
             theirs_runs.append(llama_rows(llama_bench(binary, gguf, threads=args.threads, prefill=prefill,
                                                       contexts=contexts, repeats=args.repeats,
                                                       decode_tokens=args.decode_tokens)))
-    ours, theirs = median_over_rounds(ours_runs), median_over_rounds(theirs_runs)
+    ours, theirs = merge_rounds(ours_runs), median_over_rounds(theirs_runs)
     rows = compare(ours, theirs)
     table = Table(title=f"{args.build.name} vs llama.cpp F32, {args.threads} threads (tokens/s)")
     for col in ("measurement", "ours", "llama.cpp", "ours / llama.cpp"):
