@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ExportError
+from .memory_bound import decode_bound, read_bandwidth, step_bytes
 
 PREFILL = (128, 1024)
 CONTEXTS = (128, 1024, 4096)
@@ -157,9 +158,11 @@ def _disk(build_dir: Path, manifest: dict) -> dict[str, int]:
 
 def bench(builds: list[str | Path], *, threads: int = 2, repeats: int = 5, prefill=PREFILL, contexts=CONTEXTS,
           decode_steps: int = 8, reference: bool = True, speculative: bool = False,
-          speculative_tokens: int = 64, rounds: int = 1, progress=None) -> dict[str, Any]:
+          speculative_tokens: int = 64, rounds: int = 1, bandwidth_megabytes: int = 256,
+          progress=None) -> dict[str, Any]:
     """Measure every build (and the reference of the first) in fresh processes, `rounds` times
-    alternating; returns the figures."""
+    alternating, and the machine's read bandwidth at the start of each round; returns the figures,
+    with each engine's decode set against the memory bound of its weights (exporter/memory_bound.py)."""
     if rounds < 1:
         raise ExportError(f"--rounds must be at least 1, got {rounds}")
     builds = [Path(b) for b in builds]
@@ -173,17 +176,28 @@ def bench(builds: list[str | Path], *, threads: int = 2, repeats: int = 5, prefi
                   rounds=rounds)
     jobs = [("engine", str(b)) for b in builds] + ([("reference", str(builds[0]))] if reference else [])
     runs: list[list[dict]] = [[] for _ in jobs]
+    bandwidths = []
     for r in range(rounds):
+        if progress:
+            progress("read bandwidth" + (f" (round {r + 1}/{rounds})" if rounds > 1 else ""))
+        with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+            bandwidths.append(pool.submit(read_bandwidth, threads, bandwidth_megabytes).result())
         for j, (kind, b) in enumerate(jobs):
             if progress:
                 progress(f"{kind}: {b}" + (f" (round {r + 1}/{rounds})" if rounds > 1 else ""))
             with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
                 runs[j].append(pool.submit(_measure, kind, b, params).result())
     results = [merge_rounds(system_runs) for system_runs in runs]
+    bandwidth = statistics.median(bandwidths)
     for r, b, m in zip(results, builds, manifests):
         r.update(_disk(b, m), precision=m["precision"], mla=m["mla"], lowered=m.get("lowered", False))
-    report = {"machine": {"cpus": os.cpu_count(), "threads": threads}, "params": params, "results": results,
-              "ratios": _ratios(results, reference)}
+        weights = step_bytes(b / "model.onnx", m["config"])
+        measured = {c: f["tokens_per_s"] for c, f in r["decode"].items()}
+        r["memory_bound"] = {"weights": weights, "decode": decode_bound(
+            weights, {c: f["cache_bytes"] for c, f in r["decode"].items()}, bandwidth, measured)}
+    machine = {"cpus": os.cpu_count(), "threads": threads, "read_bandwidth_bytes_per_s": bandwidth,
+               "read_bandwidth_rounds": bandwidths}
+    report = {"machine": machine, "params": params, "results": results, "ratios": _ratios(results, reference)}
     return report
 
 

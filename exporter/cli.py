@@ -372,13 +372,21 @@ def _print_bench(report) -> None:
     for label, table in report["ratios"].items():
         for build, ratios in table.items():
             parts = [f"{phase} {k}: {v:.2f}x" for phase in ("prefill", "decode") for k, v in ratios[phase].items()]
-            _console().print(f"{label} [{Path(build).name}]: " + ", ".join(parts))
+            _console().print(escape(f"{label} [{Path(build).name}]: " + ", ".join(parts)))
+    bandwidth = report["machine"].get("read_bandwidth_bytes_per_s")
+    for r in report["results"]:
+        bound = r.get("memory_bound")
+        if bound and bound["decode"]:
+            parts = [f"{k} <= {b['tokens_per_s']:.1f} ({b['reached']:.0%} reached)" for k, b in bound["decode"].items()]
+            _console().print(escape(f"memory bound [{Path(r['build']).name}]: {human_bytes(bound['weights']['weights'])}"
+                                    f" of weights a token + the cache, at {bandwidth / 1e9:.1f} GB/s read: decode "
+                                    + ", ".join(parts)))
     for r in report["results"]:
         if "speculative" in r:
             s = r["speculative"]
-            _console().print(f"speculative [{Path(r['build']).name}]: {s['speculative']['tokens_per_s']:.1f} vs "
-                             f"{s['plain']['tokens_per_s']:.1f} tokens/s ({s['speedup']:.2f}x), "
-                             f"acceptance {s['speculative']['acceptance_rate']}")
+            _console().print(escape(f"speculative [{Path(r['build']).name}]: {s['speculative']['tokens_per_s']:.1f} vs "
+                                    f"{s['plain']['tokens_per_s']:.1f} tokens/s ({s['speedup']:.2f}x), "
+                                    f"acceptance {s['speculative']['acceptance_rate']}"))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 from click.testing import CliRunner
 
 from exporter.bench import bench, merge_rounds
@@ -9,7 +10,8 @@ from exporter.cli import main
 
 
 def test_bench_reports_engine_and_reference(tiny_build):
-    report = bench([tiny_build], threads=1, repeats=2, prefill=(8, 16), contexts=(8, 32), decode_steps=2)
+    report = bench([tiny_build], threads=1, repeats=2, prefill=(8, 16), contexts=(8, 32), decode_steps=2,
+                   bandwidth_megabytes=16)
     engine, ref = report["results"]
     assert engine["kind"] == "engine" and ref["kind"] == "reference"
     for r in (engine, ref):
@@ -22,6 +24,16 @@ def test_bench_reports_engine_and_reference(tiny_build):
     assert engine["engine_bytes"] > 0 and engine["precision"] == "fp32"
     ratios = report["ratios"]["vs_reference"][str(tiny_build)]
     assert set(ratios["decode"]) == {"8", "32"}
+    # The memory bound: the weights a token reads plus that context's cache, at the bandwidth measured.
+    bandwidth = report["machine"]["read_bandwidth_bytes_per_s"]
+    assert bandwidth > 0 and report["machine"]["read_bandwidth_rounds"] == [bandwidth]
+    bound = engine["memory_bound"]
+    for c in ("8", "32"):
+        b = bound["decode"][c]
+        assert b["bytes"] == bound["weights"]["weights"] + engine["decode"][c]["cache_bytes"]
+        assert b["tokens_per_s"] == pytest.approx(bandwidth / b["bytes"])
+        assert b["reached"] == pytest.approx(engine["decode"][c]["tokens_per_s"] / b["tokens_per_s"])
+    assert "memory_bound" not in ref
 
 
 def test_bench_cli_json(tiny_build, tmp_path):
@@ -31,6 +43,7 @@ def test_bench_cli_json(tiny_build, tmp_path):
     assert r.exit_code == 0, r.output
     data = json.loads(out.read_text())
     assert len(data["results"]) == 1 and "vs_reference" not in data["ratios"]
+    assert "memory bound [" in r.output and "reached" in r.output
 
 
 def test_bench_refuses_non_build(tmp_path):
@@ -39,7 +52,9 @@ def test_bench_refuses_non_build(tmp_path):
 
 
 def test_rounds_alternate_and_report_medians(tiny_build):
-    report = bench([tiny_build], threads=1, repeats=1, prefill=(8,), contexts=(8,), decode_steps=2, rounds=3)
+    report = bench([tiny_build], threads=1, repeats=1, prefill=(8,), contexts=(8,), decode_steps=2, rounds=3,
+                   bandwidth_megabytes=16)
+    assert len(report["machine"]["read_bandwidth_rounds"]) == 3
     assert report["params"]["rounds"] == 3
     for r in report["results"]:
         for f in (r["prefill"]["8"], r["decode"]["8"]):
