@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -35,7 +36,9 @@ def _fail(message: str) -> None:
 def _console():
     from rich.console import Console
 
-    return Console()
+    console = Console()
+    # Piped to a file or a CI log, rich would wrap at 80 columns and cut the tables' names short.
+    return console if console.is_terminal or "COLUMNS" in os.environ else Console(width=140)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
