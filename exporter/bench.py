@@ -195,6 +195,10 @@ def bench(builds: list[str | Path], *, threads: int = 2, repeats: int = 5, prefi
         measured = {c: f["tokens_per_s"] for c, f in r["decode"].items()}
         r["memory_bound"] = {"weights": weights, "decode": decode_bound(
             weights, {c: f["cache_bytes"] for c, f in r["decode"].items()}, bandwidth, measured)}
+        if reference:  # the most any runtime of these weights could be against the reference, this run
+            for c, bound in r["memory_bound"]["decode"].items():
+                ref = results[-1]["decode"].get(c)
+                bound["vs_reference"] = bound["tokens_per_s"] / ref["tokens_per_s"] if ref else None
     machine = {"cpus": os.cpu_count(), "threads": threads, "read_bandwidth_bytes_per_s": bandwidth,
                "read_bandwidth_rounds": bandwidths}
     report = {"machine": machine, "params": params, "results": results, "ratios": _ratios(results, reference)}

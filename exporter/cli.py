@@ -380,7 +380,9 @@ def _print_bench(report) -> None:
     for r in report["results"]:
         bound = r.get("memory_bound")
         if bound and bound["decode"]:
-            parts = [f"{k} <= {b['tokens_per_s']:.1f} ({b['reached']:.0%} reached)" for k, b in bound["decode"].items()]
+            parts = [f"{k} <= {b['tokens_per_s']:.1f} ({b['reached']:.0%} reached"
+                     + (f", bound/reference {b['vs_reference']:.2f}x)" if b.get("vs_reference") else ")")
+                     for k, b in bound["decode"].items()]
             _console().print(escape(f"memory bound [{Path(r['build']).name}]: {human_bytes(bound['weights']['weights'])}"
                                     f" of weights a token + the cache, at {bandwidth / 1e9:.1f} GB/s read: decode "
                                     + ", ".join(parts)))

@@ -33,6 +33,7 @@ def test_bench_reports_engine_and_reference(tiny_build):
         assert b["bytes"] == bound["weights"]["weights"] + engine["decode"][c]["cache_bytes"]
         assert b["tokens_per_s"] == pytest.approx(bandwidth / b["bytes"])
         assert b["reached"] == pytest.approx(engine["decode"][c]["tokens_per_s"] / b["tokens_per_s"])
+        assert b["vs_reference"] == pytest.approx(b["tokens_per_s"] / ref["decode"][c]["tokens_per_s"])
     assert "memory_bound" not in ref
 
 
