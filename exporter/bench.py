@@ -191,6 +191,8 @@ def bench(builds: list[str | Path], *, threads: int = 2, repeats: int = 5, prefi
     bandwidth = statistics.median(bandwidths)
     for r, b, m in zip(results, builds, manifests):
         r.update(_disk(b, m), precision=m["precision"], mla=m["mla"], lowered=m.get("lowered", False))
+        if not (b / "model.onnx").is_file():
+            continue
         weights = step_bytes(b / "model.onnx", m["config"])
         measured = {c: f["tokens_per_s"] for c, f in r["decode"].items()}
         r["memory_bound"] = {"weights": weights, "decode": decode_bound(

@@ -10,7 +10,6 @@ could decode with those weights on this machine, which `bench` sets beside what 
 
 from __future__ import annotations
 
-import math
 import tempfile
 import time
 from pathlib import Path

@@ -35,7 +35,8 @@ def test_step_bytes_of_a_build_match_the_reference_parameters(tiny_build):
     assert got["embedding"] == want["embedding"] == cfg["dim"] * 4
     # The lowered graph holds the shared experts inside the expert stack, as always-chosen entries:
     # the stack's share moves them from "other" to "experts", the sum stays.
-    shared = cfg["n_shared_experts"] * 3 * cfg["moe_inter_dim"] * cfg["dim"] * 4 * (cfg["n_layers"] - cfg["n_dense_layers"])
+    moe_layers = cfg["n_layers"] - cfg["n_dense_layers"]
+    shared = cfg["n_shared_experts"] * 3 * cfg["moe_inter_dim"] * cfg["dim"] * 4 * moe_layers
     assert got["experts"] == want["experts"] + shared
     # Everything else: the reference's weights; the graph adds only small constants (shapes, scalars).
     assert 0 <= got["other"] - (want["other"] - shared) <= 0.01 * want["other"]
@@ -54,15 +55,16 @@ def test_step_bytes_reads_rows_shares_and_skips_shapes(tmp_path):
     quantized = _value("quantized", np.zeros((8, 16, 4), np.int8))  # through DequantizeLinear: 2 of 8
     scale = _value("scale", np.ones((), np.float32))
     unread = _value("unread", np.zeros((1000, 1000), np.float32))  # only its shape is taken
-    weight = _value("weight", np.zeros((16, 16), np.float32))  # inside an If branch: whole
+    weight = _value("weight", np.zeros((16, 16), np.float32))  # used inside an If branch: whole
     x = ir.node("Gather", [table, ids])
     dq = ir.node("DequantizeLinear", [quantized, scale])
     moe = ir.node("MoE", [x.outputs[0], x.outputs[0], experts, None, dq.outputs[0]], domain="com.microsoft")
     shape = ir.node("Shape", [unread])
     branch_mm = ir.node("MatMul", [moe.outputs[0], weight])
     then_branch = ir.Graph([], branch_mm.outputs, nodes=[branch_mm], name="then")
-    identity = ir.node("Identity", [moe.outputs[0]])
-    else_branch = ir.Graph([], identity.outputs, nodes=[identity], name="else")
+    bias = _value("bias", np.zeros((16,), np.float32))  # the branch's own initializer: whole
+    add = ir.node("Add", [moe.outputs[0], bias])
+    else_branch = ir.Graph([], add.outputs, nodes=[add], initializers=[bias], name="else")
     cond = ir.node("Cast", [ir.node("ReduceSum", [shape.outputs[0]]).outputs[0]], attributes={"to": ir.DataType.BOOL})
     if_node = ir.node("If", [cond.outputs[0]], attributes={"then_branch": then_branch, "else_branch": else_branch})
     graph = ir.Graph([ids], if_node.outputs, nodes=[x, dq, moe, shape, cond.inputs[0].producer(), cond, if_node],
@@ -73,7 +75,7 @@ def test_step_bytes_reads_rows_shares_and_skips_shapes(tmp_path):
     got = step_bytes(path, cfg)
     assert got["embedding"] == 16 * 4
     assert got["experts"] == (9 * 4 * 16 * 4) * 3 // 9 + (8 * 16 * 4) * 2 // 8
-    assert got["other"] == 16 * 16 * 4 + 4  # the If branch's weight, and the scalar scale read whole
+    assert got["other"] == 16 * 16 * 4 + 16 * 4 + 4  # both branches' weights, and the scalar scale whole
     assert got["weights"] == sum(got[k] for k in ("embedding", "experts", "other"))
 
 
