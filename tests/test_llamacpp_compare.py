@@ -35,6 +35,17 @@ def test_compare_pairs_only_what_both_measured():
     rows = tool.compare(ours, tool.llama_rows(RECORDS))
     assert [(r["phase"], r["tokens"]) for r in rows] == [("prefill", 1024), ("decode", 128)]
     assert rows[0]["ratio"] == pytest.approx(479.4 / 308.6) and rows[1]["ratio"] == pytest.approx(54.7 / 60.3)
+    assert "bound" not in rows[1]  # bench measured no bound here
+
+
+def test_decode_rows_carry_the_memory_bound_and_each_side_s_reach():
+    tool = _tool()
+    ours = {"prefill": {}, "decode": {"1024": {"tokens_per_s": 45.0}}}
+    runs = [{"memory_bound": {"decode": {"1024": {"tokens_per_s": t}}}} for t in (60.0, 70.0, 64.0)]
+    ours["memory_bound"] = tool._median_bound(runs)
+    [row] = tool.compare(ours, tool.llama_rows(RECORDS))
+    assert row["bound"] == 64.0
+    assert row["ours_reached"] == pytest.approx(45.0 / 64.0) and row["llama_cpp_reached"] == pytest.approx(52.1 / 64.0)
 
 
 def test_rounds_reduce_to_medians_per_measurement():

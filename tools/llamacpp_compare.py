@@ -98,15 +98,31 @@ def median_over_rounds(runs: list[dict]) -> dict[str, dict[int, dict]]:
 
 
 def compare(ours: dict, theirs: dict) -> list[dict]:
-    """One row per measurement both sides have: ours, llama.cpp's, and ours / llama.cpp."""
+    """One row per measurement both sides have: ours, llama.cpp's, and ours / llama.cpp. Decode rows
+    also get the memory bound of our engine's weights when bench measured it (an F32 GGUF holds the
+    same float32 weights, so the same bound holds for llama.cpp) and each side's share of it."""
     rows = []
+    bounds = {int(k): b["tokens_per_s"] for k, b in ours.get("memory_bound", {}).get("decode", {}).items()}
     for phase in ("prefill", "decode"):
         mine = {int(k): v for k, v in ours[phase].items()}  # exporter.bench keys are strings
         for n in sorted(set(mine) & set(theirs[phase])):
             a, b = mine[n], theirs[phase][n]
-            rows.append({"phase": phase, "tokens": n, "ours": a["tokens_per_s"], "llama_cpp": b["tokens_per_s"],
-                         "ratio": a["tokens_per_s"] / b["tokens_per_s"]})
+            row = {"phase": phase, "tokens": n, "ours": a["tokens_per_s"], "llama_cpp": b["tokens_per_s"],
+                   "ratio": a["tokens_per_s"] / b["tokens_per_s"]}
+            if phase == "decode" and n in bounds:
+                row.update(bound=bounds[n], ours_reached=row["ours"] / bounds[n],
+                           llama_cpp_reached=row["llama_cpp"] / bounds[n])
+            rows.append(row)
     return rows
+
+
+def _median_bound(runs: list[dict]) -> dict:
+    """Each context's memory bound, the median over rounds (each round measured its own bandwidth)."""
+    per_context: dict[str, list[float]] = {}
+    for run in runs:
+        for k, b in run.get("memory_bound", {}).get("decode", {}).items():
+            per_context.setdefault(k, []).append(b["tokens_per_s"])
+    return {"decode": {k: {"tokens_per_s": statistics.median(v)} for k, v in per_context.items()}}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -152,13 +168,15 @@ def main(argv: list[str] | None = None) -> dict:
                                                       contexts=contexts, repeats=args.repeats,
                                                       decode_tokens=args.decode_tokens)))
     ours, theirs = merge_rounds(ours_runs), median_over_rounds(theirs_runs)
+    ours["memory_bound"] = _median_bound(ours_runs)
     rows = compare(ours, theirs)
     table = Table(title=f"{args.build.name} vs llama.cpp F32, {args.threads} threads (tokens/s)")
-    for col in ("measurement", "ours", "llama.cpp", "ours / llama.cpp"):
+    for col in ("measurement", "ours", "llama.cpp", "ours / llama.cpp", "memory bound (ours / llama.cpp reach)"):
         table.add_column(col, justify="right")
     for r in rows:
         what = f"prefill {r['tokens']}" if r["phase"] == "prefill" else f"decode @ {r['tokens']}"
-        table.add_row(what, f"{r['ours']:.1f}", f"{r['llama_cpp']:.1f}", f"{r['ratio']:.2f}×")
+        bound = f"{r['bound']:.1f} ({r['ours_reached']:.0%} / {r['llama_cpp_reached']:.0%})" if "bound" in r else "-"
+        table.add_row(what, f"{r['ours']:.1f}", f"{r['llama_cpp']:.1f}", f"{r['ratio']:.2f}×", bound)
     Console().print(table)
     report = {"threads": args.threads, "rounds": args.rounds, "gguf": str(gguf), "ours": ours, "llama_cpp": theirs,
               "rows": rows, "ours_runs": ours_runs, "llama_cpp_runs": theirs_runs}
