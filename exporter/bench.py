@@ -156,6 +156,12 @@ def _disk(build_dir: Path, manifest: dict) -> dict[str, int]:
             "main_graph_bytes": sum(files[f]["bytes"] for f in main)}
 
 
+def _in_child(fn, *args):
+    """fn(*args) in a fresh process: its memory and threads are its own."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
+
+
 def bench(builds: list[str | Path], *, threads: int = 2, repeats: int = 5, prefill=PREFILL, contexts=CONTEXTS,
           decode_steps: int = 8, reference: bool = True, speculative: bool = False,
           speculative_tokens: int = 64, rounds: int = 1, bandwidth_megabytes: int = 256,
@@ -180,13 +186,11 @@ def bench(builds: list[str | Path], *, threads: int = 2, repeats: int = 5, prefi
     for r in range(rounds):
         if progress:
             progress("read bandwidth" + (f" (round {r + 1}/{rounds})" if rounds > 1 else ""))
-        with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
-            bandwidths.append(pool.submit(read_bandwidth, threads, bandwidth_megabytes).result())
+        bandwidths.append(_in_child(read_bandwidth, threads, bandwidth_megabytes))
         for j, (kind, b) in enumerate(jobs):
             if progress:
                 progress(f"{kind}: {b}" + (f" (round {r + 1}/{rounds})" if rounds > 1 else ""))
-            with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
-                runs[j].append(pool.submit(_measure, kind, b, params).result())
+            runs[j].append(_in_child(_measure, kind, b, params))
     results = [merge_rounds(system_runs) for system_runs in runs]
     bandwidth = statistics.median(bandwidths)
     for r, b, m in zip(results, builds, manifests):
