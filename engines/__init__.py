@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .runtime import Engine
+    from engines.runtime import Engine
 
 __all__ = ["load"]
 
@@ -17,6 +17,6 @@ __all__ = ["load"]
 def load(build_dir: str | Path, *, backend: str | None = None, **options) -> "Engine":
     """The runnable engine of a build directory (see engines.runtime.Engine for `options`:
     providers, threads, check_files). Every file is checked against manifest.json's sha256 first."""
-    from .runtime import Engine
+    from engines.runtime import Engine
 
     return Engine(build_dir, backend=backend, **options)

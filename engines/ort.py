@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
-from exporter.errors import ExportError
+from core.errors import ExportError
 
 if TYPE_CHECKING:
     import onnxruntime as ort

@@ -1,90 +1,28 @@
-"""Generation over a build directory: the latent cache, sampling, streaming (MTP speculation: later).
+"""Generation over a build directory: the latent cache, streaming, plain and MTP-speculative decoding.
 
 `Engine(build_dir)` (or `engines.load(build_dir)`) reads manifest.json, checks every file of the
-build against its sha256, and opens the backend's session for model.onnx. `forward` is one call of
-the graph contract (DESIGN.md, "Graph contract"); `generate` runs prefill then one decode step per
-token, carrying the per-layer latent cache `present_latent.{i}` -> `past_latent.{i}`.
+build against its sha256 (core.build_dir), and opens the backend's session (ONNX Runtime or
+TensorRT) for model.onnx. `forward` is one checked call of the graph contract (docs/design.md,
+"Graph contract"), `step` the same call unchecked; `generate` runs prefill then one decode step per
+token, carrying the per-layer latent cache `present_latent.{i}` -> `past_latent.{i}`, choosing
+tokens with engines.sampling, or hands the loop to engines.speculative.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from exporter.errors import ExportError
-
-MANIFEST = "manifest.json"
-FORMAT_VERSION = 1  # the newest manifest format this runtime reads (exporter/pipeline.py writes it)
-BACKENDS = ("ort", "trt")
-HASH_CHUNK = 16 * 2**20
-
-
-# ---- build directory checks -----------------------------------------------------------------------
-def read_manifest(build_dir: str | Path) -> dict[str, Any]:
-    build_dir = Path(build_dir)
-    path = build_dir / MANIFEST
-    if not build_dir.is_dir():
-        raise ExportError(f"{build_dir}: no such build directory")
-    if not path.is_file():
-        raise ExportError(f"{build_dir}: not a build directory (no {MANIFEST}); make one with dsv3-export build")
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ExportError(f"{path}: unreadable ({e})") from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict) or "config" not in manifest:
-        raise ExportError(f"{path}: not a dsv3-export manifest (no 'files' or 'config')")
-    fmt = manifest.get("format", 1)
-    if not isinstance(fmt, int) or fmt > FORMAT_VERSION:
-        raise ExportError(f"{path}: format {fmt!r} is newer than this dsv3-export reads ({FORMAT_VERSION}); upgrade it")
-    return manifest
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    buf = bytearray(HASH_CHUNK)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            h.update(view[:n])
-    return h.hexdigest()
-
-
-def verify_files(build_dir: str | Path, manifest: dict[str, Any]) -> None:
-    """Every file listed in the manifest exists with its size and sha256, else an ExportError naming
-    the first bad one. Sizes first (cheap), then the hashes, several files at once (hashlib
-    releases the GIL on large buffers)."""
-    build_dir = Path(build_dir)
-    root = build_dir.resolve()
-    entries = []
-    for rel, info in sorted(manifest["files"].items()):
-        path = build_dir / rel
-        if root not in path.resolve().parents:
-            raise ExportError(f"{build_dir / MANIFEST}: file entry {rel!r} points outside the build directory")
-        if not isinstance(info, dict) or "sha256" not in info:
-            raise ExportError(f"{build_dir / MANIFEST}: file entry {rel!r} has no sha256")
-        if not path.is_file():
-            raise ExportError(f"{path}: missing (manifest.json lists it); the build is incomplete, rebuild it")
-        size = path.stat().st_size
-        if "bytes" in info and size != info["bytes"]:
-            raise ExportError(f"{path}: {size} bytes, manifest.json says {info['bytes']}; "
-                              "the file was modified or truncated, rebuild it")
-        entries.append((path, info["sha256"]))
-    if not entries:
-        return
-    with ThreadPoolExecutor(max_workers=min(4, len(entries))) as pool:
-        digests = list(pool.map(lambda e: _sha256(e[0]), entries))
-    for (path, want), got in zip(entries, digests):
-        if got != want:
-            raise ExportError(f"{path}: sha256 does not match manifest.json; the file was modified or "
-                              "corrupted, rebuild it")
-
+from core.build_dir import MANIFEST, cache_layout, check_backend, check_file_hashes, read_manifest
+from core.config import ModelConfig
+from core.errors import ExportError
+from engines import ort as ort_engine
+from engines import speculative
+from engines.sampling import check_generation_args, sample
 
 # ---- results ----------------------------------------------------------------------------------------
 @dataclass
@@ -157,73 +95,17 @@ class TextStream:
         return full[len(before):] if len(full) > len(before) else ""
 
 
-# ---- sampling ----------------------------------------------------------------------------------------
-def check_generation_args(*, max_new_tokens: int = 1, temperature: float = 0.0, top_k: int = 0,
-                          top_p: float = 1.0) -> None:
-    """ExportError for a bad generation setting (the CLI calls this before loading a build)."""
-    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
-        raise ExportError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if not temperature >= 0:
-        raise ExportError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if not isinstance(top_k, (int, np.integer)) or top_k < 0:
-        raise ExportError(f"top_k must be >= 0 (0 = no limit), got {top_k}")
-    if not 0 < top_p <= 1:
-        raise ExportError(f"top_p must be in (0, 1], got {top_p}")
-
-
-def ranked_probs(logits: np.ndarray, *, temperature: float, top_k: int = 0,
-                 top_p: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
-    """(candidates [B, n], their probabilities [B, n]) of sampling from logits [B, V] (float64):
-    most likely first, among equals the lower id (as argmax, so top_k=1 is greedy); softmax of
-    logits / temperature over the top_k most likely (0: all), then zero beyond the smallest set
-    whose probability reaches top_p (nucleus), renormalized."""
-    vocab = logits.shape[-1]
-    if top_k and top_k < vocab:
-        cand = np.argpartition(-logits, top_k - 1, axis=-1)[:, :top_k]
-        vals = np.take_along_axis(logits, cand, -1)
-        cand = np.take_along_axis(cand, np.lexsort((cand, -vals), axis=-1), -1)
-    else:
-        cand = np.argsort(-logits, axis=-1, kind="stable")
-    z = np.take_along_axis(logits, cand, -1) / temperature
-    probs = np.exp(z - z[:, :1])
-    probs /= probs.sum(-1, keepdims=True)
-    if top_p < 1.0:
-        before = np.cumsum(probs, -1) - probs  # mass of the more likely candidates
-        probs = np.where(before < top_p, probs, 0.0)
-        probs /= probs.sum(-1, keepdims=True)
-    return cand, probs
-
-
-def sample(logits: np.ndarray, rng: np.random.Generator | None, *, temperature: float = 0.0, top_k: int = 0,
-           top_p: float = 1.0) -> np.ndarray:
-    """Next tokens [B] from last-position logits [B, V]: argmax when temperature == 0; otherwise one
-    draw per row (one uniform each, with `rng`) from `ranked_probs`."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    cand, probs = ranked_probs(logits.astype(np.float64, copy=False), temperature=temperature, top_k=top_k,
-                               top_p=top_p)
-    batch = cand.shape[0]
-    cum = np.cumsum(probs, -1)
-    u = rng.random(batch)[:, None] * cum[:, -1:]
-    pick = np.minimum((cum <= u).sum(-1), cand.shape[1] - 1)
-    # Never land on a zero-probability tail entry through rounding.
-    pick = np.minimum(pick, (probs > 0).sum(-1) - 1)
-    return cand[np.arange(batch), pick]
-
-
 # ---- the engine -------------------------------------------------------------------------------------
 class Engine:
     """A loaded build: `forward` (one graph call) and `generate` (prefill + decode with the cache).
 
     backend: None = the manifest's; "ort" = ONNX Runtime (providers: None = CUDA when it works,
-    else CPU; threads: intra-op threads); "trt" = TensorRT (not yet). check_files: verify every
+    else CPU; threads: intra-op threads); "trt" = TensorRT. check_files: verify every
     file's sha256 against the manifest (on by default; the escape hatch is for trusted, huge builds).
     """
 
     def __init__(self, build_dir: str | Path, *, backend: str | None = None,
                  providers: Iterable[str] | None = None, threads: int | None = None, check_files: bool = True):
-        from exporter.config import ModelConfig
-
         self.build_dir = Path(build_dir)
         self.manifest = read_manifest(self.build_dir)
         try:
@@ -231,10 +113,9 @@ class Engine:
         except ExportError as e:
             raise ExportError(f"{self.build_dir / MANIFEST}: {e}") from None
         self.backend = backend or self.manifest.get("backend", "ort")
-        if self.backend not in BACKENDS:
-            raise ExportError(f"--backend {self.backend!r} is not supported (choose from {', '.join(BACKENDS)})")
+        check_backend(self.backend)
         if check_files:
-            verify_files(self.build_dir, self.manifest)
+            check_file_hashes(self.build_dir, self.manifest)
         if self.backend == "trt" and providers is not None:
             raise ExportError("execution providers apply to --backend ort only")
         self._providers = None if providers is None else list(providers)
@@ -247,20 +128,11 @@ class Engine:
         cfg = self.config
         self.n_layers = cfg.n_layers
         self.latent_dim = cfg.latent_dim
-        # Trailing dims of one layer's cache as the graph declares them: the latent row, or per-head
-        # K|V for a `--mla naive` build.
-        past_io = next((i for i in self.manifest["io"]["model.onnx"]["inputs"] if i["name"] == "past_latent.0"), None)
-        self.cache_shape = tuple(int(d) for d in past_io["shape"][2:]) if past_io else (self.latent_dim,)
-        self.cache_dtype = self._cache_dtype()
+        # One layer's cache as the graph declares it: the latent row, or per-head K|V (`--mla naive`).
+        self.cache_shape, self.cache_dtype = cache_layout(self.manifest["io"]["model.onnx"], self.latent_dim)
         self.tokenizer = self._load_tokenizer()
 
     # ---- pieces ---------------------------------------------------------------------------------
-    def _cache_dtype(self) -> np.dtype:
-        for spec in self.manifest.get("io", {}).get("model.onnx", {}).get("inputs", []):
-            if spec.get("name") == "past_latent.0":
-                return np.dtype(spec.get("dtype", "float32"))
-        return np.dtype(np.float32)
-
     def _load_tokenizer(self):
         path = self.build_dir / "tokenizer.json"
         if not path.is_file():
@@ -282,11 +154,9 @@ class Engine:
     def _open_session(self, graph: str):
         """The backend's session for "model" or "mtp": both have onnxruntime's run(names, feeds)."""
         if self.backend == "trt":
-            from . import trt as trt_engine
+            from engines import trt as trt_engine  # lazy: TensorRT sessions are for GPU hosts only
 
             return trt_engine.session(self.build_dir, graph)
-        from . import ort as ort_engine
-
         # The MTP graph runs between main-graph calls (speculative decoding): its intra-op threads
         # must not busy-wait after each run, or they take the cores the main graph needs next
         # (measured: 0.7x -> 1.0-1.5x decode speed with two threads per session on 2 cores).
@@ -295,6 +165,9 @@ class Engine:
 
     def empty_past(self, batch: int) -> list[np.ndarray]:
         return [np.zeros((batch, 0, *self.cache_shape), self.cache_dtype) for _ in range(self.n_layers)]
+
+    def empty_mtp_past(self, batch: int) -> np.ndarray:
+        return np.zeros((batch, 0, *self.cache_shape), self.cache_dtype)
 
     def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
         """Token ids of `text` with the build's tokenizer; BOS first (added when the tokenizer's own
@@ -352,9 +225,10 @@ class Engine:
             if t + ids.shape[1] > self.config.max_seq_len:
                 raise ExportError(f"past ({t}) + input ({ids.shape[1]}) tokens exceed the model's context "
                                   f"length (max_seq_len {self.config.max_seq_len})")
-        return self._run(ids.astype(np.int64, copy=False), past)
+        return self.step(ids.astype(np.int64, copy=False), past)
 
-    def _run(self, ids: np.ndarray, past: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    def step(self, ids: np.ndarray, past: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+        """`forward` without its checks: int64 ids [B, S] and a past of the right layout."""
         feeds = {"input_ids": ids, **{f"past_latent.{i}": p for i, p in enumerate(past)}}
         out = dict(zip(self._outputs, self.session.run(None, feeds)))
         return out["logits"], out["hidden_states"], [out[f"present_latent.{i}"] for i in range(self.n_layers)]
@@ -421,8 +295,9 @@ class Engine:
             if not 0 <= s < self.config.vocab_size:
                 raise ExportError(f"stop token id {s} is out of range (vocab size {self.config.vocab_size})")
         if speculative:
-            return self._generate_speculative(ids, batched, max_new_tokens=max_new_tokens, temperature=temperature,
-                                              top_k=top_k, top_p=top_p, seed=seed, stops=stops, on_token=on_token)
+            return self._speculative_result(ids, batched, stops, speculative.decode(
+                self._speculative_model(ids), ids, max_new_tokens=max_new_tokens, temperature=temperature,
+                top_k=top_k, top_p=top_p, seed=seed, stops=stops, on_token=on_token))
         rows = self._decode_loop(ids, max_new_tokens, stops, on_token,
                                  lambda logits, rng: sample(logits, rng, temperature=temperature, top_k=top_k,
                                                             top_p=top_p),
@@ -435,7 +310,7 @@ class Engine:
         done = np.zeros(batch, dtype=bool)
         pad = min(stops) if stops else 0
         t0 = time.perf_counter()
-        logits, _, past = self._run(ids, self.empty_past(batch))
+        logits, _, past = self.step(ids, self.empty_past(batch))
         nxt = pick(logits[:, -1], rng)
         prefill = time.perf_counter() - t0
         t1 = time.perf_counter()
@@ -452,13 +327,13 @@ class Engine:
             if done.all() or steps + 1 >= max_new_tokens:
                 break
             feed = np.where(done, pad, nxt).astype(np.int64)[:, None]
-            logits, _, past = self._run(feed, past)
+            logits, _, past = self.step(feed, past)
             nxt = pick(logits[:, -1], rng)
             steps += 1
         decode = time.perf_counter() - t1 if steps else 0.0
         return out, prefill, decode, steps
 
-    def _mtp(self, input_ids: np.ndarray, hidden: np.ndarray, past: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def mtp_step(self, input_ids: np.ndarray, hidden: np.ndarray, past: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """One mtp.onnx call: (draft logits [B,S,V] for tokens i+2, present_latent.mtp [B,T+S,C]) from
         tokens i+1 [B,S], the main model's h_i [B,S,D] and the MTP cache."""
         sess = self.mtp_session
@@ -469,98 +344,21 @@ class Engine:
             "past_latent.mtp": past})))
         return out["logits"], out["present_latent.mtp"]
 
-    def _generate_speculative(self, ids, batched, *, max_new_tokens: int, temperature: float, top_k: int,
-                              top_p: float, seed: int, stops: set[int], on_token) -> GenerationResult:
-        """MTP self-speculative decoding (batch 1; docs/speculative.md).
-
-        State between steps, with n tokens known (prompt + emitted) and x_{n-1} the newest:
-        the main cache holds rows 0..n-2 (x_{n-1} not fed yet), the MTP cache rows 0..n-2 (row j
-        made from h_j and x_{j+1}), and `draft` is the MTP's guess for x_n made by row n-2. A step
-        feeds [x_{n-1}, draft] to the main graph (positions n-1, n): its logits at n-1 decide x_n,
-        those at n give a bonus x_{n+1} when the draft is accepted. On accept both new main rows
-        stay and the MTP runs on (h_{n-1}, x_n), (h_n, x_{n+1}); on reject the main row of the
-        draft is cut off (the cache is plain arrays: slicing is the rollback) and the MTP runs on
-        (h_{n-1}, x_n) alone. Either way the newest MTP row drafts the next token. Greedy output
-        equals plain greedy output; sampling keeps its distribution (engines.speculative)."""
-        from .speculative import draw, processed_probs, verify_draft
-
+    def _speculative_model(self, ids: np.ndarray) -> "Engine":
+        """The engine itself, once it is sure to run speculation: an MTP graph, one sequence."""
         if self.mtp_session is None:
             raise ExportError(f"{self.build_dir}: this build has no mtp.onnx; speculative decoding needs the MTP graph")
         if ids.shape[0] != 1:
             raise ExportError(f"speculative decoding runs one sequence at a time (batch 1), got a batch of "
                               f"{ids.shape[0]}; run the prompts one by one or without speculative decoding")
-        greedy = temperature == 0
-        rng = np.random.default_rng(seed)
+        return self
 
-        def dist(logits: np.ndarray) -> np.ndarray:
-            return processed_probs(logits, temperature=temperature, top_k=top_k, top_p=top_p)
-
-        def pick(logits: np.ndarray) -> int:
-            return int(logits.argmax()) if greedy else draw(dist(logits), rng)
-
-        out: list[int] = []
-
-        def emit(tok: int) -> bool:
-            """Record a token; True when generation is over (stop token or length)."""
-            out.append(tok)
-            if on_token is not None:
-                on_token(0, tok)
-            return tok in stops or len(out) >= max_new_tokens
-
-        t0 = time.perf_counter()
-        logits, hidden, past = self._run(ids, self.empty_past(1))
-        x = pick(logits[0, -1])
-        finished = emit(x)
-        drafted = accepted = steps = 0
-        if not finished:
-            # MTP over the prompt: rows j = 0..P-1 from (h_j, x_{j+1}), x_P being the token just chosen.
-            mtp_ids = np.concatenate([ids[:, 1:], [[x]]], axis=1)
-            mtp_logits, mtp_past = self._mtp(mtp_ids, hidden, np.zeros((1, 0, *self.cache_shape), self.cache_dtype))
-        prefill = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        while not finished:
-            if max_new_tokens - len(out) == 1:
-                # One token left: a plain step, nothing to draft.
-                logits, hidden, past = self._run(np.array([[x]], np.int64), past)
-                steps += 1
-                finished = emit(pick(logits[0, -1]))
-                break
-            draft_logits = mtp_logits[0, -1]
-            if greedy:
-                draft = int(draft_logits.argmax())
-            else:
-                q = dist(draft_logits)
-                draft = draw(q, rng)
-            logits, hidden, past = self._run(np.array([[x, draft]], np.int64), past)
-            steps += 1
-            drafted += 1
-            if greedy:
-                token = int(logits[0, 0].argmax())
-                ok = token == draft
-            else:
-                ok, token = verify_draft(dist(logits[0, 0]), q, draft, rng)
-            if ok:
-                accepted += 1
-                if emit(draft):
-                    break
-                bonus = pick(logits[0, 1])
-                if emit(bonus):
-                    break
-                mtp_logits, mtp_past = self._mtp(np.array([[draft, bonus]], np.int64), hidden, mtp_past)
-                x = bonus
-            else:
-                past = [p[:, :-1] for p in past]  # roll back the rejected draft's row
-                if emit(token):
-                    break
-                mtp_logits, mtp_past = self._mtp(np.array([[token]], np.int64), hidden[:, :1], mtp_past)
-                x = token
-        decode = time.perf_counter() - t1 if steps else 0.0
-        result = self._result(ids, batched, [out], prefill, decode, steps, stops,
-                              acceptance=accepted / drafted if drafted else None)
+    def _speculative_result(self, ids, batched, stops, run: speculative.SpeculativeRun) -> GenerationResult:
+        result = self._result(ids, batched, [run.tokens], run.prefill_seconds, run.decode_seconds, run.steps, stops,
+                              acceptance=run.acceptance_rate)
         st = result.stats
         st.speculative = True
-        st.drafted_tokens, st.accepted_tokens = drafted, accepted
-        st.tokens_per_step = (len(out) - 1) / steps if steps else None
+        st.drafted_tokens, st.accepted_tokens, st.tokens_per_step = run.drafted, run.accepted, run.tokens_per_step
         return result
 
     def _result(self, ids, batched, out, prefill, decode, steps, stops, acceptance=None) -> GenerationResult:

@@ -10,7 +10,7 @@ each profile's min/opt/max shape per input; timing.cache keeps the tactic timing
 
 Run (`TrtSession`): the `run(output_names, feeds)` interface of onnxruntime.InferenceSession, so
 engines.runtime.Engine treats both backends alike; `polygraphy_runner` is the same plan in
-Polygraphy's TrtRunner for exporter/verify.py. Both pick, per call, the profile the input shapes
+Polygraphy's TrtRunner for verification/verify.py. Both pick, per call, the profile the input shapes
 fit, switching only when it changes.
 
 The shape and profile logic is engines/trt_profiles.py (pure Python, re-exported here); this
@@ -24,9 +24,12 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from exporter.errors import ExportError
-
-from .trt_profiles import (  # noqa: F401  re-exported: the backend's pure logic
+from core.build_dir import graph_io, read_manifest
+from core.errors import ExportError
+from plugins.latent_attention.tensorrt import register as register_attention
+from plugins.moe_dispatch.tensorrt import register as register_moe
+from plugins.trt_common import TRT_TO_TORCH, dtype_name
+from engines.trt_profiles import (  # noqa: F401  re-exported: the backend's pure logic
     ATTENTION_IMPLS, DEFAULT_DECODE_SEQ, DEFAULT_MAX_BATCH, DEFAULT_MAX_PREFILL, DEFAULT_MAX_SEQ_LEN,
     DEFAULT_OPT_PREFILL, DEFAULT_WORKSPACE_GIB, DIM_ROLES, PLAN_SUFFIX, PROFILES_FILE, PROFILES_FORMAT,
     PROFILE_NAMES, TIMING_CACHE, TrtOptions, check_portable, check_profiles_match, count_dsv3_nodes,
@@ -64,9 +67,6 @@ def require_tensorrt():
 # ---- TensorRT: registration and build ----------------------------------------------------------------
 def register_plugins(attention_impl: str = "aot") -> None:
     """Define the dsv3 plugins in tensorrt.plugin's registry (before parsing or deserializing)."""
-    from plugins.latent_attention.tensorrt import register as register_attention
-    from plugins.moe_dispatch.tensorrt import register as register_moe
-
     try:
         register_attention(attention_impl)
         register_moe("jit")
@@ -87,7 +87,6 @@ def build_plan(onnx_path: str | Path, profiles: Sequence[Mapping[str, Any]], opt
     from polygraphy.exception import PolygraphyException
     from polygraphy.logger import G_LOGGER
 
-    from plugins.trt_common import dtype_name
 
     onnx_path = Path(onnx_path)
     check_portable(onnx_path)
@@ -125,7 +124,6 @@ def prepare(build_dir: str | Path, graphs: Mapping[str, str | Path], options: Tr
     timing.cache next to them. `options` must be resolved against the model (TrtOptions.resolve).
     Returns the manifest's "engine" entry."""
     trt = require_tensorrt()
-    from exporter.pipeline import graph_io
 
     if not options.resolved:
         raise ValueError("prepare needs TrtOptions resolved against the model config (TrtOptions.resolve)")
@@ -167,8 +165,6 @@ def engine_profiles(engine, input_names: Iterable[str]) -> list[dict[str, Any]]:
 
 def _torch_dtype(trt_dtype):
     import torch
-
-    from plugins.trt_common import TRT_TO_TORCH, dtype_name
 
     name = dtype_name(trt_dtype)
     if name not in TRT_TO_TORCH:
@@ -369,8 +365,8 @@ def _runner_class():
 
 def _model_max_seq_len(build_dir: Path) -> int:
     try:
-        return int(json.loads((build_dir / "manifest.json").read_text())["config"]["max_seq_len"])
-    except (OSError, ValueError, KeyError, TypeError):
+        return int(read_manifest(build_dir)["config"]["max_seq_len"])
+    except (ExportError, ValueError, KeyError, TypeError):
         return DEFAULT_MAX_SEQ_LEN
 
 
@@ -389,7 +385,6 @@ def polygraphy_runner(build_dir: str | Path, graph: str, *, name: str | None = N
         profiles = entry["profiles"] if entry else None
         loader = lambda: _load_engine(plan, impl)  # noqa: E731
     else:
-        from exporter.pipeline import graph_io
 
         onnx_path = build_dir / (graph if graph.endswith(".onnx") else f"{graph}.onnx")
         batch = max([DEFAULT_MAX_BATCH] + [int(f["input_ids"].shape[0]) for f in feeds if "input_ids" in f])

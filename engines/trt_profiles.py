@@ -15,7 +15,10 @@ import json
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from exporter.errors import ExportError
+import onnx
+
+from core.errors import ExportError
+from plugins import DOMAIN
 
 PLAN_SUFFIX = ".plan"
 PROFILES_FILE = "profiles.json"
@@ -114,7 +117,7 @@ def dim_ranges(options: TrtOptions) -> dict[str, dict[str, tuple[int, int, int]]
 
 def make_profiles(inputs: Sequence[Mapping[str, Any]], options: TrtOptions) -> list[dict[str, Any]]:
     """The optimization profiles of one graph from its inputs ({"name", "shape"} as
-    exporter.pipeline.graph_io gives them: ints or the dim names batch / seq / past)."""
+    core.build_dir.graph_io gives them: ints or the dim names batch / seq / past)."""
     out = []
     for profile, ranges in dim_ranges(options).items():
         shapes = {}
@@ -241,10 +244,6 @@ def load_profiles(build_dir: str | Path) -> dict[str, Any] | None:
 
 def count_dsv3_nodes(onnx_path: str | Path) -> dict[str, int]:
     """op_type -> count of the top-level dsv3-domain nodes: the plugin layers TensorRT must create."""
-    import onnx
-
-    from plugins import DOMAIN
-
     model = onnx.load(str(onnx_path), load_external_data=False)
     counts: dict[str, int] = {}
     for node in model.graph.node:
@@ -256,10 +255,6 @@ def count_dsv3_nodes(onnx_path: str | Path) -> dict[str, int]:
 def check_portable(onnx_path: str | Path) -> None:
     """TensorRT parses standard ONNX and the dsv3 plugins; a graph lowered for ONNX Runtime
     (com.microsoft.MoE, ...) is refused here with what to do, not deep in the parser."""
-    import onnx
-
-    from plugins import DOMAIN
-
     model = onnx.load(str(onnx_path), load_external_data=False)
     foreign = sorted({f"{n.domain}::{n.op_type}" for n in model.graph.node if n.domain not in ("", "ai.onnx", DOMAIN)})
     if foreign:

@@ -17,14 +17,13 @@ from typing import Iterator
 
 import torch
 
-from . import names
-from .config import ModelConfig, from_hf_dict, from_modelargs_dict
-from .errors import CheckpointError, read_json_object
+import exporter.names as names
+from core.config import ModelConfig, from_hf_dict, from_modelargs_dict
+from core.errors import CheckpointError, read_json_object
+from core.fp8 import dequantize_blocks
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 _MP_FILE = re.compile(r"model(\d+)-mp(\d+)\.safetensors$")
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = 448.0
 
 
 def _safe_open(path: Path):
@@ -276,26 +275,3 @@ def _interleave_rope_rows(t: torch.Tensor, cfg: ModelConfig, name: str) -> torch
     if name.endswith(".scale"):
         raise CheckpointError(f"{name}: FP8 checkpoints with rope_interleave=false are not supported")
     return t[idx]
-
-
-def dequantize_blocks(w: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] = (128, 128),
-                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """fp8 weight [..., out, in] times its per-block multiplier [..., ceil(out/bo), ceil(in/bi)]."""
-    bo, bi = block
-    out, inp = w.shape[-2:]
-    s = scale.float().repeat_interleave(bo, -2)[..., :out, :].repeat_interleave(bi, -1)[..., :inp]
-    return (w.float() * s).to(dtype)
-
-
-def quantize_blocks(w: torch.Tensor, block: tuple[int, int] = (128, 128)) -> tuple[torch.Tensor, torch.Tensor]:
-    """DeepSeek's weight format: E4M3 values and an fp32 multiplier per block (scale = amax / 448)."""
-    bo, bi = block
-    out, inp = w.shape[-2:]
-    po, pi = -out % bo, -inp % bi
-    wf = torch.nn.functional.pad(w.float(), (0, pi, 0, po))
-    blocks = wf.unflatten(-1, (-1, bi)).unflatten(-3, (-1, bo))  # [..., no, bo, ni, bi]
-    amax = blocks.abs().amax(dim=(-3, -1)).clamp(min=1e-12)
-    scale = amax / FP8_MAX
-    q = (blocks / scale[..., :, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-    q = q.flatten(-2).flatten(-3, -2)[..., :out, :inp]
-    return q.contiguous(), scale.float()

@@ -16,8 +16,8 @@ import warnings
 import torch
 from torch import nn
 
-from .config import ModelConfig
-from .model import Transformer
+from core.config import ModelConfig
+from exporter.model import Transformer
 
 OPSET = 23  # Attention (for the ORT lowering) needs 23; the function bodies are written for it.
 # Example sizes for tracing: above 1 so torch.export does not specialise them.

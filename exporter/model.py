@@ -19,8 +19,8 @@ from torch import nn
 from plugins.latent_attention.reference import latent_attention_op
 from plugins.moe_dispatch.reference import moe_dispatch_op
 
-from .checkpoint import FP8_DTYPE, dequantize_blocks
-from .config import ModelConfig
+from core.fp8 import FP8_DTYPE, dequantize_blocks
+from core.config import ModelConfig
 
 MLA_MODES = ("absorbed", "naive")
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from .config import ModelConfig
+from core.config import ModelConfig
 
 # HF path component -> DeepSeek component. Components, not substrings: `gate` (router) must not
 # match inside `gate_proj`.

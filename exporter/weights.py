@@ -11,12 +11,11 @@ import math
 
 import torch
 
-from . import names
-from .checkpoint import FP8_DTYPE, dequantize_blocks, quantize_blocks
-from .precision import FP8_BLOCK
-from .config import ModelConfig
-from .errors import CheckpointError
-from .model import Linear, Transformer, rope_inv_freq
+import exporter.names as names
+from core.fp8 import FP8_BLOCK, FP8_DTYPE, dequantize_blocks, quantize_blocks
+from core.config import ModelConfig
+from core.errors import CheckpointError
+from exporter.model import Linear, Transformer, rope_inv_freq
 
 
 class RandomWeights:

@@ -29,7 +29,7 @@ def main() -> None:
     import onnx
 
     from exporter import open_source
-    from exporter.pipeline import Reporter, export_graph
+    from pipeline.build import Reporter, export_graph
 
     src = open_source(args.source)
     started = time.time()

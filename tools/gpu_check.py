@@ -22,6 +22,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from core.fp8 import dequantize_blocks, quantize_blocks  # noqa: E402  (after the path insert)
 
 RESULT: dict = {}
 START = time.monotonic()
@@ -221,31 +222,20 @@ def _routing(n: int, e: int, k: int):
 
 
 def _fp8_weights(w_bf16: torch.Tensor):
-    """E4M3 + per-128x128 scales, one expert at a time (no float32 copy of all)."""
-    e, rows, cols = w_bf16.shape
-    rb, cb = -(-rows // 128), -(-cols // 128)
-    q = torch.empty(w_bf16.shape, dtype=torch.float8_e4m3fn, device=DEV)
-    s = torch.empty(e, rb, cb, device=DEV)
-    for i in range(e):
-        x = torch.nn.functional.pad(w_bf16[i].float(), (0, cb * 128 - cols, 0, rb * 128 - rows))
-        blocks = x.view(rb, 128, cb, 128)
-        amax = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-4)
-        s[i] = amax / 448.0
-        q[i] = (blocks / s[i][:, None, :, None]).view(rb * 128, cb * 128)[:rows, :cols].to(torch.float8_e4m3fn)
-    return q, s
+    """E4M3 + per-128x128 scales (core.fp8), one expert at a time (no float32 copy of all)."""
+    pairs = [quantize_blocks(w) for w in w_bf16]
+    return torch.stack([q for q, _ in pairs]), torch.stack([s for _, s in pairs])
 
 
 def _moe_reference_subset(x, idx, w, wgu, wd, sgu=None, sd=None, tokens: int = 256):
     """Reference for the first `tokens` tokens, dequantizing only the experts they use."""
-    from plugins.moe_dispatch.triton import dequantize_fp8
-
     x, idx, w = x[:tokens], idx[:tokens], w[:tokens]
     inter = wd.shape[-1]
     y = torch.zeros(x.shape, dtype=torch.float32, device=DEV)
     for e in torch.unique(idx).tolist():
         tok, slot = torch.where(idx == e)
-        gu = dequantize_fp8(wgu[e:e + 1], sgu[e:e + 1])[0] if sgu is not None else wgu[e].float()
-        dn = dequantize_fp8(wd[e:e + 1], sd[e:e + 1])[0] if sd is not None else wd[e].float()
+        gu = dequantize_blocks(wgu[e], sgu[e]) if sgu is not None else wgu[e].float()
+        dn = dequantize_blocks(wd[e], sd[e]) if sd is not None else wd[e].float()
         xe = x[tok].float()
         hid = torch.nn.functional.silu(xe @ gu[:inter].T) * (xe @ gu[inter:].T)
         y.index_add_(0, tok, (hid @ dn.T) * w[tok, slot, None].float())
@@ -360,7 +350,7 @@ def _cli(args: list, timeout: float) -> dict:
     """One dsv3-export command in a subprocess: rc, seconds, the tail of its output."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [sys.executable, "-m", "exporter.cli", *map(str, args)]
+    cmd = [sys.executable, "-m", "cli.main", *map(str, args)]
     log(f"  $ dsv3-export {' '.join(map(str, args))} (timeout {timeout:.0f}s)")
     t0 = time.monotonic()
     try:

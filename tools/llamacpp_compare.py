@@ -11,7 +11,7 @@ latent cache we use, so the two run the same computation on the same weights.
 The GGUF is for speed only: llama.cpp refuses a BPE tokenizer whose pre-tokenizer it does not
 know (our test checkpoints' tokenizers are not in its table), so the conversion records GPT-2's;
 that changes how text would be split into tokens, not the model or its speed (llama-bench feeds
-random tokens). Our figures come from `exporter.bench` (fresh process, warm-up, medians),
+random tokens). Our figures come from `benchmarks.bench` (fresh process, warm-up, medians),
 llama.cpp's from `llama-bench` (its mean over repeats, after its own warm-up); the two alternate for
 `--rounds` rounds and the table shows each measurement's median over the rounds.
 """
@@ -72,7 +72,7 @@ def llama_bench(binary: Path, gguf: Path, *, threads: int, prefill: list[int], c
 
 def llama_rows(records: list[dict]) -> dict[str, dict[int, dict]]:
     """llama-bench records -> {"prefill": {prompt tokens: figures}, "decode": {context: figures}},
-    figures as exporter.bench reports them (tokens_per_s, min, max from the per-repeat samples)."""
+    figures as benchmarks.bench reports them (tokens_per_s, min, max from the per-repeat samples)."""
     out: dict[str, dict[int, dict]] = {"prefill": {}, "decode": {}}
     for r in records:
         samples = r.get("samples_ts") or [r["avg_ts"]]
@@ -87,7 +87,7 @@ def llama_rows(records: list[dict]) -> dict[str, dict[int, dict]]:
 
 def median_over_rounds(runs: list[dict]) -> dict[str, dict[int, dict]]:
     """Per measurement, the median tokens/s over rounds (and every round's figure): for llama-bench's
-    rows; ours go through exporter.bench.merge_rounds like any `bench --rounds`."""
+    rows; ours go through benchmarks.bench.merge_rounds like any `bench --rounds`."""
     out: dict[str, dict[int, dict]] = {"prefill": {}, "decode": {}}
     for phase in out:
         keys = set.intersection(*({int(k) for k in run[phase]} for run in runs))
@@ -104,7 +104,7 @@ def compare(ours: dict, theirs: dict) -> list[dict]:
     rows = []
     bounds = {int(k): b["tokens_per_s"] for k, b in ours.get("memory_bound", {}).get("decode", {}).items()}
     for phase in ("prefill", "decode"):
-        mine = {int(k): v for k, v in ours[phase].items()}  # exporter.bench keys are strings
+        mine = {int(k): v for k, v in ours[phase].items()}  # benchmarks.bench keys are strings
         for n in sorted(set(mine) & set(theirs[phase])):
             a, b = mine[n], theirs[phase][n]
             row = {"phase": phase, "tokens": n, "ours": a["tokens_per_s"], "llama_cpp": b["tokens_per_s"],
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
     from rich.console import Console
     from rich.table import Table
 
-    from exporter.bench import bench, merge_rounds
+    from benchmarks.bench import bench, merge_rounds
 
     binary = args.llama_cpp / "build" / "bin" / "llama-bench"
     for path, what in ((binary, "llama-bench binary"), (args.llama_cpp / "convert_hf_to_gguf.py", "converter"),
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
     # shared machine the speed drifts by tens of percent within minutes, and it must hit both alike.
     ours_runs, theirs_runs = [], []
     for r in range(args.rounds):
-        with console.status(f"round {r + 1}/{args.rounds}: ONNX Runtime engine (exporter.bench)"):
+        with console.status(f"round {r + 1}/{args.rounds}: ONNX Runtime engine (benchmarks.bench)"):
             ours_runs.append(bench([args.build], threads=args.threads, repeats=args.repeats, prefill=prefill,
                                    contexts=contexts, reference=False)["results"][0])
         with console.status(f"round {r + 1}/{args.rounds}: llama.cpp (llama-bench)"):

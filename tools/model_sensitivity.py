@@ -5,7 +5,7 @@ the floor under any precision's cosine / top-1 / KL figures for that model (docs
 
 SOURCE: a checkpoint directory, "demo" or a preset. Each embedding weight is scaled by
 (1 + eps·N(0,1)) (fixed seed) and the fp32 reference's logits over random tokens are compared with
-the unperturbed ones by exporter.lm_eval.lm_metrics.
+the unperturbed ones by verification.lm_eval.lm_metrics.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     import torch
 
     from exporter import load_reference, open_source
-    from exporter.lm_eval import lm_metrics
+    from verification.lm_eval import lm_metrics
 
     torch.set_num_threads(args.threads)
     source = open_source(args.source)

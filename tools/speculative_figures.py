@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
 
     import engines
-    from engines.speculative import measure
+    from benchmarks.speculative import measure
 
     build_dir = args.build_dir
     if build_dir is None:

@@ -47,9 +47,10 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from exporter import names  # noqa: E402
-from exporter.config import ModelConfig, preset  # noqa: E402
+from core.config import ModelConfig, preset  # noqa: E402
 from exporter.model import MLA, MoE, Transformer  # noqa: E402
-from exporter.synth import BOS, EOS, write_hf  # noqa: E402
+from exporter.checkpoint_writer import write_hf  # noqa: E402
+from exporter.tokenizer_training import BOS, EOS, train_bpe  # noqa: E402
 
 EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__", "dist-packages",
                  # Data more than code: codec tables (1.4 MB) and pydoc's topic texts (0.8 MB).
@@ -74,18 +75,6 @@ def corpus(max_bytes: int | None = None, heldout_frac: float = 0.05) -> tuple[li
     if not held and len(train) > 1:  # a small corpus may hash no file out: keep one back anyway
         held.append(train.pop())
     return train, held
-
-
-def train_tokenizer(files: list[Path], vocab_size: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[BOS, EOS], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train([str(f) for f in files], trainer)
-    return tok
 
 
 def read_text(f: Path) -> str:
@@ -303,7 +292,7 @@ def canonical_state(model: Transformer) -> dict[str, torch.Tensor]:
 
 class TensorSource:
     """A weight source (exporter/weights.py's protocol) over canonical tensors in memory, for
-    exporter.synth.write_hf."""
+    exporter.checkpoint_writer.write_hf."""
 
     fp8 = False
     block = (128, 128)
@@ -487,7 +476,7 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.time()
 
     train_files, held_files = corpus(args.corpus_bytes, args.heldout_frac)
-    tok = train_tokenizer(train_files, cfg.vocab_size)
+    tok = train_bpe(train_files, cfg.vocab_size)
     if tok.token_to_id(BOS) != 0 or tok.token_to_id(EOS) != 1:
         raise RuntimeError("tokenizer special tokens are not BOS=0, EOS=1")
     cfg = cfg.replace(vocab_size=tok.get_vocab_size()) if tok.get_vocab_size() != cfg.vocab_size else cfg
@@ -564,7 +553,7 @@ def main(argv: list[str] | None = None) -> dict:
     if check["logits_rel_err"] > 1e-4 or check["mtp_logits_rel_err"] > 1e-4:
         raise RuntimeError(f"the written checkpoint does not reproduce the trained model: {check}")
 
-    from exporter.inspect import parameter_counts
+    from exporter.describe import parameter_counts
 
     command = "nice -n 19 python tools/train_demo.py " + " ".join(sys.argv[1:] if argv is None else argv)
     metrics = {

@@ -8,8 +8,8 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
-from ..errors import CheckpointError
-from ..weights import source_tensor
+from core.errors import CheckpointError
+from exporter.weights import source_tensor
 
 # torch.onnx names parameters by their path from the traced wrapper module.
 _PREFIX = "model."

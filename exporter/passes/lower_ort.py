@@ -25,8 +25,8 @@ from onnxscript.rewriter import pattern
 
 from plugins import DOMAIN
 
-from . import lower_ort_mla as mla
-from .lower_ort_mla import const_array, const_is, dims
+from exporter.passes import lower_ort_mla as mla
+from exporter.passes.lower_ort_mla import const_array, const_is, dims
 
 
 # ORT's CPU MoE kernel gives each intra-op thread a fixed, contiguous block of the expert axis and

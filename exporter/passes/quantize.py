@@ -24,9 +24,10 @@ import onnx_ir as ir
 
 from plugins import DOMAIN, DOMAIN_VERSION, PLUGIN_NAMESPACE, PLUGIN_VERSION
 
-from ..errors import ExportError
-from ..precision import FP8_ACT_EPS, FP8_BLOCK, FP8_MAX, INT8_ACT_EPS, Policy
-from ..quant import (SharedLoads, expert_block, fp8_numpy, interleave_rows, matmulnbits_blob, onnx_int4,
+from core.errors import ExportError
+from core.fp8 import FP8_ACT_EPS, FP8_BLOCK, FP8_MAX
+from exporter.precision_policy import INT8_ACT_EPS, Policy
+from exporter.quant_numerics import (SharedLoads, expert_block, fp8_numpy, interleave_rows, matmulnbits_blob, onnx_int4,
                      quantized_int, unsigned, weight_role)
 
 _PREFIX = "model."
@@ -239,7 +240,7 @@ class _Quantizer:
 
     def fp8_weight(self, value: ir.Value, fqn: str) -> ir.Value:
         """DequantizeLinear of the E4M3 bytes with row scales, [out, in] (einsum: [H, d, r])."""
-        from ..weights import source_fp8
+        from exporter.weights import source_fp8
 
         shape = tuple(int(d) for d in value.shape)
         make = lambda: (lambda q, s: (fp8_numpy(q), s.numpy()))(*source_fp8(self.source, fqn))  # noqa: E731
@@ -277,7 +278,7 @@ class _Quantizer:
             # row, stored 2-D [H*d, r] for a per-axis DequantizeLinear: ORT's blocked one is 8x slower
             # (0.7 vs 0.085 ms for 256k weights, measured), and it runs on every call.
             s = self.scheme
-            bits = 8  # exporter.quant.quantized_int: einsum weights are 8-bit in every integer precision
+            bits = 8  # exporter.quant_numerics.quantized_int: einsum weights are 8-bit in every integer precision
             shape = tuple(int(d) for d in value.shape)
             rows = shape[0] * shape[1]
             make = lambda: _int_flat(quantized_int(self.source, fqn, s, 0), bits)  # noqa: E731
@@ -311,7 +312,7 @@ class _Quantizer:
         return how
 
     def _experts_fp8(self, node: ir.Node, gate_up: ir.Value, down: ir.Value, base: str) -> str:
-        from ..weights import source_fp8
+        from exporter.weights import source_fp8
         from plugins.moe_dispatch import onnx_function as moe, spec
 
         ins = []

@@ -3,6 +3,7 @@
 import torch
 import torch.nn.functional as F
 
+from core.fp8 import dequantize_blocks
 from plugins.moe_dispatch import spec
 
 
@@ -25,8 +26,8 @@ def moe_dispatch(
     if w_gate_up_scale is not None or w_down_scale is not None:
         # MoEDispatchFP8: E4M3 weights times their 128x128 block scales, then the float op.
         spec.validate_fp8(x, topk_idx, topk_weight, w_gate_up, w_down, w_gate_up_scale, w_down_scale)
-        w_gate_up = dequantize_fp8(w_gate_up, w_gate_up_scale, x.dtype)
-        w_down = dequantize_fp8(w_down, w_down_scale, x.dtype)
+        w_gate_up = dequantize_blocks(w_gate_up, w_gate_up_scale, dtype=x.dtype)
+        w_down = dequantize_blocks(w_down, w_down_scale, dtype=x.dtype)
     spec.validate(x, topk_idx, topk_weight, w_gate_up, w_down)
     inter = w_down.shape[-1]
     y = torch.zeros_like(x)
@@ -38,13 +39,6 @@ def moe_dispatch(
         h = F.silu(xe @ gate.T) * (xe @ up.T)
         y.index_add_(0, token, (h @ w_down[e].T) * topk_weight[token, slot, None])
     return y
-
-
-def dequantize_fp8(w: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """[E, rows, cols] E4M3 times scale[e, r // 128, c // 128], in float32, then cast to dtype."""
-    rows, cols = w.shape[-2:]
-    s = scale.float().repeat_interleave(spec.FP8_BLOCK, -2)[..., :rows, :].repeat_interleave(spec.FP8_BLOCK, -1)[..., :cols]
-    return (w.float() * s).to(dtype)
 
 
 @torch.library.custom_op("dsv3::moe_dispatch", mutates_args=())

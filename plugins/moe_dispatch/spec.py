@@ -17,6 +17,7 @@ number of inputs:
     inside the op (the Triton kernel widens the weight tiles to x's dtype).
 """
 
+from core.fp8 import FP8_BLOCK
 from plugins import DOMAIN, PLUGIN_NAMESPACE, PLUGIN_VERSION
 
 OP_NAME = "MoEDispatch"
@@ -26,7 +27,6 @@ INPUTS = ("x", "topk_idx", "topk_weight", "w_gate_up", "w_down")
 FP8_OP_NAME = "MoEDispatchFP8"
 FP8_SCALE_INPUTS = ("w_gate_up_scale", "w_down_scale")
 FP8_INPUTS = INPUTS + FP8_SCALE_INPUTS
-FP8_BLOCK = 128
 OUTPUTS = ("y",)
 ATTRIBUTES = {
     "plugin_namespace": PLUGIN_NAMESPACE,

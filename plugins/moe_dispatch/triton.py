@@ -26,10 +26,9 @@ import torch
 import triton
 import triton.language as tl
 
-from plugins.latent_attention.triton import fix_interpreter_bf16_dot
+from core.fp8 import FP8_BLOCK
 from plugins.moe_dispatch import spec
-
-FP8_BLOCK = 128
+from plugins.triton_common import fix_interpreter_bf16_dot
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -309,11 +308,3 @@ def moe_dispatch(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Ten
         h.stride(0), w_down.stride(0), w_down.stride(1), *ds_strides, y32.stride(0),
         TOPK=topk, FP8=fp8, DOT_PRECISION=prec, **launch_opts(dn))
     return finish()
-
-
-def dequantize_fp8(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """float32 weights from E4M3 + per-128x128-block scales (the math the kernel
-    folds into its GEMMs; tests and the GPU check compare against it)."""
-    e, rows, cols = w.shape
-    s = scale.to(torch.float32).repeat_interleave(FP8_BLOCK, 1).repeat_interleave(FP8_BLOCK, 2)
-    return w.to(torch.float32) * s[:, :rows, :cols]

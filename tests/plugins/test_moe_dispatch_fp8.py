@@ -8,7 +8,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from exporter.checkpoint import dequantize_blocks, quantize_blocks
+from core.fp8 import dequantize_blocks, quantize_blocks
 from plugins import DOMAIN
 from plugins.moe_dispatch import onnx_function, reference, spec
 

@@ -21,6 +21,7 @@ pytest.importorskip("triton", reason="triton is not installed (pip install trito
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
+from core.fp8 import dequantize_blocks  # noqa: E402
 from plugins.moe_dispatch import triton as moe_triton  # noqa: E402
 from plugins.moe_dispatch.reference import moe_dispatch as reference  # noqa: E402
 
@@ -111,7 +112,7 @@ def _fp8_case(n, k, e, d, inter, dtype, seed):
     s_d = torch.rand(e, -(-d // 128), -(-inter // 128), generator=g) + 0.5
     q_gu, q_d = wgu.to(torch.float8_e4m3fn), wd.to(torch.float8_e4m3fn)
     y = run(x, idx, w, q_gu, q_d, s_gu, s_d)
-    want = expected(x, idx, w, moe_triton.dequantize_fp8(q_gu, s_gu), moe_triton.dequantize_fp8(q_d, s_d))
+    want = expected(x, idx, w, dequantize_blocks(q_gu, s_gu), dequantize_blocks(q_d, s_d))
     assert_close(y, want, dtype)
 
 
@@ -125,7 +126,7 @@ def test_fp8_weights_partial_blocks(dtype):
 def test_fp8_dequantize_blocks():
     w = torch.ones(1, 130, 129).to(torch.float8_e4m3fn)
     s = torch.tensor([[[1.0, 2.0], [3.0, 4.0]]])
-    deq = moe_triton.dequantize_fp8(w, s)
+    deq = dequantize_blocks(w, s)
     assert deq[0, 0, 0] == 1 and deq[0, 0, 128] == 2 and deq[0, 129, 0] == 3 and deq[0, 129, 128] == 4
 
 

@@ -1,0 +1,1 @@
+"""The `dsv3-export` command line, thin over the Python API."""

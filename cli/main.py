@@ -1,0 +1,399 @@
+"""`dsv3-export`: a thin Click layer over the Python API. Expected errors print one line, no traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from core.errors import ExportError
+
+
+class _Group(click.Group):
+    """Turns expected failures (bad input, missing files) into one line on stderr and exit code 1."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except ExportError as e:
+            _fail(str(e))
+        except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
+            _fail(f"{e.filename}: {e.strerror}" if e.filename else str(e))
+        except OSError as e:
+            if e.errno is None:
+                raise
+            _fail(f"{e.filename or 'I/O error'}: {e.strerror}")
+
+
+def _fail(message: str) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(1)
+
+
+def _console():
+    from rich.console import Console
+
+    console = Console()
+    # Piped to a file or a CI log, rich would wrap at 80 columns and cut the tables' names short.
+    return console if console.is_terminal or "COLUMNS" in os.environ else Console(width=140)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="dsv3-export")
+def main() -> None:
+    """DeepSeek-V3 architecture checkpoints to verified ONNX Runtime / TensorRT engines."""
+
+
+@main.command()
+@click.argument("source", default="demo")
+@click.option("--json", "as_json", is_flag=True, help="Print the description as JSON.")
+def inspect(source: str, as_json: bool) -> None:
+    """Describe a checkpoint dir or preset: shape, parameters, cache cost, MTP, stored precision."""
+    from rich.table import Table
+
+    from exporter.source import open_source
+    from exporter.describe import describe, human_bytes, human_count
+
+    info = describe(open_source(source))
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    cfg, params, cache = info["config"], info["parameters"], info["cache_bytes_per_token"]
+    t = Table(title=f"{source} ({info['layout']})", show_header=False)
+    t.add_column(style="bold")
+    t.add_column()
+    rows = [
+        ("layers", f"{cfg['n_layers']} ({cfg['n_dense_layers']} dense, {cfg['n_layers'] - cfg['n_dense_layers']} MoE)"),
+        ("dim / heads", f"{cfg['dim']} / {cfg['n_heads']}"),
+        ("MLA", f"q_lora {cfg['q_lora_rank'] or 'none'}, kv_lora {cfg['kv_lora_rank']}, "
+                f"nope {cfg['qk_nope_head_dim']} + rope {cfg['qk_rope_head_dim']}, v {cfg['v_head_dim']}"),
+        ("experts", f"{cfg['n_routed_experts']} routed (top-{cfg['n_activated_experts']}, "
+                    f"{cfg['n_limited_groups']}/{cfg['n_expert_groups']} groups, {cfg['score_func']}), "
+                    f"{cfg['n_shared_experts']} shared"),
+        ("vocab / context", f"{cfg['vocab_size']} / {cfg['max_seq_len']} (YaRN {'on' if info['yarn_active'] else 'off'})"),
+        ("parameters", f"{human_count(params['total'])} total, {human_count(params['activated'])} activated per token"),
+        ("MTP", f"yes ({human_count(params['mtp'])} parameters)" if info["mtp"] else "no"),
+        ("KV cache / token (bf16)", f"latent {human_bytes(cache['latent'])} vs naive {human_bytes(cache['naive'])} "
+                                    f"({info['cache_ratio']:.1f}x smaller)"),
+        ("KV cache at 32k context", f"latent {human_bytes(info['cache_bytes_32k']['latent'])} vs naive "
+                                    f"{human_bytes(info['cache_bytes_32k']['naive'])}"),
+        ("stored weights", ", ".join(f"{k}: {v}" for k, v in sorted(info["stored_dtypes"].items()))),
+    ]
+    for k, v in rows:
+        t.add_row(k, v)
+    _console().print(t)
+
+
+@main.command("make-checkpoint")
+@click.option("--preset", "preset_name", default=None, help="Preset name (tiny, small, v2-lite, v2, v3).")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="A config.json (Hugging Face or DeepSeek ModelArgs) instead of a preset.")
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Output directory.")
+@click.option("--fp8", is_flag=True, help="FP8 E4M3 weights with 128x128 block scales (DeepSeek's format).")
+@click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", help="Dtype of unquantized weights.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--layout", type=click.Choice(["hf", "deepseek"]), default="hf", show_default=True)
+@click.option("--mp", type=int, default=1, show_default=True, help="Model-parallel shards (deepseek layout).")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+def make_checkpoint(preset_name, config_path, out, fp8, dtype, seed, layout, mp, force) -> None:
+    """Write a seeded random checkpoint (with MTP layer and tokenizer) for a preset or config."""
+    from rich.progress import Progress
+
+    import exporter.names as names
+    from core.config import load_config
+    from exporter.describe import human_bytes
+    from exporter.checkpoint_writer import make_checkpoint as make
+
+    if (preset_name is None) == (config_path is None):
+        raise ExportError("give exactly one of --preset or --config")
+    cfg = load_config(preset_name or config_path)
+    total = len(names.expected_shapes(cfg))
+    with Progress(transient=True) as progress:
+        task = progress.add_task("writing tensors", total=total)
+        path = make(cfg, out, fp8=fp8, seed=seed, dtype=dtype, layout=layout, mp=mp, force=force,
+                    progress=lambda n: progress.advance(task, n))
+    size = sum(f.stat().st_size for f in Path(path).iterdir())
+    click.echo(f"wrote {path} ({human_bytes(size)}, {'fp8' if fp8 else dtype}, {layout} layout)")
+
+
+class _RichReporter:
+    """build's progress as rich bars: one line per stage, a bar where the stage has a size."""
+
+    def __init__(self, progress):
+        self.progress, self.tasks = progress, {}
+
+    def stage(self, name, total=None):
+        task = self.progress.add_task(name, total=total)
+        self.tasks[name] = task
+        return lambda n=1: self.progress.advance(task, n)
+
+    def done(self, name):
+        task = self.tasks.get(name)
+        if task is not None:
+            total = self.progress.tasks[task].total or 1
+            self.progress.update(task, total=total, completed=total)
+
+
+@main.command()
+@click.argument("source", default="demo")
+@click.option("-o", "--out", default="build", show_default=True, type=click.Path(file_okay=False),
+              help="Build directory to create.")
+@click.option("--precision", default="fp32", show_default=True,
+              help="fp32 | fp8 (E4M3, 128x128 block scales, DeepSeek's format) | int8 (W8A8) | int8-wo | int4-wo "
+                   "(weight-only). See docs/precision.md.")
+@click.option("--keep-fp", "keep_fp", multiple=True, metavar="PATTERN",
+              help="Weights (fnmatch over parameter names, e.g. 'layers.0.*') left in high precision; repeatable. "
+                   "Default: embeddings, router gates, LM heads; 'default' adds to those, 'none' keeps nothing.")
+@click.option("--backend", default="ort", show_default=True, type=click.Choice(["ort", "trt"]))
+@click.option("--mla", default="absorbed", show_default=True, type=click.Choice(["absorbed", "naive"]),
+              help="absorbed: cache the latent (the point); naive: per-head K/V cache, for comparison.")
+@click.option("--no-mtp", is_flag=True, help="Leave out mtp.onnx even when the checkpoint has the MTP layer.")
+@click.option("--no-verify", is_flag=True, help="Skip verification against the PyTorch reference.")
+@click.option("--no-lower", is_flag=True, help="Keep the portable function-body graph (no ORT-native Attention/MoE).")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of a preset's random weights.")
+@click.option("--max-batch", type=int, default=None, help="TensorRT: largest batch the engine takes (default 8).")
+@click.option("--max-seq-len", type=int, default=None,
+              help="TensorRT: longest context (past + new tokens) the engine takes (default: the model's, at most 4096).")
+@click.option("--max-prefill", type=int, default=None,
+              help="TensorRT: longest prompt in one call (default: --max-seq-len, at most 2048).")
+def build(source, out, precision, keep_fp, backend, mla, no_mtp, no_verify, no_lower, force, seed, max_batch,
+          max_seq_len, max_prefill) -> None:
+    """Build a verified engine directory from a checkpoint dir or preset (default: demo, the embedded
+    trained model)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from pipeline.build import build as run_build
+
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, transient=False) as progress:
+        manifest = run_build(source, out, precision=precision, backend=backend, mla=mla, mtp=not no_mtp,
+                             verify=not no_verify, force=force, reporter=_RichReporter(progress), seed=seed,
+                             lower=not no_lower, keep_fp=list(keep_fp) or None, trt_options=dict(max_batch=max_batch, max_seq_len=max_seq_len, max_prefill=max_prefill))
+    _print_build_summary(out, manifest)
+    verdict = manifest.get("verify")
+    if verdict is not None and not verdict.get("passed"):
+        _fail(f"{out}: verification failed; see {Path(out) / 'verify' / 'report.md'}")
+
+
+def _print_build_summary(out, manifest) -> None:
+    from rich.table import Table
+
+    from exporter.describe import human_bytes
+
+    t = Table(title=f"{out}: {manifest['precision']} / {manifest['backend']} / {manifest['mla']} MLA")
+    t.add_column("file")
+    t.add_column("size", justify="right")
+    for name, f in manifest["files"].items():
+        t.add_row(name, human_bytes(f["bytes"]))
+    _console().print(t)
+    cache = manifest["cache_bytes_per_token"]
+    verdict = manifest.get("verify")
+    state = "skipped" if verdict is None else ("[green]passed[/]" if verdict["passed"] else "[red]FAILED[/]")
+    _console().print(f"verify: {state}   cache per token (fp32): latent {human_bytes(cache['latent_fp32'])}, "
+                     f"naive would be {human_bytes(cache['naive_fp32'])}   built in {manifest['build_seconds']} s")
+
+
+def _parse_ids(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.replace(" ", ",").split(",") if t.strip()]
+    except ValueError:
+        raise ExportError(f"--ids: expected comma-separated integers, got {text!r}") from None
+    if not ids:
+        raise ExportError("empty prompt (--ids has no token ids)")
+    return ids
+
+
+@main.command()
+@click.argument("build_dir", type=click.Path(path_type=Path), default="build")
+@click.option("--prompt", default=None, help="Text to continue (needs the build's tokenizer.json).")
+@click.option("--ids", "ids_text", default=None, metavar="1,2,3", help="Token ids to continue, comma-separated.")
+@click.option("--max-new-tokens", type=int, default=64, show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--top-k", type=int, default=0, show_default=True, help="Sample from the K most likely (0 = all).")
+@click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling mass.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--backend", type=click.Choice(["ort", "trt"]), default=None, help="Default: the build's backend.")
+@click.option("--speculative", is_flag=True,
+              help="MTP self-speculative decoding (batch 1): the MTP graph drafts one token, one main step checks "
+                   "two; same output (greedy) or same distribution (sampling), acceptance in the stats line.")
+def run(build_dir, prompt, ids_text, max_new_tokens, temperature, top_k, top_p, seed, backend, speculative) -> None:
+    """Generate from a build (default: ./build): stream the continuation to stdout, a stats line to stderr."""
+    import engines
+    from engines.runtime import TextStream
+    from engines.sampling import check_generation_args
+
+    if (prompt is None) == (ids_text is None):
+        raise ExportError("give exactly one of --prompt or --ids")
+    source = prompt if prompt is not None else _parse_ids(ids_text)
+    if source == "":
+        raise ExportError("empty prompt")
+    check_generation_args(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
+    engine = engines.load(build_dir, backend=backend)
+    stops = engine.stop_ids()
+    stream = TextStream(engine.tokenizer) if engine.tokenizer is not None else None
+    first = [True]
+
+    def on_token(row: int, token: int) -> None:
+        if stream is not None:
+            if token not in stops:
+                click.echo(stream.push(token), nl=False)
+        else:
+            click.echo(("" if first[0] else " ") + str(token), nl=False)
+            first[0] = False
+        sys.stdout.flush()
+
+    result = engine.generate(source, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                             top_p=top_p, seed=seed, speculative=speculative, on_token=on_token)
+    click.echo(stream.flush() if stream is not None else "")
+    click.echo(result.stats.summary() + (" (stopped)" if result.finish_reason == "stop" else ""), err=True)
+
+
+@main.command()
+@click.argument("build_dir", type=click.Path(file_okay=False))
+@click.option("--source", default=None,
+              help="Checkpoint dir or preset to compare against (default: the one the manifest names).")
+@click.option("--seed", type=int, default=None, help="Seed of a preset source (default: the manifest's, else 0).")
+@click.option("--decode-steps", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Decode steps after the prefill, fed the reference's latent cache.")
+@click.option("--greedy-tokens", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Greedy tokens compared with the reference's.")
+@click.option("--backend", "backends", multiple=True, type=click.Choice(["ort", "graph", "trt"]),
+              help="Runners to check (repeatable; default: ort, graph, and trt where TensorRT works).")
+@click.option("--report-dir", type=click.Path(file_okay=False), default=None,
+              help="Where to write the report (default: BUILD_DIR/verify, recorded in the manifest).")
+@click.option("--json", "as_json", is_flag=True, help="Print the verdict as JSON.")
+def verify(build_dir, source, seed, decode_steps, greedy_tokens, backends, report_dir, as_json) -> None:
+    """Compare a build's graphs and engines with the PyTorch reference (Polygraphy); exit 1 on failure.
+
+    Writes report.json, report.md and error_per_step.png to BUILD_DIR/verify (or --report-dir)."""
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from exporter.source import open_source
+    from verification.verify import read_manifest, source_from_manifest
+    from verification.report import check_summary
+    from verification.verify import verify as run_verify
+
+    build = Path(build_dir)
+    if not build.is_dir():
+        raise ExportError(f"{build}: no such build directory")
+    manifest = read_manifest(build) or {}
+    if source is None:
+        src, spec = source_from_manifest(build, seed=seed)
+    else:
+        src, spec = open_source(source, seed=seed or 0), source
+    with Progress(transient=True) as progress:
+        result = run_verify(build, src, precision=manifest.get("precision", "fp32"),
+                            reporter=_RichReporter(progress), decode_steps=decode_steps,
+                            greedy_tokens=greedy_tokens, backends=list(backends) or None, report_dir=report_dir)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        verdict = "[green]PASS[/green]" if result["passed"] else "[red]FAIL[/red]"
+        t = Table(title=f"verify {build} against {spec}: {verdict}",
+                  caption="error: max|engine - ref| / max|ref| at the worst step")
+        for col in ("check", "runner", "result", "error", "tolerance"):
+            t.add_column(col)
+        for c in result["checks"]:
+            what, figure, tol = check_summary(c)
+            t.add_row(what, c.get("runner", ""), "pass" if c["passed"] else "[red]FAIL[/red]", figure, tol)
+        console = _console()
+        console.print(t)
+        for s in result["skipped"]:
+            console.print(f"skipped {s['runner']}: {s['reason']}")
+        report = Path(result["report"])
+        console.print(f"report: {report if report.is_absolute() else build / report}")
+    if not result["passed"]:
+        sys.exit(1)
+
+
+def _int_list(ctx, param, value):
+    try:
+        return [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
+
+
+@main.command("bench")
+@click.argument("builds", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write all figures as JSON.")
+@click.option("--threads", type=int, default=2, show_default=True, help="Threads for every system measured.")
+@click.option("--repeats", type=int, default=5, show_default=True, help="Timed repeats (after one warm-up).")
+@click.option("--prefill", default="128,1024", show_default=True, callback=_int_list, help="Prompt lengths.")
+@click.option("--contexts", default="128,1024,4096", show_default=True, callback=_int_list,
+              help="Cache lengths for decode.")
+@click.option("--decode-steps", type=int, default=8, show_default=True, help="Single-token steps per decode timing.")
+@click.option("--no-reference", is_flag=True, help="Skip the PyTorch reference.")
+@click.option("--speculative", is_flag=True, help="Also time generation with MTP speculation (needs mtp.onnx).")
+@click.option("--rounds", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Run every system this many times, alternating; figures are medians over rounds.")
+def bench_cmd(builds, json_path, threads, repeats, prefill, contexts, decode_steps, no_reference, speculative,
+              rounds) -> None:
+    """Prefill / decode tokens/s of one or more builds, with the PyTorch reference in the same run.
+
+    Ratios are engine/reference and, with several builds, each build/the first."""
+    from benchmarks.bench import bench
+
+    console = _console()
+    with console.status("measuring") as status:
+        report = bench(list(builds), threads=threads, repeats=repeats, prefill=prefill, contexts=contexts,
+                       decode_steps=decode_steps, reference=not no_reference, speculative=speculative,
+                       rounds=rounds, progress=lambda what: status.update(f"measuring {what}"))
+    _print_bench(report)
+    if json_path:
+        Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
+        click.echo(f"wrote {json_path}")
+
+
+def _print_bench(report) -> None:
+    from rich.table import Table
+
+    from exporter.describe import human_bytes
+
+    from rich.markup import escape
+
+    rounds = report["params"].get("rounds", 1)
+    over = f", medians of {rounds} alternating rounds" if rounds > 1 else ""
+    t = Table(title=escape(f"tokens/s: median [min-max], {report['machine']['threads']} threads{over}"))
+    t.add_column("system")
+    phases = [("prefill", k) for k in report["params"]["prefill"]] + [("decode", k) for k in report["params"]["contexts"]]
+    for phase, k in phases:
+        t.add_column(f"{phase} {k}", justify="right")
+    t.add_column("peak RSS", justify="right")
+    t.add_column("on disk", justify="right")
+    for r in report["results"]:
+        name = r["kind"] if r["kind"] == "reference" else f"{Path(r['build']).name} ({r['precision']}, {r['mla']})"
+        cells = []
+        for phase, k in phases:
+            f = r[phase].get(str(k))
+            cells.append(escape(f"{f['tokens_per_s']:.1f} [{f['min']:.0f}-{f['max']:.0f}]") if f else "-")
+        t.add_row(name, *cells, human_bytes(r["peak_rss_bytes"]), human_bytes(r["engine_bytes"]) if "engine_bytes" in r else "-")
+    _console().print(t)
+    for label, table in report["ratios"].items():
+        for build, ratios in table.items():
+            parts = [f"{phase} {k}: {v:.2f}x" for phase in ("prefill", "decode") for k, v in ratios[phase].items()]
+            _console().print(escape(f"{label} [{Path(build).name}]: " + ", ".join(parts)))
+    bandwidth = report["machine"].get("read_bandwidth_bytes_per_s")
+    for r in report["results"]:
+        bound = r.get("memory_bound")
+        if bound and bound["decode"]:
+            parts = [f"{k} <= {b['tokens_per_s']:.1f} ({b['reached']:.0%} reached"
+                     + (f", bound/reference {b['vs_reference']:.2f}x)" if b.get("vs_reference") else ")")
+                     for k, b in bound["decode"].items()]
+            _console().print(escape(f"memory bound [{Path(r['build']).name}]: {human_bytes(bound['weights']['weights'])}"
+                                    f" of weights a token + the cache, at {bandwidth / 1e9:.1f} GB/s read: decode "
+                                    + ", ".join(parts)))
+    for r in report["results"]:
+        if "speculative" in r:
+            s = r["speculative"]
+            _console().print(escape(f"speculative [{Path(r['build']).name}]: {s['speculative']['tokens_per_s']:.1f} vs "
+                                    f"{s['plain']['tokens_per_s']:.1f} tokens/s ({s['speedup']:.2f}x), "
+                                    f"acceptance {s['speculative']['acceptance_rate']}"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""The build directory: the one owner of manifest.json, the files' hashes, the graphs' I/O
+description and the cache layout a build's graphs declare (docs/design.md, "The build directory").
+
+A build directory holds model.onnx (+ .data), mtp.onnx (+ .data), tokenizer.json, the backend's
+engine files, verify/ and manifest.json: the config, precision, backend, the source it was made
+from, each graph's inputs and outputs, and every file's size and sha256. `pipeline.build` writes
+it, `verification.verify` updates it (the report's files and verdict), everyone else reads it here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from core.errors import ExportError
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1  # the newest manifest format written and read
+BACKENDS = ("ort", "trt")  # the engines a build can hold
+HASH_CHUNK = 16 * 2**20
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    buf = bytearray(HASH_CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def file_entry(path: Path) -> dict[str, Any]:
+    return {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+
+
+def check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ExportError(f"--backend {backend!r} is not supported (choose from {', '.join(BACKENDS)})")
+    return backend
+
+
+# ---- writing ----------------------------------------------------------------------------------------
+def _dump(path: Path, manifest: dict[str, Any]) -> None:
+    """Write through a temporary sibling and rename: a reader never sees half a manifest."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
+def write_manifest(out_dir: Path, info: dict[str, Any]) -> dict[str, Any]:
+    """manifest.json for a finished build: `info` plus every file's size and sha256."""
+    files = {f.relative_to(out_dir).as_posix(): file_entry(f)
+             for f in sorted(p for p in out_dir.rglob("*") if p.is_file() and p.name != MANIFEST)}
+    manifest = {"format": FORMAT_VERSION, **info, "files": files}
+    _dump(out_dir / MANIFEST, manifest)
+    return manifest
+
+
+def update_manifest(build_dir: Path, subdir: str, fields: dict[str, Any]) -> None:
+    """Re-list the files under `subdir` (e.g. verify/, rewritten after the build) and set `fields`
+    in a finished build's manifest, so that the hash check keeps passing. No manifest: nothing to do."""
+    manifest = find_manifest(build_dir)
+    if manifest is None:
+        return
+    prefix = f"{subdir}/"
+    files = {k: v for k, v in manifest["files"].items() if not k.startswith(prefix)}
+    for f in sorted(p for p in (build_dir / subdir).rglob("*") if p.is_file()):
+        files[f.relative_to(build_dir).as_posix()] = file_entry(f)
+    manifest["files"] = dict(sorted(files.items()))
+    manifest.update(fields)
+    _dump(build_dir / MANIFEST, manifest)
+
+
+# ---- reading ----------------------------------------------------------------------------------------
+def read_manifest(build_dir: str | Path) -> dict[str, Any]:
+    """The manifest of a build directory, or one ExportError saying why it is not one."""
+    build_dir = Path(build_dir)
+    path = build_dir / MANIFEST
+    if not build_dir.is_dir():
+        raise ExportError(f"{build_dir}: no such build directory")
+    if not path.is_file():
+        raise ExportError(f"{build_dir}: not a build directory (no {MANIFEST}); make one with dsv3-export build")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ExportError(f"{path}: unreadable ({e})") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict) or "config" not in manifest:
+        raise ExportError(f"{path}: not a dsv3-export manifest (no 'files' or 'config')")
+    fmt = manifest.get("format", 1)
+    if not isinstance(fmt, int) or fmt > FORMAT_VERSION:
+        raise ExportError(f"{path}: format {fmt!r} is newer than this dsv3-export reads ({FORMAT_VERSION}); upgrade it")
+    return manifest
+
+
+def find_manifest(build_dir: str | Path) -> dict[str, Any] | None:
+    """read_manifest, or None for a directory without manifest.json (bare graphs, e.g. mid-build)."""
+    return read_manifest(build_dir) if (Path(build_dir) / MANIFEST).is_file() else None
+
+
+def check_file_hashes(build_dir: str | Path, manifest: dict[str, Any]) -> None:
+    """Every file listed in the manifest exists with its size and sha256, else an ExportError naming
+    the first bad one. Sizes first (cheap), then the hashes, several files at once (hashlib
+    releases the GIL on large buffers)."""
+    build_dir = Path(build_dir)
+    root = build_dir.resolve()
+    entries = []
+    for rel, info in sorted(manifest["files"].items()):
+        path = build_dir / rel
+        if root not in path.resolve().parents:
+            raise ExportError(f"{build_dir / MANIFEST}: file entry {rel!r} points outside the build directory")
+        if not isinstance(info, dict) or "sha256" not in info:
+            raise ExportError(f"{build_dir / MANIFEST}: file entry {rel!r} has no sha256")
+        if not path.is_file():
+            raise ExportError(f"{path}: missing (manifest.json lists it); the build is incomplete, rebuild it")
+        size = path.stat().st_size
+        if "bytes" in info and size != info["bytes"]:
+            raise ExportError(f"{path}: {size} bytes, manifest.json says {info['bytes']}; "
+                              "the file was modified or truncated, rebuild it")
+        entries.append((path, info["sha256"]))
+    if not entries:
+        return
+    with ThreadPoolExecutor(max_workers=min(4, len(entries))) as pool:
+        digests = list(pool.map(lambda e: sha256_file(e[0]), entries))
+    for (path, want), got in zip(entries, digests):
+        if got != want:
+            raise ExportError(f"{path}: sha256 does not match manifest.json; the file was modified or "
+                              "corrupted, rebuild it")
+
+
+# ---- the graphs' contract ---------------------------------------------------------------------------
+def graph_io(path: Path) -> dict[str, list[dict]]:
+    """Inputs and outputs of a saved graph (names, dtypes, symbolic shapes), read without its weights."""
+    model = onnx.load(str(path), load_external_data=False)
+
+    def describe(values):
+        out = []
+        for v in values:
+            t = v.type.tensor_type
+            dims = [d.dim_param or d.dim_value for d in t.shape.dim]
+            out.append({"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name, "shape": dims})
+        return out
+
+    return {"inputs": describe(model.graph.input), "outputs": describe(model.graph.output)}
+
+
+def cache_layout(io: dict[str, list[dict]], default_width: int) -> tuple[tuple[int, ...], np.dtype]:
+    """(trailing dims, dtype) of one layer's cache as a graph's I/O declares it (`past_latent.0`, or
+    `past_latent.mtp` for the MTP graph): the latent row [C], or per-head K|V [H, K+V] for a
+    `--mla naive` build. Without a cache input: ((default_width,), float32)."""
+    spec = next((i for i in io.get("inputs", []) if i.get("name") in ("past_latent.0", "past_latent.mtp")), None)
+    if spec is None:
+        return (default_width,), np.dtype(np.float32)
+    return tuple(int(d) for d in spec["shape"][2:]), np.dtype(spec.get("dtype", "float32"))

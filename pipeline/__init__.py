@@ -1,0 +1,1 @@
+"""The build pipeline: checkpoint -> ONNX -> passes -> engine -> verification -> manifest, atomically."""

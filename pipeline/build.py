@@ -1,0 +1,173 @@
+"""`build`: checkpoint -> verified engine directory, atomically.
+
+Work happens in a temporary sibling of OUT that is renamed at the end; a failure anywhere leaves
+nothing behind. The directory holds model.onnx (+ .data), mtp.onnx (+ .data), tokenizer.json, the
+backend's engine files, verify/ and manifest.json (core/build_dir.py; docs/design.md, "Graph contract").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from contextlib import contextmanager
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import onnx_ir as ir
+
+from core.build_dir import check_backend, graph_io, write_manifest
+from core.errors import ExportError
+from core.progress import Reporter
+from engines import ort as ort_engine
+from engines import trt as trt_engine
+from exporter.checkpoint import Checkpoint
+from exporter.describe import cache_bytes_per_token
+from exporter.export import export_main, export_mtp, meta_model
+from exporter.passes.attach_weights import attach_weights
+from exporter.passes.cleanup import cleanup
+from exporter.passes.lower_ort import lower_ort
+from exporter.passes.plugin_attrs import plugin_attrs
+from exporter.passes.quantize import quantize
+from exporter.precision_policy import Policy
+from exporter.source import has_gate_bias, open_source
+from exporter.tokenizer_training import train_tokenizer
+from verification.verify import verify as run_verify
+
+__all__ = ["build"]
+
+
+def tool_versions() -> dict[str, str]:
+    out = {}
+    for pkg in ("dsv3-export", "torch", "onnx", "onnx-ir", "onnxscript", "onnxruntime", "onnxruntime-gpu",
+                "polygraphy", "tensorrt"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def source_info(source, spec: str | Path) -> dict[str, Any]:
+    if isinstance(source, Checkpoint):
+        return {"kind": "checkpoint", "path": str(Path(spec).resolve()), "layout": source.layout,
+                "fingerprint": source.fingerprint()}
+    blob = json.dumps({"preset": str(spec), "seed": source.seed, "config": source.config.to_dict()}, sort_keys=True)
+    return {"kind": "preset", "name": str(spec), "seed": source.seed,
+            "fingerprint": hashlib.sha256(blob.encode()).hexdigest()}
+
+
+def export_graph(kind: str, source, out_dir: Path, reporter: Reporter, *, mla: str = "absorbed",
+                 lower: bool = False, policy=None, quant_target: str = "ort") -> Path:
+    """Trace one graph ("model" or "mtp"), run the passes, save it with its weights streamed out."""
+    model = meta_model(source.config, mla=mla, has_gate_bias=has_gate_bias(source), mtp=kind == "mtp")
+    reporter.stage(f"tracing {kind}.onnx")
+    graph = export_main(model) if kind == "model" else export_mtp(model)
+    reporter.done(f"tracing {kind}.onnx")
+    graph = attach_weights(plugin_attrs(graph), source)
+    if policy is not None and policy.scheme is not None:  # before cleanup: it needs the traced MatMul forms
+        graph = quantize(graph, source, policy, target=quant_target)
+    graph = cleanup(graph)
+    if lower:  # ONNX Runtime's native Attention / MoE kernels in place of the portable bodies
+        graph = lower_ort(graph)
+    graph.producer_name, graph.producer_version = "dsv3-export", tool_versions().get("dsv3-export", "")
+    path = out_dir / f"{kind}.onnx"
+    advance = reporter.stage(f"writing {kind}.onnx weights", total=len(graph.graph.initializers))
+    ir.save(graph, path, external_data=f"{kind}.onnx.data", callback=lambda tensor, info: advance(1))
+    reporter.done(f"writing {kind}.onnx weights")
+    return path
+
+
+def write_tokenizer(source, spec: str | Path, out_dir: Path) -> Path | None:
+    dest = out_dir / "tokenizer.json"
+    if isinstance(source, Checkpoint):
+        tok = source.path / "tokenizer.json"
+        if not tok.is_file():
+            return None
+        shutil.copyfile(tok, dest)
+    else:
+        train_tokenizer(source.config.vocab_size).save(str(dest))
+    return dest
+
+
+@contextmanager
+def atomic_dir(out: Path, force: bool):
+    """Yield a fresh temporary sibling of `out`; rename it onto `out` only when the block succeeds."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise ExportError(f"{out}: already exists (use --force to replace it)")
+    parent = out.resolve().parent
+    if not parent.is_dir():
+        raise ExportError(f"{parent}: output directory's parent does not exist")
+    tmp = parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if out.exists():
+            old = parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def build(source_spec: str | Path = "demo", out: str | Path = "build", *, precision: str = "fp32",
+          backend: str = "ort", mla: str = "absorbed", mtp: bool = True, verify: bool = True,
+          force: bool = False, reporter: Reporter | None = None, seed: int = 0,
+          trt_options: dict[str, Any] | None = None, lower: bool = True, keep_fp=None) -> dict[str, Any]:
+    """Export, pass, build the engine, verify, write the manifest. Returns the manifest (plus the
+    verify verdict under "verify"). `trt_options`: engines.trt.TrtOptions fields (max_batch,
+    max_seq_len, max_prefill, ...) for backend "trt". `keep_fp`: --keep-fp patterns (exporter/precision_policy.py)."""
+    reporter = reporter or Reporter()
+    policy = Policy.make(precision, keep_fp)  # an unknown precision or bad pattern fails here
+    check_backend(backend)
+    trt_options = {k: v for k, v in (trt_options or {}).items() if v is not None}
+    if trt_options and backend != "trt":
+        raise ExportError(f"{', '.join('--' + k.replace('_', '-') for k in sorted(trt_options))}: TensorRT options, "
+                          "for --backend trt only")
+    if backend == "trt":
+        trt_engine.require_tensorrt()  # before any work: one line when TensorRT, a GPU or Triton is missing
+    source = open_source(source_spec, seed=seed)
+    if backend == "trt":  # bad options fail before the export, not after
+        resolved_trt = trt_engine.TrtOptions.from_dict(trt_options).resolve(source.config.max_seq_len)
+    started = time.time()
+    with atomic_dir(Path(out), force) as tmp:
+        lower = lower and backend == "ort"
+        target = "ort" if backend == "ort" else "qdq"  # TensorRT takes the Q/DQ form
+        graphs = {"model.onnx": export_graph("model", source, tmp, reporter, mla=mla, lower=lower, policy=policy,
+                                             quant_target=target)}
+        if mtp and source.has_mtp:
+            graphs["mtp.onnx"] = export_graph("mtp", source, tmp, reporter, mla=mla, lower=lower, policy=policy,
+                                              quant_target=target)
+        write_tokenizer(source, source_spec, tmp)
+        info: dict[str, Any] = {
+            "config": source.config.to_dict(), "precision": precision, "backend": backend, "mla": mla,
+            "lowered": lower,
+            "quantization": {**policy.to_dict(), "form": target} if policy.scheme is not None else None,
+            "source": source_info(source, source_spec), "tools": tool_versions(),
+            "io": {name: graph_io(path) for name, path in graphs.items()},
+            "cache_bytes_per_token": {"latent_fp32": cache_bytes_per_token(source.config, 4)["latent"],
+                                      "naive_fp32": cache_bytes_per_token(source.config, 4)["naive"]},
+        }
+        if backend == "trt":
+            reporter.stage("building the TensorRT engines")
+            info["engine"] = trt_engine.prepare(tmp, graphs, resolved_trt)
+            reporter.done("building the TensorRT engines")
+        else:
+            reporter.stage("building the ONNX Runtime engine")
+            info["engine"] = ort_engine.prepare(tmp, graphs)
+            reporter.done("building the ONNX Runtime engine")
+        if verify:
+            info["verify"] = run_verify(tmp, source, precision=precision, reporter=reporter,
+                                        quantization=info["quantization"])
+        info["build_seconds"] = round(time.time() - started, 1)
+        manifest = write_manifest(tmp, info)
+    return manifest

@@ -1,0 +1,231 @@
+"""engines.runtime: loading a build (hash checks), forward, generation, sampling, `dsv3-export run`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import engines
+from cli.main import main
+from core.errors import ExportError
+from tests.helpers import assert_clean_error
+
+PROMPT = [0, 17, 301, 42, 9, 255, 77]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_build):
+    return engines.load(tiny_build, threads=1)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    from exporter import load_reference
+
+    return load_reference("tiny")
+
+
+@pytest.fixture
+def copy_build(tiny_build, tmp_path):
+    def make(edit=None):
+        d = tmp_path / "copy"
+        shutil.copytree(tiny_build, d)
+        if edit:
+            edit(d)
+        return d
+    return make
+
+
+def cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+# ---- loading ----------------------------------------------------------------------------------------
+def test_load(engine, tiny_build):
+    assert engine.backend == "ort" and engine.config.vocab_size == 512
+    assert engine.model_file == tiny_build / "model.ort.onnx"  # the optimized graph, on every load
+    assert engines.load(tiny_build).model_file.name == "model.ort.onnx"
+    assert engine.tokenizer is not None and engine.mtp_session is not None
+
+
+def test_tampered_file_is_named(copy_build):
+    def flip(d):
+        data = bytearray((d / "model.onnx.data").read_bytes())
+        data[len(data) // 2] ^= 0x01
+        (d / "model.onnx.data").write_bytes(bytes(data))
+
+    d = copy_build(flip)
+    with pytest.raises(ExportError, match=r"model\.onnx\.data: sha256 does not match"):
+        engines.load(d)
+    assert_clean_error(cli("run", d, "--ids", "0,1,2"), "model.onnx.data", "sha256")
+
+
+def test_missing_file_is_named(copy_build):
+    d = copy_build(lambda d: (d / "mtp.ort.onnx.data").unlink())
+    assert_clean_error(cli("run", d, "--ids", "0,1,2"), "mtp.ort.onnx.data", "missing")
+
+
+# ---- forward ----------------------------------------------------------------------------------------
+def test_forward_chains_the_cache(engine, reference):
+    """Prefill all at once == prefill of a prefix then the rest through the cache; both == torch."""
+    ids = np.array([PROMPT])
+    logits, hidden, past = engine.forward(ids)
+    assert logits.shape == (1, 7, 512) and hidden.shape == (1, 7, 64)
+    assert [p.shape for p in past] == [(1, 7, engine.latent_dim)] * 3
+    _, _, past4 = engine.forward(ids[:, :4])
+    logits2, _, past2 = engine.forward(ids[:, 4:], past4)
+    assert np.abs(logits2 - logits[:, 4:]).max() <= 1e-4 * np.abs(logits).max()
+    with torch.no_grad():
+        ref = reference(torch.from_numpy(ids)).logits.numpy()
+    assert np.abs(ref - logits).max() <= 1e-4 * np.abs(ref).max()
+    with pytest.raises(ExportError, match="out of range"):
+        engine.forward([[0, 512]])
+    with pytest.raises(ExportError, match=r"past\[0\] must be"):
+        engine.forward(ids, [p[:, :, :5] for p in past])
+
+
+# ---- generation ---------------------------------------------------------------------------------------
+def test_greedy_matches_reference(engine, reference):
+    streamed = []
+    r = engine.generate(PROMPT, max_new_tokens=32, stop=[], on_token=lambda row, t: streamed.append((row, t)))
+    with torch.no_grad():
+        want = reference.generate_greedy(torch.tensor([PROMPT]), 32)[0].tolist()
+    if engine.config.eos_token_id in want:  # the comparison needs no stop in the way
+        want = want[: want.index(engine.config.eos_token_id) + 1]
+    assert r.ids == want
+    assert streamed == [(0, t) for t in want]
+    s = r.stats
+    assert (s.batch, s.prompt_tokens, s.new_tokens) == (1, 7, len(want))
+    assert s.prefill_seconds > 0 and s.decode_tokens_per_s > 0 and s.steps == len(want) - 1
+    assert isinstance(r.text, str)
+    print(f"tiny decode: {s.decode_tokens_per_s:.0f} tokens/s (1 thread), prefill {s.prefill_seconds * 1e3:.1f} ms")
+
+
+def test_sampling_is_seeded(engine):
+    kw = dict(max_new_tokens=24, temperature=1.0, top_p=0.95, top_k=50)
+    a = engine.generate(PROMPT, seed=1, **kw).ids
+    assert engine.generate(PROMPT, seed=1, **kw).ids == a
+    assert engine.generate(PROMPT, seed=2, **kw).ids != a
+    greedy = engine.generate(PROMPT, max_new_tokens=24).ids
+    assert engine.generate(PROMPT, max_new_tokens=24, temperature=1.5, top_k=1, seed=3).ids == greedy
+    # A tiny nucleus keeps only the most likely token: greedy too.
+    assert engine.generate(PROMPT, max_new_tokens=24, temperature=1.0, top_p=1e-6, seed=4).ids == greedy
+
+
+def test_sample_distribution():
+    """top-k / top-p restrict the support; frequencies follow the softmax."""
+    from engines.sampling import sample
+
+    logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]] * 20000))
+    rng = np.random.default_rng(0)
+    draws = sample(logits, rng, temperature=1.0)
+    freq = np.bincount(draws, minlength=4) / draws.size
+    assert np.allclose(freq, [0.5, 0.3, 0.15, 0.05], atol=0.015)
+    assert set(sample(logits, rng, temperature=1.0, top_k=2)) == {0, 1}
+    assert set(sample(logits, rng, temperature=1.0, top_p=0.7)) == {0, 1}  # 0.5 < 0.7 <= 0.8
+    assert set(sample(logits, rng, temperature=1.0, top_p=0.5)) == {0}
+
+
+def test_batch_equals_alone(engine):
+    other = [0, 400, 3, 99, 12, 250, 31]
+    alone = [engine.generate(p, max_new_tokens=12, stop=[]).ids for p in (PROMPT, other)]
+    batch = engine.generate([PROMPT, other], max_new_tokens=12, stop=[])
+    assert batch.ids == alone and batch.stats.batch == 2 and batch.stats.new_tokens == 24
+    assert isinstance(batch.text, list) and len(batch.text) == 2
+
+
+def test_stop_tokens(engine):
+    other = [0, 400, 3, 99, 12, 250, 31]
+    full = engine.generate(PROMPT, max_new_tokens=16, stop=[]).ids
+    other_full = engine.generate(other, max_new_tokens=16, stop=[]).ids
+    # A token of PROMPT's continuation (first seen after a few steps) that `other`'s never emits.
+    first, stop = next((i, t) for i, t in enumerate(full) if i >= 2 and t not in full[:i] and t not in other_full)
+    r = engine.generate(PROMPT, max_new_tokens=16, stop=[stop])
+    assert r.ids == full[: first + 1] and r.finish_reason == "stop"
+    assert r.text == engine.decode(full[:first])
+    assert engine.generate(PROMPT, max_new_tokens=16, stop=stop).ids == r.ids  # a single id works too
+    # In a batch, a stopped row waits (padded) while the other finishes; neither changes.
+    b = engine.generate([PROMPT, other], max_new_tokens=16, stop=[stop])
+    assert b.ids == [full[: first + 1], other_full] and b.finish_reason == ["stop", "length"]
+    assert b.stats.new_tokens == first + 1 + 16
+
+
+def test_text_prompts(engine):
+    r = engine.generate("Hello world", max_new_tokens=8)
+    assert r.prompt_ids[0] == engine.config.bos_token_id
+    assert r.prompt_ids == engine.tokenize("Hello world")
+    with pytest.raises(ExportError, match="same length"):
+        engine.generate(["Hello world", "a much longer prompt than the first one"], max_new_tokens=4)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(prompt=""), "empty prompt"),
+    (dict(prompt=[]), "empty prompt"),
+    (dict(prompt=[[1, 2], []]), "empty prompt"),
+    (dict(prompt=[0, 512]), "out of range"),
+    (dict(prompt=[0, -1]), "out of range"),
+    (dict(prompt=[0, 1], max_new_tokens=1023), "max_seq_len 1024"),
+    (dict(prompt=[0, 1], max_new_tokens=0), "max_new_tokens"),
+    (dict(prompt=[0, 1], temperature=-1.0), "temperature"),
+    (dict(prompt=[0, 1], top_p=0.0), "top_p"),
+    (dict(prompt=[0, 1], top_k=-2), "top_k"),
+    (dict(prompt=[[0, 1], [0, 2]], speculative=True), "batch 1"),
+    (dict(prompt=3.5), "prompt"),
+])
+def test_bad_generate_arguments(engine, kwargs, match):
+    kwargs = {"max_new_tokens": 4, **kwargs}
+    with pytest.raises(ExportError, match=match):
+        engine.generate(kwargs.pop("prompt"), **kwargs)
+
+
+# ---- the CLI --------------------------------------------------------------------------------------------
+def test_cli_run_streams_text(engine, tiny_build):
+    r = cli("run", tiny_build, "--prompt", "Hello world", "--max-new-tokens", 12)
+    assert r.exit_code == 0, r.output
+    want = engine.generate("Hello world", max_new_tokens=12)
+    assert r.stdout == want.text + "\n"
+    assert "new tokens" in r.stderr and "tokens/s" in r.stderr
+    r = cli("run", tiny_build, "--ids", ",".join(map(str, PROMPT)), "--max-new-tokens", 6, "--temperature", 0.8,
+            "--top-p", 0.9, "--seed", 5)
+    assert r.exit_code == 0, r.output
+    assert r.stdout == engine.generate(PROMPT, max_new_tokens=6, temperature=0.8, top_p=0.9, seed=5).text + "\n"
+
+
+def test_cli_run_ids_without_tokenizer(engine, copy_build):
+    def drop_tokenizer(d):
+        (d / "tokenizer.json").unlink()
+        m = json.loads((d / "manifest.json").read_text())
+        del m["files"]["tokenizer.json"]
+        (d / "manifest.json").write_text(json.dumps(m))
+
+    d = copy_build(drop_tokenizer)
+    r = cli("run", d, "--ids", ",".join(map(str, PROMPT)), "--max-new-tokens", 5)
+    assert r.exit_code == 0, r.output
+    assert r.stdout.split() == [str(t) for t in engine.generate(PROMPT, max_new_tokens=5).ids]
+    assert_clean_error(cli("run", d, "--prompt", "hi"), "no tokenizer.json")
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--ids", "0,5,512"], "token id 512"),
+    (["--ids=-1,5"], "token id -1"),
+    (["--prompt", ""], "empty prompt"),
+    (["--ids", ""], "empty prompt"),
+    (["--ids", "1,x"], "--ids"),
+    (["--ids", "0,1", "--max-new-tokens", "2000"], "max_seq_len"),
+    (["--prompt", "hi", "--speculative", "--max-new-tokens", "2000"], "max_seq_len"),
+    (["--prompt", "hi", "--backend", "trt"], "TensorRT"),
+    (["--prompt", "hi", "--ids", "1"], "exactly one"),
+    (["--prompt", "hi", "--top-p", "1.5"], "top_p"),
+])
+def test_cli_run_bad_input(tiny_build, args, needle):
+    assert_clean_error(cli("run", tiny_build, *args), needle)
+
+
+def test_cli_run_not_a_build(tmp_path):
+    assert_clean_error(cli("run", tmp_path, "--prompt", "hi"), "manifest.json")
+    assert_clean_error(cli("run", tmp_path / "nope", "--prompt", "hi"), "no such build directory")

@@ -1,0 +1,79 @@
+"""tools/llamacpp_compare.py: llama-bench's records read right and paired with benchmarks.bench's figures;
+the end-to-end run needs a built llama.cpp tree (DSV3_LLAMA_CPP), so it skips without one."""
+
+import os
+
+import pytest
+
+from tests.helpers import load_tool
+
+
+def _tool():
+    return load_tool("llamacpp_compare")
+
+
+# Fields as llama-bench -o json writes them (tools/llama-bench/llama-bench.cpp), trimmed.
+RECORDS = [
+    {"n_prompt": 128, "n_gen": 0, "n_depth": 0, "avg_ts": 387.5, "stddev_ts": 12.0, "samples_ts": [375.0, 400.0]},
+    {"n_prompt": 1024, "n_gen": 0, "n_depth": 0, "avg_ts": 308.6, "stddev_ts": 3.0, "samples_ts": [305.6, 311.6]},
+    {"n_prompt": 0, "n_gen": 16, "n_depth": 128, "avg_ts": 60.3, "stddev_ts": 0.5, "samples_ts": [59.8, 60.8]},
+    {"n_prompt": 0, "n_gen": 16, "n_depth": 1024, "avg_ts": 52.1, "stddev_ts": 1.0, "samples_ts": [51.1, 53.1]},
+]
+
+
+def test_llama_bench_records_become_prefill_and_decode_rows():
+    rows = _tool().llama_rows(RECORDS)
+    assert sorted(rows["prefill"]) == [128, 1024] and sorted(rows["decode"]) == [128, 1024]
+    assert rows["decode"][1024]["tokens_per_s"] == 52.1
+    assert rows["prefill"][128]["min"] == 375.0 and rows["prefill"][128]["max"] == 400.0
+
+
+def test_compare_pairs_only_what_both_measured():
+    tool = _tool()
+    ours = {"prefill": {"1024": {"tokens_per_s": 479.4}},
+            "decode": {"128": {"tokens_per_s": 54.7}, "4096": {"tokens_per_s": 33.8}}}  # benchmarks.bench: str keys
+    rows = tool.compare(ours, tool.llama_rows(RECORDS))
+    assert [(r["phase"], r["tokens"]) for r in rows] == [("prefill", 1024), ("decode", 128)]
+    assert rows[0]["ratio"] == pytest.approx(479.4 / 308.6) and rows[1]["ratio"] == pytest.approx(54.7 / 60.3)
+    assert "bound" not in rows[1]  # bench measured no bound here
+
+
+def test_decode_rows_carry_the_memory_bound_and_each_side_s_reach():
+    tool = _tool()
+    ours = {"prefill": {}, "decode": {"1024": {"tokens_per_s": 45.0}}}
+    runs = [{"memory_bound": {"decode": {"1024": {"tokens_per_s": t}}}} for t in (60.0, 70.0, 64.0)]
+    ours["memory_bound"] = tool._median_bound(runs)
+    [row] = tool.compare(ours, tool.llama_rows(RECORDS))
+    assert row["bound"] == 64.0
+    assert row["ours_reached"] == pytest.approx(45.0 / 64.0) and row["llama_cpp_reached"] == pytest.approx(52.1 / 64.0)
+
+
+def test_rounds_reduce_to_medians_per_measurement():
+    tool = _tool()
+    runs = [{"prefill": {"128": {"tokens_per_s": t}}, "decode": {"1024": {"tokens_per_s": 10 * t}, "4096": {"tokens_per_s": 1}}}
+            for t in (3.0, 1.0, 2.0)]
+    runs[1]["decode"].pop("4096")  # only what every round measured
+    merged = tool.median_over_rounds(runs)
+    assert merged["prefill"][128]["tokens_per_s"] == 2.0 and merged["decode"][1024]["rounds"] == [30.0, 10.0, 20.0]
+    assert set(merged["decode"]) == {1024}
+
+
+def test_missing_llama_cpp_tree_is_a_one_line_error(tmp_path):
+    with pytest.raises(SystemExit, match="llama-bench binary"):
+        _tool().main([str(tmp_path), str(tmp_path), "--llama-cpp", str(tmp_path / "nowhere")])
+
+
+@pytest.mark.skipif(not os.environ.get("DSV3_LLAMA_CPP"),
+                    reason="needs a llama.cpp tree with build/bin/llama-bench (set DSV3_LLAMA_CPP)")
+def test_against_llama_cpp_on_tiny(tmp_path):
+    from click.testing import CliRunner
+
+    from cli.main import main as cli
+
+    ckpt, build = tmp_path / "ckpt", tmp_path / "build"
+    for args in (["make-checkpoint", "--preset", "tiny", "-o", str(ckpt)], ["build", str(ckpt), "-o", str(build)]):
+        assert CliRunner().invoke(cli, args).exit_code == 0
+    report = _tool().main([str(ckpt), str(build), "--llama-cpp", os.environ["DSV3_LLAMA_CPP"], "--prefill", "16",
+                           "--contexts", "16", "--repeats", "1", "--rounds", "1", "--decode-tokens", "4"])
+    assert {(r["phase"], r["tokens"]) for r in report["rows"]} == {("prefill", 16), ("decode", 16)}
+    assert all(r["ours"] > 0 and r["llama_cpp"] > 0 for r in report["rows"])

@@ -1,0 +1,1 @@
+"""Verification: a build's graphs and engines against the PyTorch reference (Polygraphy), its report."""
