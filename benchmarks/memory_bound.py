@@ -15,7 +15,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx_ir as ir
+import onnxruntime as ort
 
 # Ops that run only the experts each token is routed to: ours (DESIGN.md) and ONNX Runtime's.
 EXPERT_OPS = {"MoEDispatch", "MoEDispatchFP8", "MoE", "QMoE"}
@@ -89,9 +91,6 @@ def step_bytes(graph_path: str | Path, cfg: dict) -> dict[str, int]:
 def read_bandwidth(threads: int, megabytes: int = 256, repeats: int = 15) -> float:
     """Bytes/s ONNX Runtime's float32 matrix-vector product streams through a `megabytes` matrix with
     `threads` intra-op threads (median of `repeats` calls after two warm-ups)."""
-    import numpy as np
-    import onnxruntime as ort
-
     rows = 4096
     cols = megabytes * 2**20 // (4 * rows)
     x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([1, rows]))

@@ -1,4 +1,7 @@
-"""`dsv3-export`: a thin Click layer over the Python API. Expected errors print one line, no traceback."""
+"""`dsv3-export`: a thin Click layer over the Python API. Expected errors print one line, no traceback.
+
+Each command imports what it runs inside its function: `dsv3-export --help` and a bad flag answer
+at once, without loading torch, ONNX Runtime and the pipeline."""
 
 from __future__ import annotations
 
@@ -54,8 +57,8 @@ def inspect(source: str, as_json: bool) -> None:
     """Describe a checkpoint dir or preset: shape, parameters, cache cost, MTP, stored precision."""
     from rich.table import Table
 
-    from exporter.source import open_source
     from exporter.describe import describe, human_bytes, human_count
+    from exporter.source import open_source
 
     info = describe(open_source(source))
     if as_json:
@@ -104,8 +107,8 @@ def make_checkpoint(preset_name, config_path, out, fp8, dtype, seed, layout, mp,
 
     import exporter.names as names
     from core.config import load_config
-    from exporter.describe import human_bytes
     from exporter.checkpoint_writer import make_checkpoint as make
+    from exporter.describe import human_bytes
 
     if (preset_name is None) == (config_path is None):
         raise ExportError("give exactly one of --preset or --config")
@@ -261,8 +264,9 @@ def run(build_dir, prompt, ids_text, max_new_tokens, temperature, top_k, top_p, 
               help="Decode steps after the prefill, fed the reference's latent cache.")
 @click.option("--greedy-tokens", type=click.IntRange(min=1), default=32, show_default=True,
               help="Greedy tokens compared with the reference's.")
-@click.option("--backend", "backends", multiple=True, type=click.Choice(["ort", "graph", "trt"]),
-              help="Runners to check (repeatable; default: ort, graph, and trt where TensorRT works).")
+@click.option("--runner", "--backend", "backends", multiple=True, type=click.Choice(["ort", "graph", "trt"]),
+              help="Runners to check: the ORT engine, the raw exported graph in ORT, TensorRT (repeatable; "
+                   "default: ort, graph, and trt where TensorRT works). --backend is the older name.")
 @click.option("--report-dir", type=click.Path(file_okay=False), default=None,
               help="Where to write the report (default: BUILD_DIR/verify, recorded in the manifest).")
 @click.option("--json", "as_json", is_flag=True, help="Print the verdict as JSON.")
@@ -273,15 +277,16 @@ def verify(build_dir, source, seed, decode_steps, greedy_tokens, backends, repor
     from rich.progress import Progress
     from rich.table import Table
 
+    from core.build_dir import find_manifest
     from exporter.source import open_source
-    from verification.verify import read_manifest, source_from_manifest
     from verification.report import check_summary
+    from verification.verify import source_from_manifest
     from verification.verify import verify as run_verify
 
     build = Path(build_dir)
     if not build.is_dir():
         raise ExportError(f"{build}: no such build directory")
-    manifest = read_manifest(build) or {}
+    manifest = find_manifest(build) or {}
     if source is None:
         src, spec = source_from_manifest(build, seed=seed)
     else:
@@ -350,11 +355,10 @@ def bench_cmd(builds, json_path, threads, repeats, prefill, contexts, decode_ste
 
 
 def _print_bench(report) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     from exporter.describe import human_bytes
-
-    from rich.markup import escape
 
     rounds = report["params"].get("rounds", 1)
     over = f", medians of {rounds} alternating rounds" if rounds > 1 else ""

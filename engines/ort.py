@@ -24,12 +24,12 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable
+from typing import Iterable
+
+import onnxruntime as ort
+from onnx import TensorProto, helper
 
 from core.errors import ExportError
-
-if TYPE_CHECKING:
-    import onnxruntime as ort
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -81,8 +81,6 @@ def _quiet():
 
 def _probe_model() -> bytes:
     """A one-node graph (Identity) to test-load a provider with."""
-    from onnx import TensorProto, helper
-
     graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
@@ -93,8 +91,6 @@ def _probe_model() -> bytes:
 
 @functools.lru_cache(maxsize=None)
 def _provider_loads(provider: str) -> bool:
-    import onnxruntime as ort
-
     if provider == CPU:
         return True
     if provider not in ort.get_available_providers():
@@ -114,8 +110,6 @@ def available_providers() -> tuple[str, ...]:
     """The execution providers that really work here, best first: TensorRT and CUDA only when their
     libraries load and a device answers (ONNX Runtime lists them whenever the wheel has them),
     CPU always. Probed once per process, silently."""
-    import onnxruntime as ort
-
     listed = ort.get_available_providers()
     return tuple(p for p in (TENSORRT, CUDA) if p in listed and _provider_loads(p)) + (CPU,)
 
@@ -147,8 +141,6 @@ def _graph_path(build_dir: Path, graph: str) -> Path:
 def prepare(build_dir: str | Path, graphs: dict[str, Path]) -> dict:
     """Optimize each graph with ONNX Runtime (extended level, CPU provider) and save the result next
     to it, weights in external data. Returns the manifest's "engine" entry."""
-    import onnxruntime as ort
-
     build_dir = Path(build_dir)
     started = time.time()
     saved = {}
@@ -190,8 +182,6 @@ def session(build_dir: str | Path, graph: str = "model", providers: Iterable[str
     threads sleep between runs instead of busy-waiting (for a session that alternates with another
     one, as the MTP graph does with the main graph in speculative decoding). The path loaded is in
     `session.dsv3_model_path`."""
-    import onnxruntime as ort
-
     build_dir = Path(build_dir)
     providers = _check_providers(providers)
     raw = _graph_path(build_dir, graph)

@@ -16,13 +16,15 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
+from tokenizers import Tokenizer
 
+import engines.ort as ort_engine
+import engines.speculative as speculative
 from core.build_dir import MANIFEST, cache_layout, check_backend, check_file_hashes, read_manifest
 from core.config import ModelConfig
 from core.errors import ExportError
-from engines import ort as ort_engine
-from engines import speculative
 from engines.sampling import check_generation_args, sample
+
 
 # ---- results ----------------------------------------------------------------------------------------
 @dataclass
@@ -137,7 +139,6 @@ class Engine:
         path = self.build_dir / "tokenizer.json"
         if not path.is_file():
             return None
-        from tokenizers import Tokenizer
 
         try:
             return Tokenizer.from_file(str(path))
@@ -154,7 +155,7 @@ class Engine:
     def _open_session(self, graph: str):
         """The backend's session for "model" or "mtp": both have onnxruntime's run(names, feeds)."""
         if self.backend == "trt":
-            from engines import trt as trt_engine  # lazy: TensorRT sessions are for GPU hosts only
+            import engines.trt as trt_engine  # lazy: TensorRT sessions are for GPU hosts only
 
             return trt_engine.session(self.build_dir, graph)
         # The MTP graph runs between main-graph calls (speculative decoding): its intra-op threads

@@ -26,15 +26,37 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from core.build_dir import graph_io, read_manifest
 from core.errors import ExportError
+from engines.trt_profiles import (  # noqa: F401  re-exported: the backend's pure logic
+    ATTENTION_IMPLS,
+    DEFAULT_DECODE_SEQ,
+    DEFAULT_MAX_BATCH,
+    DEFAULT_MAX_PREFILL,
+    DEFAULT_MAX_SEQ_LEN,
+    DEFAULT_OPT_PREFILL,
+    DEFAULT_WORKSPACE_GIB,
+    DIM_ROLES,
+    PLAN_SUFFIX,
+    PROFILE_NAMES,
+    PROFILES_FILE,
+    PROFILES_FORMAT,
+    TIMING_CACHE,
+    TrtOptions,
+    check_portable,
+    check_profiles_match,
+    count_dsv3_nodes,
+    describe_profile,
+    dim_ranges,
+    load_profiles,
+    make_profiles,
+    manifest_entry,
+    plan_name,
+    polygraphy_profiles,
+    profiles_document,
+    select_profile,
+)
 from plugins.latent_attention.tensorrt import register as register_attention
 from plugins.moe_dispatch.tensorrt import register as register_moe
 from plugins.trt_common import TRT_TO_TORCH, dtype_name
-from engines.trt_profiles import (  # noqa: F401  re-exported: the backend's pure logic
-    ATTENTION_IMPLS, DEFAULT_DECODE_SEQ, DEFAULT_MAX_BATCH, DEFAULT_MAX_PREFILL, DEFAULT_MAX_SEQ_LEN,
-    DEFAULT_OPT_PREFILL, DEFAULT_WORKSPACE_GIB, DIM_ROLES, PLAN_SUFFIX, PROFILES_FILE, PROFILES_FORMAT,
-    PROFILE_NAMES, TIMING_CACHE, TrtOptions, check_portable, check_profiles_match, count_dsv3_nodes,
-    describe_profile, dim_ranges, load_profiles, make_profiles, manifest_entry, plan_name, polygraphy_profiles,
-    profiles_document, select_profile)
 
 MIN_TENSORRT = (10, 15)
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+from safetensors import safe_open
 
 import exporter.names as names
 from core.config import ModelConfig, from_hf_dict, from_modelargs_dict
@@ -27,8 +28,6 @@ _MP_FILE = re.compile(r"model(\d+)-mp(\d+)\.safetensors$")
 
 
 def _safe_open(path: Path):
-    from safetensors import safe_open
-
     try:
         return safe_open(str(path), framework="pt")
     except Exception as e:  # safetensors raises its own error types for truncated/corrupt headers

@@ -13,10 +13,14 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
+import torch
+from safetensors.torch import save_file
+
 import exporter.names as names
 from core.config import ModelConfig, load_config, to_hf_dict
 from core.errors import ExportError
 from exporter.tokenizer_training import train_tokenizer
+from exporter.weights import RandomWeights
 
 SHARD_BYTES = 512 * 2**20
 
@@ -40,9 +44,6 @@ def _plan_shards(tensor_names: list[str], size_of: Callable[[str], int], limit: 
 def write_hf(source, out: Path, *, dtype: str = "fp32", shard_bytes: int = SHARD_BYTES,
              progress: Callable[[int], None] | None = None) -> None:
     """Hugging Face layout: config.json, sharded safetensors with an index when more than one shard."""
-    import torch
-    from safetensors.torch import save_file
-
     cfg = source.config
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     tensor_names = source.names()
@@ -94,9 +95,6 @@ def write_deepseek(source, out: Path, *, mp: int = 1, dtype: str = "fp32",
     """DeepSeek's converted layout, model{r}-mp{mp}.safetensors, split as its convert.py splits:
     experts by rank, column/row-parallel weights along their dim, the rest replicated. Like
     convert.py, the MTP layer is not written."""
-    import torch
-    from safetensors.torch import save_file
-
     cfg = source.config
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     if cfg.n_routed_experts % mp:
@@ -129,8 +127,6 @@ def make_checkpoint(config: str | Path | ModelConfig, out: str | Path, *, fp8: b
                     dtype: str = "fp32", layout: str = "hf", mp: int = 1, force: bool = False,
                     progress: Callable[[int], None] | None = None) -> Path:
     """Write a seeded random checkpoint; atomic (a temporary sibling renamed at the end)."""
-    from exporter.weights import RandomWeights
-
     cfg = config if isinstance(config, ModelConfig) else load_config(config)
     cfg = cfg.replace(weight_dtype="fp8" if fp8 else dtype, fp8_block=(128, 128) if fp8 else None)
     out = Path(out)

@@ -18,6 +18,8 @@ from torch import nn
 
 from core.config import ModelConfig
 from exporter.model import Transformer
+from plugins.latent_attention import onnx_function as la
+from plugins.moe_dispatch import onnx_function as moe
 
 OPSET = 23  # Attention (for the ORT lowering) needs 23; the function bodies are written for it.
 # Example sizes for tracing: above 1 so torch.export does not specialise them.
@@ -60,9 +62,6 @@ def cache_width(cfg: ModelConfig, mla: str) -> tuple[int, ...]:
 
 
 def _translations() -> dict:
-    from plugins.latent_attention import onnx_function as la
-    from plugins.moe_dispatch import onnx_function as moe
-
     la.register_schema()
     moe.register_schema()
     return {torch.ops.dsv3.latent_attention.default: la.torch_translation,

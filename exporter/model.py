@@ -5,22 +5,26 @@ interleaved pairs, dense-first SwiGLU then MoE with group-limited routing, share
 MTP block. Attention runs naive (per-head K/V, cache [B,T,H,dn+dr+dv]) or absorbed (W_UK folded
 into the query, W_UV into the output, cache the 576-wide latent [B,T,r+dr]); both are stateless:
 `forward(input_ids, past) -> (logits, hidden_states, past)`.
+
+`Transformer.training_form()` selects, on one model instance, the differentiable form that
+tools/train_demo.py trains: the same function of the same weights, off by default.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from plugins.latent_attention.reference import latent_attention_op
-from plugins.moe_dispatch.reference import moe_dispatch_op
-
-from core.fp8 import FP8_DTYPE, dequantize_blocks
 from core.config import ModelConfig
+from core.fp8 import FP8_DTYPE, dequantize_blocks
+from plugins.latent_attention.reference import latent_attention, latent_attention_op
+from plugins.moe_dispatch.reference import moe_dispatch, moe_dispatch_op
 
 MLA_MODES = ("absorbed", "naive")
 
@@ -131,6 +135,10 @@ class MLA(nn.Module):
         else:
             self.wkv_b = Linear(cfg.kv_lora_rank, h * (cfg.qk_nope_head_dim + cfg.v_head_dim), dtype)
         self.wo = Linear(h * cfg.v_head_dim, d, dtype)
+        # The training hook (Transformer.training_form): the custom ops have no autograd formula, so
+        # training needs their plain-torch references, and naive MLA without a cache trains faster
+        # through torch's fused attention. Set per instance, never by patching this module.
+        self.training_form = False
 
     def query(self, x: torch.Tensor) -> torch.Tensor:
         q = self.wq_b(self.q_norm(self.wq_a(x))) if self.cfg.q_lora_rank else self.wq(x)
@@ -150,12 +158,15 @@ class MLA(nn.Module):
         cfg = self.cfg
         dn, dr, dv, r, h = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank, cfg.n_heads
         q_nope, q_pe, c_kv, k_pe = self.project(x, cos, sin)
+        if self.training_form and self.mla == "naive" and past is None:
+            return self.fused_attention(q_nope, q_pe, c_kv, k_pe), None
         if self.mla == "absorbed":
             latent = torch.cat([c_kv, k_pe], dim=-1)
             if past is not None:
                 latent = torch.cat([past, latent], dim=1)
             q_lat = torch.einsum("bshd,hdc->bshc", q_nope, self.w_uk)
-            o_lat = latent_attention_op(torch.cat([q_lat, q_pe], dim=-1), latent, cfg.softmax_scale, r)
+            attend = latent_attention if self.training_form else latent_attention_op
+            o_lat = attend(torch.cat([q_lat, q_pe], dim=-1), latent, cfg.softmax_scale, r)
             out = torch.einsum("bshc,hdc->bshd", o_lat, self.w_uv)
             return self.wo(out.flatten(2)), latent
 
@@ -175,6 +186,19 @@ class MLA(nn.Module):
         scores = scores.masked_fill(~mask[None, :, None, :], float("-inf"))
         out = torch.einsum("bsht,bthd->bshd", scores.softmax(dim=-1), v.to(acc)).to(x.dtype)
         return self.wo(out.flatten(2)), cache
+
+    def fused_attention(self, q_nope, q_pe, c_kv, k_pe) -> torch.Tensor:
+        """Naive MLA without a cache through torch's scaled_dot_product_attention (the training form):
+        V zero-padded to the QK width so the flash kernel applies; the padding adds nothing."""
+        cfg = self.cfg
+        dn, dr, dv, h = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.n_heads
+        k_nope, v = self.wkv_b(c_kv).unflatten(-1, (h, dn + dv)).split([dn, dv], dim=-1)
+        q = torch.cat([q_nope, q_pe], dim=-1)
+        k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(-1, -1, h, -1)], dim=-1)
+        width = max(dn + dr, dv)
+        q, k, v = (F.pad(t, (0, width - t.shape[-1])).transpose(1, 2) for t in (q, k, v))
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=cfg.softmax_scale)[..., :dv]
+        return self.wo(o.transpose(1, 2).flatten(2))
 
 
 # ---- feed-forward -------------------------------------------------------------------------------
@@ -232,12 +256,14 @@ class MoE(nn.Module):
         self.w_down = nn.Parameter(torch.empty(e, d, i, dtype=dtype), requires_grad=False)
         self.shared_experts = MLP(d, cfg.n_shared_experts * i, dtype) if cfg.n_shared_experts else None
         self.act_quant = None  # on the routed experts' input only, like the quantized graph
+        self.training_form = False  # the plain-torch dispatch, which autograd differentiates (see MLA's)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.flatten(0, -2)
         weights, idx = self.gate(flat)
         xe = flat if self.act_quant is None else self.act_quant(flat)
-        y = moe_dispatch_op(xe, idx, weights, self.w_gate_up.to(x.dtype), self.w_down.to(x.dtype))
+        dispatch = moe_dispatch if self.training_form else moe_dispatch_op
+        y = dispatch(xe, idx, weights, self.w_gate_up.to(x.dtype), self.w_down.to(x.dtype))
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)
         return y.view_as(x)
@@ -296,6 +322,21 @@ class Transformer(nn.Module):
     def _angles(self, past_len: int, seq_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         positions = torch.arange(seq_len, device=device) + past_len
         return rope_angles(self.inv_freq, positions, self.dtype)
+
+    @contextlib.contextmanager
+    def training_form(self, enabled: bool = True) -> Iterator[Transformer]:
+        """Within: this model (and only it) runs its training form, differentiable and faster to train:
+        the custom ops' plain-torch references, and naive MLA without a cache through fused attention.
+        The same function of the same weights; on exit each module's previous form is restored."""
+        modules = [m for m in self.modules() if isinstance(m, (MLA, MoE))]
+        saved = [m.training_form for m in modules]
+        for m in modules:
+            m.training_form = enabled
+        try:
+            yield self
+        finally:
+            for m, s in zip(modules, saved):
+                m.training_form = s
 
     def forward(self, input_ids: torch.Tensor, past: list[torch.Tensor] | None = None) -> ModelOutput:
         past_len = past[0].shape[1] if past else 0

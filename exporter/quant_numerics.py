@@ -12,12 +12,16 @@ import math
 import threading
 from typing import Callable
 
+import ml_dtypes
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from core.fp8 import FP8_ACT_EPS, FP8_BLOCK, FP8_DTYPE, FP8_MAX, dequantize_blocks
+from exporter.model import Linear, MoE
 from exporter.precision_policy import INT8_ACT_EPS, Policy, Scheme
+from exporter.weights import source_fp8, source_tensor
 
 
 # ---- activations (the torch emulation of the graph's Q/DQ) ----------------------------------------
@@ -82,14 +86,10 @@ def matmulnbits_blob(q: torch.Tensor, bits: int, block: int) -> np.ndarray:
 
 
 def onnx_int4(q: torch.Tensor) -> np.ndarray:
-    import ml_dtypes
-
     return q.numpy().astype(ml_dtypes.int4)
 
 
 def fp8_numpy(q: torch.Tensor) -> np.ndarray:
-    import ml_dtypes
-
     return q.contiguous().view(torch.uint8).numpy().view(ml_dtypes.float8_e4m3fn)
 
 
@@ -130,8 +130,6 @@ def quantized_int(source, fqn: str, scheme: Scheme, block: int) -> tuple[torch.T
     per-head einsum weights are always 8-bit per row: they are dequantized by DequantizeLinear, whose
     int4 kernel in ORT is 5x slower than its int8 one (measured: 5 vs 1 ms per decode step on
     `small`), and they are small."""
-    from exporter.weights import source_tensor
-
     w = source_tensor(source, fqn, torch.float32)
     if weight_role(fqn) in ("embedding", "einsum"):
         return quantize_int(w, 8, 0)
@@ -141,8 +139,6 @@ def quantized_int(source, fqn: str, scheme: Scheme, block: int) -> tuple[torch.T
 def graph_weight(source, fqn: str, policy: Policy, block: int | None = None) -> torch.Tensor:
     """The fp32 value the quantized graph holds for parameter `fqn` (dequantized; expert padding
     cut), in the reference model's layout: the weights of the emulated reference."""
-    from exporter.weights import source_fp8
-
     scheme = policy.scheme
     role = weight_role(fqn)
     if policy.precision == "fp8" and role != "embedding":
@@ -199,10 +195,6 @@ def emulate(model, source, policy: Policy, decisions: dict[str, str] | None = No
     dequantized value, and the graph's activation quantization applied in front of each quantized
     Linear (and, fp8, of the routed experts). Kernel-internal activation quantization (QMoE,
     MatMulNBits accuracy_level 4) is not emulated."""
-    from torch import nn
-
-    from exporter.model import Linear, MoE
-
     decisions = policy.decisions if decisions is None else decisions
     cfg = source.config
     act = ACT_QUANT.get(policy.scheme.act) if policy.scheme and policy.scheme.act else None

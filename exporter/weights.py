@@ -12,9 +12,9 @@ import math
 import torch
 
 import exporter.names as names
-from core.fp8 import FP8_BLOCK, FP8_DTYPE, dequantize_blocks, quantize_blocks
 from core.config import ModelConfig
 from core.errors import CheckpointError
+from core.fp8 import FP8_BLOCK, FP8_DTYPE, dequantize_blocks, quantize_blocks
 from exporter.model import Linear, Transformer, rope_inv_freq
 
 

@@ -19,11 +19,11 @@ from typing import Any
 
 import onnx_ir as ir
 
+import engines.ort as ort_engine
+import engines.trt as trt_engine
 from core.build_dir import check_backend, graph_io, write_manifest
 from core.errors import ExportError
 from core.progress import Reporter
-from engines import ort as ort_engine
-from engines import trt as trt_engine
 from exporter.checkpoint import Checkpoint
 from exporter.describe import cache_bytes_per_token
 from exporter.export import export_main, export_mtp, meta_model

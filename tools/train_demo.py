@@ -4,11 +4,12 @@
 
 What it trains is the reference `exporter.model.Transformer` itself (the "demo" preset of
 exporter/config.py: MLA with q compression, a dense first layer then MoE with sigmoid routing, one
-shared expert and the auxiliary-loss-free correction bias, one MTP layer), in its naive-MLA form
-(per-head K/V: the training form) with the two custom ops swapped for their plain-torch references,
-which autograd differentiates (`torch.library.custom_op` has no autograd formula registered, so the
-ops themselves stop gradients). The absorbed form the exporter uses is the same function of the same
-weights; `verify_checkpoint` proves the written checkpoint reproduces the trained model's logits.
+shared expert and the auxiliary-loss-free correction bias, one MTP layer), naive MLA (per-head K/V),
+under `Transformer.training_form()`: the two custom ops' plain-torch references, which autograd
+differentiates (`torch.library.custom_op` has no autograd formula registered, so the ops themselves
+stop gradients), and fused attention without a cache. The absorbed form the exporter uses is the same
+function of the same weights; `verify_checkpoint` proves the written checkpoint reproduces the trained
+model's logits.
 
 - Data: the interpreter's own standard library sources (no network), one file per document
   (BOS ... EOS), files split into train and held-out by a hash of their path.
@@ -29,11 +30,10 @@ Writes OUT/: config.json + model.safetensors (Hugging Face layout, bf16, router 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
+import importlib.util
 import json
 import math
-import platform
 import shutil
 import sys
 import sysconfig
@@ -46,11 +46,22 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from exporter import names  # noqa: E402
 from core.config import ModelConfig, preset  # noqa: E402
-from exporter.model import MLA, MoE, Transformer  # noqa: E402
+from exporter import names  # noqa: E402
 from exporter.checkpoint_writer import write_hf  # noqa: E402
+from exporter.model import MoE, Transformer  # noqa: E402
 from exporter.tokenizer_training import BOS, EOS, train_bpe  # noqa: E402
+
+
+def _load_sibling(name: str):
+    """A script module of tools/ loaded by path (tools/ is scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+report = _load_sibling("demo_report")
 
 EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__", "dist-packages",
                  # Data more than code: codec tables (1.4 MB) and pydoc's topic texts (0.8 MB).
@@ -89,48 +100,6 @@ def encode_files(tok, files: list[Path], bos: int = 0, eos: int = 1) -> np.ndarr
 
 
 # ---- the model in training form -------------------------------------------------------------------
-def _train_attention(self, x, cos, sin, past):
-    """MLA.forward for training (naive form, no cache): the same math as exporter.model.MLA with
-    the attention through torch's fused scaled_dot_product_attention (V zero-padded to the QK
-    width so the flash kernel applies; the padding adds nothing to the output)."""
-    cfg = self.cfg
-    dn, dr, dv, h = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.n_heads
-    q_nope, q_pe, c_kv, k_pe = self.project(x, cos, sin)
-    k_pe = k_pe.unsqueeze(2)
-    k_nope, v = self.wkv_b(c_kv).unflatten(-1, (h, dn + dv)).split([dn, dv], dim=-1)
-    q = torch.cat([q_nope, q_pe], dim=-1)
-    k = torch.cat([k_nope, k_pe.expand(-1, -1, h, -1)], dim=-1)
-    width = max(dn + dr, dv)
-    q, k, v = (F.pad(t, (0, width - t.shape[-1])).transpose(1, 2) for t in (q, k, v))
-    o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=cfg.softmax_scale)[..., :dv]
-    return self.wo(o.transpose(1, 2).flatten(2)), None
-
-
-@contextlib.contextmanager
-def training_ops():
-    """The model's math in a differentiable, faster form: the two custom ops routed to their
-    plain-torch references (`torch.library.custom_op` has no autograd formula), and naive MLA
-    without a cache through `_train_attention`. Same function of the same weights (tested)."""
-    import exporter.model as model_module
-    from plugins.latent_attention.reference import latent_attention
-    from plugins.moe_dispatch.reference import moe_dispatch
-
-    saved = model_module.moe_dispatch_op, model_module.latent_attention_op, MLA.forward
-    original_forward = MLA.forward
-
-    def forward(self, x, cos, sin, past):
-        if self.mla == "naive" and past is None:
-            return _train_attention(self, x, cos, sin, past)
-        return original_forward(self, x, cos, sin, past)
-
-    model_module.moe_dispatch_op, model_module.latent_attention_op = moe_dispatch, latent_attention
-    MLA.forward = forward
-    try:
-        yield
-    finally:
-        model_module.moe_dispatch_op, model_module.latent_attention_op, MLA.forward = saved
-
-
 def make_model(cfg: ModelConfig, seed: int) -> Transformer:
     """The reference Transformer (naive MLA, gate bias, MTP), initialised and made trainable. The
     MTP head is the main head (one Parameter), as DeepSeek-V3 shares its output head."""
@@ -346,7 +315,7 @@ def verify_checkpoint(model: Transformer, path: Path, data: np.ndarray, seq_len:
     ref = load_reference(path)
     ids = torch.from_numpy(np.asarray(data[: seq_len + 1], dtype=np.int64))[None]
     model.eval()
-    with training_ops():
+    with model.training_form():
         a = model(ids[:, :-1])
         am, _ = model.mtp_forward(ids[:, 1:], a.hidden_states)
     model.train()
@@ -358,92 +327,8 @@ def verify_checkpoint(model: Transformer, path: Path, data: np.ndarray, seq_len:
             "greedy_equal": bool((a.logits.argmax(-1) == b.logits.argmax(-1)).all())}
 
 
-# ---- plotting and the record ------------------------------------------------------------------------
-def plot(history: list[dict], evals: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
-    tok = [h["tokens"] / 1e6 for h in history]
-
-    def smooth(v, k=20):
-        """Trailing mean over k steps (over the steps so far at the start)."""
-        v = np.asarray(v, dtype=float)
-        c = np.cumsum(np.insert(v, 0, 0.0))
-        n = np.minimum(np.arange(1, len(v) + 1), k)
-        return (c[1:] - c[np.arange(1, len(v) + 1) - n]) / n
-
-    ax.plot(tok, smooth([h["loss"] for h in history]), label="train: next token", lw=1.4)
-    ax.plot(tok, smooth([h["mtp_loss"] for h in history]), label="train: MTP (token i+2)", lw=1.4)
-    if evals:
-        et = [e["tokens_seen"] / 1e6 for e in evals]
-        ax.plot(et, [e["loss"] for e in evals], "o-", label="held-out: next token", ms=3.5)
-        ax.plot(et, [e["mtp_loss"] for e in evals], "s--", label="held-out: MTP", ms=3.5)
-    ax.set_xlabel("training tokens (millions)")
-    ax.set_ylabel("cross-entropy (nats)")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-README = """# The embedded demo model
-
-A small DeepSeek-V3-architecture model trained on the Python standard library's sources: the
-default SOURCE of `dsv3-export build` (`demo`). Hugging Face layout, bf16 (router fp32), with its
-MTP layer (`model.layers.{mtp_layer}.*`, output head shared with the main model) and a byte-level BPE
-`tokenizer.json`.
-
-| | |
-|---|---|
-| shape | {shape} |
-| parameters | {params} in the main model + {mtp} in the MTP layer (its head shared), {size} on disk |
-| data | {data} |
-| training | {training} |
-| held-out | perplexity **{ppl:.2f}** (vocab {vocab}), next-token accuracy {acc:.1%}, MTP accuracy on token i+2 {mtp_acc:.1%}, MTP draft = main greedy {agree:.1%} |
-
-![loss](loss.png)
-
-Reproduce (2 CPU cores; the schedule follows the wall-clock budget, so the step count depends on
-the machine):
-
-```sh
-{command}
-```
-
-`metrics.json` holds every figure, the configuration and the training history.
-"""
-
-
-def write_readme(out: Path, metrics: dict) -> None:
-    cfg = metrics["config"]
-    shape = (f"dim {cfg['dim']}, {cfg['n_layers']} layers ({cfg['n_dense_layers']} dense), {cfg['n_heads']} heads, "
-             f"MLA q_lora {cfg['q_lora_rank']} / kv_lora {cfg['kv_lora_rank']} / rope {cfg['qk_rope_head_dim']}, "
-             f"{cfg['n_routed_experts']} routed experts top-{cfg['n_activated_experts']} + {cfg['n_shared_experts']} "
-             f"shared ({cfg['score_func']}, correction bias), 1 MTP layer, vocab {cfg['vocab_size']}")
-    t = metrics["training"]
-    training = (f"{t['steps']} steps × {t['batch']} × {t['seq_len']} tokens ({t['tokens'] / 1e6:.2f} M tokens), "
-                f"{t['seconds'] / 60:.1f} min on {t['threads']} CPU threads; AdamW lr {t['lr']}, warm-up "
-                f"{t['warmup']} steps then cosine; MTP loss weight λ = {t['mtp_weight']}; bias update γ = "
-                f"{t['bias_rate']}; final routing imbalance (max/mean load) {t['final_imbalance']:.2f}")
-    d = metrics["data"]
-    data = (f"{d['train_files']} train / {d['heldout_files']} held-out files of Python {d['python']}'s stdlib "
-            f"({d['train_tokens'] / 1e6:.2f} M / {d['heldout_tokens'] / 1e6:.2f} M tokens)")
-    h = metrics["heldout"]
-    p = metrics["parameters"]
-    (out / "README.md").write_text(README.format(
-        mtp_layer=cfg["n_layers"], shape=shape, params=f"{p['total'] / 1e6:.2f} M", mtp=f"{p['mtp'] / 1e6:.2f} M",
-        size=f"{metrics['bytes'] / 2**20:.1f} MiB", data=data, training=training, ppl=h["perplexity"],
-        vocab=cfg["vocab_size"], acc=h["accuracy"], mtp_acc=h["mtp_accuracy"], agree=h["mtp_agreement"],
-        command=metrics["command"]))
-
-
 # ---- main -----------------------------------------------------------------------------------------
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="exporter/data/demo", help="Output checkpoint directory (replaced).")
     ap.add_argument("--preset", default="demo", help="Model shape (a preset of exporter/config.py).")
@@ -465,45 +350,64 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--eval-every", type=float, default=150.0, help="Seconds between held-out evaluations.")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
 
-    torch.set_num_threads(args.threads)
+
+def prepare_data(args: argparse.Namespace, started: float) -> tuple[ModelConfig, object, dict]:
+    """(config with the tokenizer's vocabulary and an MTP layer, tokenizer, data): the corpus split,
+    a BPE trained on the train split, both splits encoded."""
     cfg = preset(args.preset)
     if args.config_json:
         cfg = cfg.replace(**json.loads(args.config_json))
     cfg = cfg.replace(n_mtp_layers=max(cfg.n_mtp_layers, 1))
-    rng = np.random.default_rng(args.seed)
-    started = time.time()
-
     train_files, held_files = corpus(args.corpus_bytes, args.heldout_frac)
     tok = train_bpe(train_files, cfg.vocab_size)
     if tok.token_to_id(BOS) != 0 or tok.token_to_id(EOS) != 1:
         raise RuntimeError("tokenizer special tokens are not BOS=0, EOS=1")
     cfg = cfg.replace(vocab_size=tok.get_vocab_size()) if tok.get_vocab_size() != cfg.vocab_size else cfg
-    train_ids = encode_files(tok, train_files)
-    held_ids = encode_files(tok, held_files)
-    print(f"data: {len(train_files)} train files ({len(train_ids) / 1e6:.2f} M tokens), {len(held_files)} held-out "
-          f"({len(held_ids) / 1e6:.2f} M tokens); tokenizer {time.time() - started:.0f} s", flush=True)
+    data = {"train_files": train_files, "held_files": held_files,
+            "train_ids": encode_files(tok, train_files), "held_ids": encode_files(tok, held_files)}
+    print(f"data: {len(train_files)} train files ({len(data['train_ids']) / 1e6:.2f} M tokens), {len(held_files)} "
+          f"held-out ({len(data['held_ids']) / 1e6:.2f} M tokens); tokenizer {time.time() - started:.0f} s", flush=True)
+    return cfg, tok, data
 
-    model = make_model(cfg, args.seed)
-    model.train()
-    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2 and n != "embed.weight"]
-    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and not (p.ndim >= 2 and n != "embed.weight")]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
+
+def make_optimizer(model: Transformer, args: argparse.Namespace) -> torch.optim.AdamW:
+    """AdamW; weight decay on the matrices except the embedding."""
+    def decayed(n, p):
+        return p.ndim >= 2 and n != "embed.weight"
+
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return torch.optim.AdamW([{"params": [p for n, p in params if decayed(n, p)], "weight_decay": args.weight_decay},
+                              {"params": [p for n, p in params if not decayed(n, p)], "weight_decay": 0.0}],
+                             lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
+
+
+def heldout_eval(model: Transformer, meter: LoadMeter, held_ids: np.ndarray, seq_len: int) -> dict:
+    """A held-out evaluation mid-run; the tokens it routes stay out of the balance rule."""
+    meter_state = meter.take()
+    e = evaluate(model, held_ids, seq_len, max_windows=16)
+    meter.take()
+    meter.loads = meter_state
+    return e
+
+
+def train(model: Transformer, train_ids: np.ndarray, held_ids: np.ndarray, args: argparse.Namespace) -> dict:
+    """The training loop in the model's training form, then the parameters rounded to the stored
+    values and the final held-out evaluation. Returns the run's record."""
+    rng = np.random.default_rng(args.seed)
+    opt = make_optimizer(model, args)
     meter = LoadMeter(model)
     history: list[dict] = []
     evals: list[dict] = []
     budget = args.minutes * 60
-    seen = 0
-    step = 0
-    t0 = time.time()
-    last_eval = t0
+    seen = step = 0
+    t0 = last_eval = time.time()
 
     def progress() -> float:
         return step / args.steps if args.steps else (time.time() - t0) / budget
 
-    with training_ops():
+    with model.training_form():
         while progress() < 1.0:
             frac = progress()
             warm = min(1.0, (step + 1) / args.warmup)
@@ -527,10 +431,7 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"step {step} tokens {seen / 1e6:.2f}M loss {main_loss.item():.3f} mtp {mtp_loss.item():.3f} "
                       f"lr {lr:.2e} imbalance {imbalance:.2f} {time.time() - t0:.0f}s", flush=True)
             if time.time() - last_eval > args.eval_every:
-                meter_state = meter.take()  # evaluation routes tokens too; keep them out of the balance rule
-                e = evaluate(model, held_ids, args.seq_len, max_windows=16)
-                meter.take()
-                meter.loads = meter_state
+                e = heldout_eval(model, meter, held_ids, args.seq_len)
                 e.update(step=step, tokens_seen=seen, t=time.time() - t0)
                 evals.append(e)
                 print(f"  held-out: ppl {e['perplexity']:.2f} mtp acc {e['mtp_accuracy']:.3f} "
@@ -543,45 +444,30 @@ def main(argv: list[str] | None = None) -> dict:
         final.update(step=step, tokens_seen=seen, t=train_seconds)
         evals.append(final)
     print(f"final held-out: {json.dumps(final)}", flush=True)
+    return {"history": history, "evals": evals, "final": final, "steps": step, "tokens": seen,
+            "seconds": train_seconds}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    started = time.time()
+    cfg, tok, data = prepare_data(args, started)
+    model = make_model(cfg, args.seed)
+    model.train()
+    run = train(model, data["train_ids"], data["held_ids"], args)
 
     out = Path(args.out)
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     write_checkpoint(model, tok, tmp)
-    check = verify_checkpoint(model, tmp, held_ids)
+    check = verify_checkpoint(model, tmp, data["held_ids"])
     print(f"checkpoint reload: {check}", flush=True)
     if check["logits_rel_err"] > 1e-4 or check["mtp_logits_rel_err"] > 1e-4:
         raise RuntimeError(f"the written checkpoint does not reproduce the trained model: {check}")
 
-    from exporter.describe import parameter_counts
-
     command = "nice -n 19 python tools/train_demo.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    metrics = {
-        "command": command.strip(),
-        "config": cfg.replace(weight_dtype="bf16").to_dict(),
-        "parameters": parameter_counts(cfg),
-        "data": {"python": platform.python_version(), "train_files": len(train_files),
-                 "heldout_files": len(held_files), "train_tokens": int(len(train_ids)),
-                 "heldout_tokens": int(len(held_ids)), "heldout_frac": args.heldout_frac,
-                 "heldout_file_names": [f.relative_to(Path(sysconfig.get_paths()["stdlib"])).as_posix()
-                                        for f in held_files]},
-        "training": {"steps": step, "batch": args.batch, "seq_len": args.seq_len, "tokens": seen,
-                     "seconds": round(train_seconds, 1), "threads": args.threads, "lr": args.lr,
-                     "min_lr_frac": args.min_lr_frac, "warmup": args.warmup, "weight_decay": args.weight_decay,
-                     "mtp_weight": args.mtp_weight, "bias_rate": args.bias_rate, "seed": args.seed,
-                     "final_imbalance": float(np.mean([h["imbalance"] for h in history[-20:]])),
-                     "torch": torch.__version__},
-        "heldout": final,
-        "evals": evals,
-        "reload_check": check,
-        "history": [{k: (round(v, 5) if isinstance(v, float) else v) for k, v in h.items()}
-                    for h in history[:: max(1, len(history) // 400)]],
-    }
-    plot(history, evals, tmp / "loss.png",
-         f"demo model: held-out perplexity {final['perplexity']:.1f}, MTP accuracy {final['mtp_accuracy']:.1%}")
-    metrics["bytes"] = sum(f.stat().st_size for f in tmp.iterdir() if f.suffix in (".safetensors", ".json"))
-    (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
-    write_readme(tmp, metrics)
+    metrics = report.write_record(tmp, report.metrics(command, args, cfg, data, run, check), run)
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

@@ -12,8 +12,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
+from tokenizers import Tokenizer
 
 from core.errors import ExportError
+from exporter.precision_policy import Policy
+from exporter.quant_numerics import emulate
+from exporter.source import load_reference
+from exporter.tokenizer_training import corpus_files
 
 BATCH, SEQ = 2, 128  # 256 positions, each a next-token prediction
 
@@ -22,14 +28,10 @@ def real_text_ids(tokenizer_json: str | Path | None, vocab_size: int, *, batch: 
                   offset: int = 0) -> np.ndarray:
     """[batch, seq] token ids of stdlib source text. Without a tokenizer (a checkpoint that ships
     none) the UTF-8 bytes of the same text stand in, folded into the vocabulary."""
-    from exporter.tokenizer_training import corpus_files
-
     need = batch * seq
     ids: list[int] = []
     tok = None
     if tokenizer_json is not None and Path(tokenizer_json).is_file():
-        from tokenizers import Tokenizer
-
         tok = Tokenizer.from_file(str(tokenizer_json))
     for f in corpus_files():
         text = f.read_text(encoding="utf-8", errors="replace")
@@ -67,8 +69,6 @@ def lm_metrics(ref_logits: np.ndarray, logits: np.ndarray) -> dict:
 
 
 def reference_logits(model, ids: np.ndarray) -> np.ndarray:
-    import torch
-
     with torch.no_grad():
         return model(torch.from_numpy(ids)).logits.float().numpy()
 
@@ -128,10 +128,6 @@ def lm_checks(build_dir: Path, source, model, precision: str, backends, make_run
 
 def emulated_model(source, model, precision: str, quantization: dict | None):
     """A fresh reference (model's dtype, MLA form, MTP) turned into the quantized graph's twin."""
-    from exporter.source import load_reference
-    from exporter.precision_policy import Policy
-    from exporter.quant_numerics import emulate
-
     if not quantization or not quantization.get("tensors"):
         raise ExportError(f"precision {precision}: the build records no quantized tensors (manifest "
                           "'quantization'), so its emulated reference cannot be made")

@@ -23,11 +23,9 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 from onnxscript.rewriter import pattern
 
-from plugins import DOMAIN
-
 from exporter.passes import lower_ort_mla as mla
 from exporter.passes.lower_ort_mla import const_array, const_is, dims
-
+from plugins import DOMAIN
 
 # ORT's CPU MoE kernel gives each intra-op thread a fixed, contiguous block of the expert axis and
 # runs an expert's GEMMs on one thread, so a decode step's few chosen experts often land on one thread

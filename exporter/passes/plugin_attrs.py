@@ -6,12 +6,11 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from plugins import DOMAIN, DOMAIN_VERSION, PLUGIN_NAMESPACE, PLUGIN_VERSION
+from plugins.latent_attention import onnx_function as la
+from plugins.moe_dispatch import onnx_function as moe
 
 
 def _bodies() -> dict[str, "ir.Function"]:
-    from plugins.latent_attention import onnx_function as la
-    from plugins.moe_dispatch import onnx_function as moe
-
     return {name: ir.serde.deserialize_function(mod.function_proto())
             for name, mod in (("LatentAttention", la), ("MoEDispatch", moe))}
 

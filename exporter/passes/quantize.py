@@ -22,13 +22,24 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from plugins import DOMAIN, DOMAIN_VERSION, PLUGIN_NAMESPACE, PLUGIN_VERSION
-
 from core.errors import ExportError
 from core.fp8 import FP8_ACT_EPS, FP8_BLOCK, FP8_MAX
 from exporter.precision_policy import INT8_ACT_EPS, Policy
-from exporter.quant_numerics import (SharedLoads, expert_block, fp8_numpy, interleave_rows, matmulnbits_blob, onnx_int4,
-                     quantized_int, unsigned, weight_role)
+from exporter.quant_numerics import (
+    SharedLoads,
+    expert_block,
+    fp8_numpy,
+    interleave_rows,
+    matmulnbits_blob,
+    onnx_int4,
+    quantized_int,
+    unsigned,
+    weight_role,
+)
+from exporter.weights import source_fp8
+from plugins import DOMAIN, DOMAIN_VERSION, PLUGIN_NAMESPACE, PLUGIN_VERSION
+from plugins.moe_dispatch import onnx_function as moe
+from plugins.moe_dispatch import spec
 
 _PREFIX = "model."
 TARGETS = ("ort", "qdq")
@@ -240,8 +251,6 @@ class _Quantizer:
 
     def fp8_weight(self, value: ir.Value, fqn: str) -> ir.Value:
         """DequantizeLinear of the E4M3 bytes with row scales, [out, in] (einsum: [H, d, r])."""
-        from exporter.weights import source_fp8
-
         shape = tuple(int(d) for d in value.shape)
         make = lambda: (lambda q, s: (fp8_numpy(q), s.numpy()))(*source_fp8(self.source, fqn))  # noqa: E731
         wq = self.lazy(f"{value.name}_q", fqn, 2, make, 0, shape, ir.DataType.FLOAT8E4M3FN)
@@ -312,9 +321,6 @@ class _Quantizer:
         return how
 
     def _experts_fp8(self, node: ir.Node, gate_up: ir.Value, down: ir.Value, base: str) -> str:
-        from exporter.weights import source_fp8
-        from plugins.moe_dispatch import onnx_function as moe, spec
-
         ins = []
         for value, part in ((gate_up, "w_gate_up"), (down, "w_down")):
             fqn = base + part

@@ -7,10 +7,12 @@ Dynamic B, S, H, T: every size comes from Shape at run time.
 import onnx
 import onnx.helper
 import onnxscript
+from onnx.defs import OpSchema
 from onnxscript import opset23 as op
 from onnxscript.values import Opset
 
 from plugins import DOMAIN, DOMAIN_VERSION, PLUGIN_NAMESPACE, PLUGIN_VERSION
+from plugins import register_schema as register
 from plugins.latent_attention import spec
 
 OPSET = 23  # default-domain opset of the body (ORT 1.31 runs it)
@@ -62,10 +64,6 @@ _FLOATS = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
 
 
 def register_schema() -> None:
-    from onnx.defs import OpSchema
-
-    from plugins import register_schema as register
-
     register(spec.OP_NAME, [("q", "T"), ("latent", "T")], [("o_lat", "T")], [("T", _FLOATS, "")],
              {"scale": OpSchema.AttrType.FLOAT, "kv_lora_rank": OpSchema.AttrType.INT,
               "plugin_namespace": PLUGIN_NAMESPACE, "plugin_version": PLUGIN_VERSION})

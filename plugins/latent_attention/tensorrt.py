@@ -20,8 +20,16 @@ from typing import Tuple, Union
 
 from plugins import PLUGIN_NAMESPACE
 from plugins.latent_attention import spec
-from plugins.trt_common import (TRT_TO_TRITON, Registration, as_torch, check_aot_metadata, constant_dim,
-                                driver_ptx_version, dtype_name, import_trtp)
+from plugins.trt_common import (
+    TRT_TO_TRITON,
+    Registration,
+    as_torch,
+    check_aot_metadata,
+    constant_dim,
+    driver_ptx_version,
+    dtype_name,
+    import_trtp,
+)
 
 PLUGIN_ID = f"{PLUGIN_NAMESPACE}::{spec.OP_NAME}"
 # Attributes TensorRT forwards to the plugin: the exporter's names, minus the
@@ -38,7 +46,7 @@ def output_dims(q_dims, latent_dims, kv_lora_rank: int):
 def aot_kernel_plan(q_dims, latent_dims, scale: float, kv_lora_rank: int, dtype, cdiv=None) -> dict:
     """Compile-and-launch plan for the AOT kernel from the inputs' dims.
     H and C must be constants; B, S, T may be shape expressions."""
-    from plugins.latent_attention.triton import aot_plan
+    from plugins.latent_attention.triton import aot_plan  # lazy: triton is for GPU hosts only
 
     b, s, h, c = q_dims
     t = latent_dims[1]
@@ -56,7 +64,7 @@ def compile_aot(plan: dict, arch: int | None = None):
     import triton
     from triton.backends.compiler import GPUTarget
 
-    from plugins.latent_attention.triton import AOT_KERNEL
+    from plugins.latent_attention.triton import AOT_KERNEL  # lazy: triton is for GPU hosts only
 
     local = arch is None
     if local:
@@ -118,7 +126,7 @@ def register(impl: str = "aot") -> None:
                  outputs: Tuple[trtp.Tensor], stream: int) -> None:
             import torch
 
-            from plugins.latent_attention.triton import latent_attention
+            from plugins.latent_attention.triton import latent_attention  # lazy: triton is for GPU hosts only
 
             with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
                 latent_attention(as_torch(q), as_torch(latent), scale, kv_lora_rank, out=as_torch(outputs[0]))

@@ -13,6 +13,7 @@ from onnxscript import opset23 as op
 from onnxscript.values import Opset
 
 from plugins import DOMAIN, DOMAIN_VERSION, PLUGIN_NAMESPACE, PLUGIN_VERSION
+from plugins import register_schema as register
 from plugins.moe_dispatch import spec
 
 OPSET = 23  # default-domain opset of the body (ORT 1.31 runs it)
@@ -88,8 +89,6 @@ _FLOATS = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
 
 
 def register_schema() -> None:
-    from plugins import register_schema as register
-
     register(spec.OP_NAME,
              [("x", "T"), ("topk_idx", "I"), ("topk_weight", "T"), ("w_gate_up", "T"), ("w_down", "T")],
              [("y", "T")], [("T", _FLOATS, ""), ("I", ["tensor(int64)"], "")],
@@ -97,8 +96,6 @@ def register_schema() -> None:
 
 
 def register_fp8_schema() -> None:
-    from plugins import register_schema as register
-
     register(spec.FP8_OP_NAME,
              [("x", "T"), ("topk_idx", "I"), ("topk_weight", "T"), ("w_gate_up", "F8"), ("w_down", "F8"),
               ("w_gate_up_scale", "S"), ("w_down_scale", "S")],

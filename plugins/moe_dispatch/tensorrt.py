@@ -37,7 +37,7 @@ def output_dims(x_dims, topk_idx_dims, topk_weight_dims, w_gate_up_dims, w_down_
 def _run(tensors, out, stream, scales=(None, None)):
     import torch
 
-    from plugins.moe_dispatch.triton import moe_dispatch
+    from plugins.moe_dispatch.triton import moe_dispatch  # lazy: triton is for GPU hosts only
 
     with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
         x, idx, w, wgu, wd = (as_torch(t) for t in tensors)

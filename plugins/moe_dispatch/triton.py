@@ -29,6 +29,7 @@ import triton.language as tl
 from core.fp8 import FP8_BLOCK
 from plugins.moe_dispatch import spec
 from plugins.triton_common import fix_interpreter_bf16_dot
+
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 

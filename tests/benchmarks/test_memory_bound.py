@@ -7,8 +7,8 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from exporter import load_reference
 from benchmarks.memory_bound import decode_bound, step_bytes
+from exporter import load_reference
 
 
 def _reference_step_bytes(preset: str) -> dict[str, int]:

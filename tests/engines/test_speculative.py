@@ -14,12 +14,12 @@ from click.testing import CliRunner
 
 import engines
 from benchmarks.speculative import measure
-from engines.runtime import Engine
-from engines.sampling import draw, processed_probs, sample
-from engines import speculative
-from engines.speculative import accept_draft
 from cli.main import main
 from core.errors import ExportError
+from engines import speculative
+from engines.runtime import Engine
+from engines.sampling import draw, processed_probs, sample
+from engines.speculative import accept_draft
 
 PROMPTS = [[0, 17, 301, 42, 9, 255, 77], [0, 5], [0, 100, 200, 300, 400, 11, 12, 13, 14], [0, 499]]
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from core.errors import ExportError
 from engines import trt as trt_engine
 from engines.trt import TrtOptions, make_profiles, select_profile
-from core.errors import ExportError
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
 HAS_TRITON = importlib.util.find_spec("triton") is not None

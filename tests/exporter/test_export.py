@@ -4,7 +4,6 @@ import shutil
 import subprocess
 import sys
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -14,7 +13,6 @@ import torch
 
 from exporter import load_reference, open_source
 from pipeline.build import Reporter, export_graph
-
 from tests.helpers import rel_max_err
 
 TOL = 1e-4  # ORT vs reference: max |Δlogits| <= 1e-4 x max |logit|

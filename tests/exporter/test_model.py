@@ -3,10 +3,9 @@
 import pytest
 import torch
 
-from exporter import load_reference
 from core.config import preset
+from exporter import load_reference
 from exporter.model import Gate
-
 from tests.helpers import rel_max_err
 
 

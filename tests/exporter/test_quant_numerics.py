@@ -11,12 +11,21 @@ import torch
 import torch.nn.functional as F
 from onnx import TensorProto, helper
 
-from core.fp8 import FP8_DTYPE
 from core.config import preset
+from core.fp8 import FP8_DTYPE
 from exporter.passes.quantize import quantize
 from exporter.precision_policy import Policy
-from exporter.quant_numerics import (SharedLoads, dequantize_int, expert_block, fp8_act_quant, graph_weight, int8_act_quant,
-                            matmulnbits_blob, quantize_int, unsigned)
+from exporter.quant_numerics import (
+    SharedLoads,
+    dequantize_int,
+    expert_block,
+    fp8_act_quant,
+    graph_weight,
+    int8_act_quant,
+    matmulnbits_blob,
+    quantize_int,
+    unsigned,
+)
 from exporter.weights import RandomWeights
 
 FQN = "layers.0.attn.wo.weight"  # [dim, n_heads * v_head_dim]

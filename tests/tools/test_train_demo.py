@@ -17,8 +17,8 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 import train_demo as td  # noqa: E402
 
-from exporter import demo_path, load_reference, open_source  # noqa: E402
 from core.config import preset  # noqa: E402
+from exporter import demo_path, load_reference, open_source  # noqa: E402
 
 
 def small_model(seed: int = 0):
@@ -36,22 +36,28 @@ def small_model(seed: int = 0):
 
 
 def test_training_form_is_the_reference_math():
+    """model.training_form() (exporter/model.py's hook, which train_demo trains under) computes the
+    inference form's logits, and leaves that default form exactly as it was."""
     model = small_model()
     ids = torch.randint(0, 512, (2, 33), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = model(ids)
         ref_mtp, _ = model.mtp_forward(ids[:, 1:], ref.hidden_states[:, :-1])
-        with td.training_ops():
+        with model.training_form():
             got = model(ids)
             got_mtp, _ = model.mtp_forward(ids[:, 1:], got.hidden_states[:, :-1])
+        after = model(ids)
+        after_mtp, _ = model.mtp_forward(ids[:, 1:], after.hidden_states[:, :-1])
     assert torch.allclose(got.logits, ref.logits, rtol=1e-4, atol=1e-4)
     assert torch.allclose(got_mtp, ref_mtp, rtol=1e-4, atol=1e-4)
+    assert torch.equal(after.logits, ref.logits) and torch.equal(after_mtp, ref_mtp)
+    assert got.past == [None] * len(got.past) and all(p is not None for p in after.past)  # fused: no cache
 
 
 def test_gradients_reach_every_trained_parameter_and_not_the_bias():
     model = small_model()
     batch = torch.randint(0, 512, (2, 41), generator=torch.Generator().manual_seed(2))
-    with td.training_ops():
+    with model.training_form():
         main, mtp, _ = td.losses(model, batch)
         (main + 0.3 * mtp).backward()
     for name, p in model.named_parameters():
@@ -158,10 +164,10 @@ def test_demo_is_the_default_source(monkeypatch, tmp_path):
 
     import exporter
     import exporter.source
-    from pipeline import build as pipeline
     from cli.main import build as build_cmd
     from cli.main import inspect as inspect_cmd
     from core.errors import CheckpointError
+    from pipeline import build as pipeline
 
     assert pyinspect.signature(exporter.build).parameters["source"].default == "demo"
     assert pyinspect.signature(pipeline.build).parameters["source_spec"].default == "demo"

@@ -9,9 +9,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from exporter import ExportError, load_reference, open_source
 from cli.main import main
-from verification.verify import ReferenceRunner, TOLERANCES, tolerance_for, verify
+from exporter import ExportError, load_reference, open_source
+from verification.verify import TOLERANCES, ReferenceRunner, tolerance_for, verify
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -1,10 +1,9 @@
 import numpy as np
 import onnx_ir as ir
 import pytest
-import torch
 
-from exporter import open_source
 from core.errors import CheckpointError
+from exporter import open_source
 from exporter.passes.attach_weights import attach_weights
 
 

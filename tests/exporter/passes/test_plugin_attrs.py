@@ -2,10 +2,10 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import onnxruntime as ort
+import torch
 
 from exporter.passes.plugin_attrs import plugin_attrs
 from plugins.latent_attention.reference import latent_attention
-import torch
 
 
 def _bare_latent_attention_model():

@@ -10,13 +10,13 @@ import torch
 
 from exporter import load_reference, open_source
 from exporter.export import export_main, meta_model
-from verification.lm_eval import lm_metrics
 from exporter.passes.attach_weights import attach_weights
 from exporter.passes.cleanup import cleanup
 from exporter.passes.plugin_attrs import plugin_attrs
 from exporter.passes.quantize import quantize
 from exporter.precision_policy import Policy
 from exporter.quant_numerics import emulate, is_quantized
+from verification.lm_eval import lm_metrics
 
 FLOATS = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16}
 

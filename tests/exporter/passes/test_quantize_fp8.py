@@ -9,9 +9,10 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from core.config import preset
 from exporter import CheckpointError, load_reference, open_source
 from exporter.checkpoint import Checkpoint
-from core.config import preset
+from exporter.checkpoint_writer import make_checkpoint
 from exporter.export import export_main, meta_model
 from exporter.passes.attach_weights import attach_weights
 from exporter.passes.cleanup import cleanup
@@ -20,7 +21,6 @@ from exporter.passes.quantize import quantize
 from exporter.precision_policy import Policy
 from exporter.quant_numerics import emulate
 from exporter.weights import resolve
-from exporter.checkpoint_writer import make_checkpoint
 
 # dim, inter, moe_inter multiples of 128; head rows (nope 32, v 32) not aligned to wkv_b's blocks
 ALIGNED = dict(dim=256, inter_dim=256, moe_inter_dim=128, n_layers=2, n_dense_layers=1, n_heads=2, q_lora_rank=128,

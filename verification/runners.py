@@ -1,0 +1,141 @@
+"""The runners verification compares: the PyTorch reference behind the graph contract's names, and
+the built graphs in ONNX Runtime (the deployed engine, or the raw exported graph) and TensorRT, all
+as Polygraphy runners; plus the greedy continuation any of them gives with its own cache."""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from polygraphy.backend.base import BaseRunner
+from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+from polygraphy.common import TensorMetadata
+
+import engines.ort as ort_engine
+import engines.trt as trt_engine
+from core.errors import ExportError
+from exporter.export import cache_width
+
+RUNNERS = ("ort", "graph", "trt")  # what `verify --runner` takes: engines and the raw graph
+CPU = "CPUExecutionProvider"
+
+
+def present_to_past(name: str) -> str:
+    return name.replace("present_latent", "past_latent", 1)
+
+
+def empty_past(io: dict, batch: int) -> dict:
+    """Zero-length past inputs shaped from the graph's own I/O description."""
+    out = {}
+    for inp in io["inputs"]:
+        if inp["name"].startswith("past_latent"):
+            shape = [batch if i == 0 else 0 if i == 1 else int(d) for i, d in enumerate(inp["shape"])]
+            out[inp["name"]] = np.zeros(shape, dtype=inp["dtype"])
+    return out
+
+
+class ReferenceRunner(BaseRunner):
+    """The PyTorch reference as a Polygraphy runner: the feed dict names of model.onnx (input_ids,
+    past_latent.{i}) or mtp.onnx (input_ids, hidden_states, past_latent.mtp), the same output names,
+    numpy in and out."""
+
+    def __init__(self, model, graph: str = "model", name: str | None = None):
+        super().__init__(name=name, prefix="pytorch-reference")
+        if graph not in ("model", "mtp"):
+            raise ValueError(f"graph must be 'model' or 'mtp', got {graph!r}")
+        if graph == "mtp" and not len(model.mtp):
+            raise ValueError("the reference model has no MTP layer")
+        self.model, self.graph = model, graph
+
+    def _cache_dims(self) -> tuple[int, ...]:
+        return cache_width(self.model.cfg, self.model.mla)
+
+    def get_input_metadata_impl(self):
+        cfg, width = self.model.cfg, self._cache_dims()
+        meta = TensorMetadata()
+        meta.add("input_ids", np.int64, ("batch", "seq"))
+        if self.graph == "model":
+            for i in range(cfg.n_layers):
+                meta.add(f"past_latent.{i}", np.float32, ("batch", "past", *width))
+        else:
+            meta.add("hidden_states", np.float32, ("batch", "seq", cfg.dim))
+            meta.add("past_latent.mtp", np.float32, ("batch", "past", *width))
+        return meta
+
+    def infer_impl(self, feed_dict):
+        dtype = self.model.dtype
+
+        def tensor(name):
+            t = torch.from_numpy(feed_dict[name].copy())
+            return t if name == "input_ids" else t.to(dtype)
+
+        def array(t):
+            return t.detach().float().cpu().numpy()
+
+        start = time.perf_counter()
+        with torch.no_grad():
+            ids = tensor("input_ids")
+            if self.graph == "model":
+                past = [tensor(f"past_latent.{i}") for i in range(self.model.cfg.n_layers)]
+                out = self.model(ids, past)
+                result = OrderedDict([("logits", array(out.logits)), ("hidden_states", array(out.hidden_states))])
+                result.update((f"present_latent.{i}", array(p)) for i, p in enumerate(out.past))
+            else:
+                logits, present = self.model.mtp_forward(ids, tensor("hidden_states"), tensor("past_latent.mtp"))
+                result = OrderedDict([("logits", array(logits)), ("present_latent.mtp", array(present))])
+        self.inference_time = time.perf_counter() - start
+        return result
+
+
+def tensorrt_available() -> tuple[bool, str]:
+    try:
+        trt_engine.require_tensorrt()
+    except ExportError as e:
+        return False, str(e).replace("--backend trt needs", "needs")
+    return True, ""
+
+
+def _trt_runner(build_dir: Path, graph: str, feeds: list[dict], name: str):
+    """TensorRT through Polygraphy's TrtRunner (engines.trt.polygraphy_runner): the build's saved plan
+    when it has one, else an engine built here from the ONNX; each feed runs in the optimization
+    profile its shapes fit (prefill or decode)."""
+    return trt_engine.polygraphy_runner(build_dir, graph, name=name, feeds=feeds)
+
+
+def _ort_engine_loader(build_dir: Path, graph: str, providers: list[str]):
+    """The ONNX Runtime engine as `engines.ort.session` loads it (the saved optimized graph)."""
+    return lambda: ort_engine.session(build_dir, graph[: -len(".onnx")], providers=providers)
+
+
+def runners_for(build_dir: Path, graph: str, backends: list[str], providers: list[str], feeds: list[dict]):
+    runners = []
+    for backend in backends:
+        name = f"{backend}:{graph}"
+        if backend == "ort":
+            runners.append((backend, OnnxrtRunner(_ort_engine_loader(build_dir, graph, providers), name=name)))
+        elif backend == "graph":
+            runners.append((backend, OnnxrtRunner(SessionFromOnnx(str(build_dir / graph), providers=providers),
+                                                  name=name)))
+        elif backend == "trt":
+            runners.append((backend, _trt_runner(build_dir, graph, feeds, name)))
+    return runners
+
+
+def runner_greedy(runner, prompt, max_new_tokens: int, empty_past: dict,
+                  advance: Callable[[int], None] = lambda n=1: None):
+    """Greedy continuation through any Polygraphy runner of model.onnx, driven with its own cache."""
+    tokens = []
+    feed = {"input_ids": prompt.astype(np.int64), **empty_past}
+    with runner:
+        for _ in range(max_new_tokens):
+            out = runner.infer(feed)
+            nxt = np.asarray(out["logits"])[:, -1].argmax(-1)[:, None].astype(np.int64)
+            tokens.append(nxt)
+            feed = {"input_ids": nxt, **{present_to_past(k): np.array(v) for k, v in out.items()
+                                         if k.startswith("present_latent")}}
+            advance(1)
+    return np.concatenate(tokens, axis=1)
