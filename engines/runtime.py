@@ -19,7 +19,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 import engines.ort as ort_engine
-import engines.speculative as speculative
+import engines.speculative as mtp_speculation
 from core.build_dir import MANIFEST, cache_layout, check_backend, check_file_hashes, read_manifest
 from core.config import ModelConfig
 from core.errors import ExportError
@@ -296,7 +296,7 @@ class Engine:
             if not 0 <= s < self.config.vocab_size:
                 raise ExportError(f"stop token id {s} is out of range (vocab size {self.config.vocab_size})")
         if speculative:
-            return self._speculative_result(ids, batched, stops, speculative.decode(
+            return self._speculative_result(ids, batched, stops, mtp_speculation.decode(
                 self._speculative_model(ids), ids, max_new_tokens=max_new_tokens, temperature=temperature,
                 top_k=top_k, top_p=top_p, seed=seed, stops=stops, on_token=on_token))
         rows = self._decode_loop(ids, max_new_tokens, stops, on_token,
@@ -354,7 +354,7 @@ class Engine:
                               f"{ids.shape[0]}; run the prompts one by one or without speculative decoding")
         return self
 
-    def _speculative_result(self, ids, batched, stops, run: speculative.SpeculativeRun) -> GenerationResult:
+    def _speculative_result(self, ids, batched, stops, run: mtp_speculation.SpeculativeRun) -> GenerationResult:
         result = self._result(ids, batched, [run.tokens], run.prefill_seconds, run.decode_seconds, run.steps, stops,
                               acceptance=run.acceptance_rate)
         st = result.stats

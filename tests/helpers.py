@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,3 +36,54 @@ def assert_clean_error(result, *needles, one_line: bool = True):
         assert len(lines) == 1, result.output
     for n in needles:
         assert n in lines[-1], lines[-1]
+
+
+# ---- statistics ------------------------------------------------------------------------------------
+def chi2_sf(x: float, df: int) -> float:
+    """P(X >= x) for X ~ chi-square(df): the regularized upper incomplete gamma Q(df/2, x/2)."""
+    a, z = df / 2.0, x / 2.0
+    if z <= 0:
+        return 1.0
+    if z < a + 1:  # series for the lower P
+        term = total = 1.0 / a
+        n = 0
+        while abs(term) > 1e-15 * abs(total):
+            n += 1
+            term *= z / (a + n)
+            total += term
+        return max(0.0, 1.0 - total * math.exp(-z + a * math.log(z) - math.lgamma(a)))
+    # continued fraction for Q (Lentz)
+    tiny = 1e-300
+    b = z + 1.0 - a
+    c, d = 1.0 / tiny, 1.0 / b
+    h = d
+    for i in range(1, 10_000):
+        an = -i * (i - a)
+        b += 2.0
+        d = an * d + b
+        d = tiny if abs(d) < tiny else d
+        c = b + an / c
+        c = tiny if abs(c) < tiny else c
+        d = 1.0 / d
+        delta = d * c
+        h *= delta
+        if abs(delta - 1.0) < 1e-15:
+            break
+    return math.exp(-z + a * math.log(z) - math.lgamma(a)) * h
+
+
+def chi_square(counts: np.ndarray, probs: np.ndarray, min_expected: float = 5.0) -> tuple[float, int, float]:
+    """Goodness of fit of observed counts to probabilities; cells with small expectation merged.
+    Returns (statistic, degrees of freedom, p-value). Observations in a zero-probability cell fail."""
+    counts, probs = np.asarray(counts, float), np.asarray(probs, float)
+    assert counts[probs == 0].sum() == 0, "draws where the distribution has no mass"
+    n = counts.sum()
+    expected = probs * n
+    big = expected >= min_expected
+    obs = list(counts[big]) + ([counts[~big].sum()] if (~big).any() else [])
+    exp = list(expected[big]) + ([expected[~big].sum()] if (~big).any() else [])
+    obs, exp = np.array(obs), np.array(exp)
+    keep = exp > 0
+    stat = float((((obs - exp) ** 2)[keep] / exp[keep]).sum())
+    df = int(keep.sum()) - 1
+    return stat, df, chi2_sf(stat, df)

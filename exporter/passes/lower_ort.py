@@ -24,7 +24,7 @@ import onnx_ir.passes.common as common
 from onnxscript.rewriter import pattern
 
 from exporter.passes import lower_ort_mla as mla
-from exporter.passes.lower_ort_mla import const_array, const_is, dims
+from exporter.passes.ir_values import const_array, const_is, dims
 from plugins import DOMAIN
 
 # ORT's CPU MoE kernel gives each intra-op thread a fixed, contiguous block of the expert axis and

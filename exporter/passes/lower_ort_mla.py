@@ -19,23 +19,10 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
+from exporter.passes.ir_values import dims
 from plugins import DOMAIN
 
 NAIVE_PREFILL_MIN_TOKENS = 64
-
-
-def const_array(value: ir.Value | None) -> np.ndarray | None:
-    tensor = ir.convenience.get_const_tensor(value) if value is not None else None
-    return None if tensor is None else tensor.numpy()
-
-
-def const_is(value: ir.Value, expected) -> bool:
-    got = const_array(value)
-    return got is not None and got.shape == np.shape(expected) and bool(np.all(got == expected))
-
-
-def dims(value: ir.Value) -> tuple | None:
-    return None if value.shape is None else tuple(value.shape)
 
 
 class _Subgraph:

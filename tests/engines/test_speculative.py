@@ -18,90 +18,11 @@ from cli.main import main
 from core.errors import ExportError
 from engines import speculative
 from engines.runtime import Engine
-from engines.sampling import draw, processed_probs, sample
+from engines.sampling import draw, processed_probs
 from engines.speculative import accept_draft
+from tests.helpers import chi_square
 
 PROMPTS = [[0, 17, 301, 42, 9, 255, 77], [0, 5], [0, 100, 200, 300, 400, 11, 12, 13, 14], [0, 499]]
-
-
-# ---- statistics helpers ---------------------------------------------------------------------------
-def chi2_sf(x: float, df: int) -> float:
-    """P(X >= x) for X ~ chi-square(df): the regularized upper incomplete gamma Q(df/2, x/2)."""
-    a, z = df / 2.0, x / 2.0
-    if z <= 0:
-        return 1.0
-    if z < a + 1:  # series for the lower P
-        term = total = 1.0 / a
-        n = 0
-        while abs(term) > 1e-15 * abs(total):
-            n += 1
-            term *= z / (a + n)
-            total += term
-        return max(0.0, 1.0 - total * math.exp(-z + a * math.log(z) - math.lgamma(a)))
-    # continued fraction for Q (Lentz)
-    tiny = 1e-300
-    b = z + 1.0 - a
-    c, d = 1.0 / tiny, 1.0 / b
-    h = d
-    for i in range(1, 10_000):
-        an = -i * (i - a)
-        b += 2.0
-        d = an * d + b
-        d = tiny if abs(d) < tiny else d
-        c = b + an / c
-        c = tiny if abs(c) < tiny else c
-        d = 1.0 / d
-        delta = d * c
-        h *= delta
-        if abs(delta - 1.0) < 1e-15:
-            break
-    return math.exp(-z + a * math.log(z) - math.lgamma(a)) * h
-
-
-def chi_square(counts: np.ndarray, probs: np.ndarray, min_expected: float = 5.0) -> tuple[float, int, float]:
-    """Goodness of fit of observed counts to probabilities; cells with small expectation merged.
-    Returns (statistic, degrees of freedom, p-value). Observations in a zero-probability cell fail."""
-    counts, probs = np.asarray(counts, float), np.asarray(probs, float)
-    assert counts[probs == 0].sum() == 0, "draws where the distribution has no mass"
-    n = counts.sum()
-    expected = probs * n
-    big = expected >= min_expected
-    obs = list(counts[big]) + ([counts[~big].sum()] if (~big).any() else [])
-    exp = list(expected[big]) + ([expected[~big].sum()] if (~big).any() else [])
-    obs, exp = np.array(obs), np.array(exp)
-    keep = exp > 0
-    stat = float((((obs - exp) ** 2)[keep] / exp[keep]).sum())
-    df = int(keep.sum()) - 1
-    return stat, df, chi2_sf(stat, df)
-
-
-def test_chi2_sf_matches_known_quantiles():
-    assert chi2_sf(3.841458820694124, 1) == pytest.approx(0.05, rel=1e-6)
-    assert chi2_sf(20.515005652432873, 5) == pytest.approx(0.001, rel=1e-6)
-    assert chi2_sf(124.34211340400407, 100) == pytest.approx(0.05, rel=1e-5)
-
-
-# ---- the pure math ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 3, 1.0), (1.3, 0, 0.8), (0.9, 5, 0.6)])
-def test_processed_probs_is_what_sample_draws_from(temperature, top_k, top_p):
-    rng = np.random.default_rng(0)
-    logits = rng.normal(size=8) * 2
-    p = processed_probs(logits, temperature=temperature, top_k=top_k, top_p=top_p)
-    assert p.sum() == pytest.approx(1.0) and (p >= 0).all()
-    if top_k:
-        assert (p > 0).sum() <= top_k
-    n = 20000
-    draws = sample(np.tile(logits, (n, 1)), np.random.default_rng(1), temperature=temperature, top_k=top_k, top_p=top_p)
-    stat, df, pval = chi_square(np.bincount(draws, minlength=8), p)
-    assert pval > 1e-3, (stat, df, pval)
-
-
-def test_draw_follows_the_distribution_and_never_picks_zero_mass():
-    p = np.array([0.0, 0.5, 0.0, 0.25, 0.25, 0.0])
-    rng = np.random.default_rng(3)
-    counts = np.bincount([draw(p, rng) for _ in range(8000)], minlength=6)
-    assert counts[p == 0].sum() == 0
-    assert chi_square(counts, p)[2] > 1e-3
 
 
 TOY = {
@@ -303,15 +224,6 @@ def test_cli_run_speculative(tiny_build):
     assert r_spec.stdout == r_plain.stdout
     assert "MTP acceptance" in r_spec.stderr and "tokens per main step" in r_spec.stderr
     assert "MTP acceptance" not in r_plain.stderr
-
-
-def test_measure_reports_what_bench_needs(engine):
-    m = measure(engine, PROMPTS[:2], max_new_tokens=16)
-    assert m["greedy_equal"] is True
-    for key in ("acceptance_rate", "tokens_per_step", "speedup"):
-        assert m[key] is not None
-    assert m["plain"]["tokens_per_s"] > 0 and m["speculative"]["tokens_per_s"] > 0
-    assert m["plain"]["decode_tokens"] == m["speculative"]["decode_tokens"] == 2 * 15
 
 
 # ---- on the demo model -----------------------------------------------------------------------------------
