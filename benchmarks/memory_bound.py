@@ -19,7 +19,7 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
-# Ops that run only the experts each token is routed to: ours (DESIGN.md) and ONNX Runtime's.
+# Ops that run only the experts each token is routed to: ours (docs/design.md, "Custom ops") and ONNX Runtime's.
 EXPERT_OPS = {"MoEDispatch", "MoEDispatchFP8", "MoE", "QMoE"}
 # Ops a weight may pass through on its way to an expert op (quantized forms).
 _PASS_THROUGH = {"DequantizeLinear", "Cast"}

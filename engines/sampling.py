@@ -1,5 +1,5 @@
-"""Sampling: one owner of how a next token is chosen from logits, for plain decoding, speculative
-decoding and (per request) the scheduler. Greedy is argmax; otherwise temperature, then top-k, then
+"""Sampling: one owner of how a next token is chosen from logits, for plain and speculative
+decoding. Greedy is argmax; otherwise temperature, then top-k, then
 top-p (nucleus) over the candidates ranked most likely first (among equals the lower id), one
 uniform draw per token from numpy's Generator."""
 

@@ -4,7 +4,7 @@ works without them, and asking for this backend where they are missing fails at 
 Build (`prepare`): each graph is parsed by Polygraphy's `NetworkFromOnnxPath` after the dsv3
 plugins are registered, so every node carrying plugin_namespace="dsv3" becomes a plugin layer
 instead of its ONNX function body; the network is strongly typed (TensorRT 11 knows no other kind,
-and precision lives in the graph's Q/DQ nodes, DESIGN.md "Precisions"). One plan per graph
+and precision lives in the graph's Q/DQ nodes, docs/design.md "Precisions"). One plan per graph
 (model.plan, mtp.plan) with a prefill and a decode optimization profile; profiles.json records
 each profile's min/opt/max shape per input; timing.cache keeps the tactic timings for rebuilds.
 
@@ -349,7 +349,7 @@ def session(build_dir: str | Path, graph: str = "model") -> TrtSession:
                       name=plan.stem)
 
 
-# ---- Polygraphy runner (exporter/verify.py) -----------------------------------------------------------------
+# ---- Polygraphy runner (verification/runners.py) -----------------------------------------------------------------
 _RUNNER_CLASS = None
 _BUILT: dict[tuple, Any] = {}  # (onnx path, profiles) -> plan bytes: verification builds a graph once
 

@@ -1,6 +1,6 @@
 """The TensorRT backend's pure logic: build options, optimization profiles from a graph's inputs,
 the choice of profile for given input shapes, the build directory's profile table and manifest
-entry. No TensorRT here: tests/test_engines_trt.py runs all of it anywhere. engines/trt.py builds
+entry. No TensorRT here: tests/engines/test_trt.py runs all of it anywhere. engines/trt.py builds
 and runs plans with it (and re-exports it).
 
 Why two profiles: one graph serves prefill (many tokens over an empty cache) and decode (a few

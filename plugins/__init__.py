@@ -1,4 +1,4 @@
-"""Custom ops of the exported graphs: one folder per op (see DESIGN.md, "Custom ops")."""
+"""Custom ops of the exported graphs: one folder per op (see docs/design.md, "Custom ops")."""
 
 DOMAIN = "dsv3"  # ONNX domain of every custom-op node and its FunctionProto
 DOMAIN_VERSION = 1
@@ -19,7 +19,7 @@ def register_schema(name: str, inputs, outputs, type_constraints, attributes) ->
         return
     attrs = [OpSchema.Attribute(k, v, "") if isinstance(v, OpSchema.AttrType)
              else OpSchema.Attribute(k, onnx.helper.make_attribute(k, v), "") for k, v in attributes.items()]
-    schema = OpSchema(name, DOMAIN, DOMAIN_VERSION, doc=f"dsv3::{name} (see DESIGN.md)",
+    schema = OpSchema(name, DOMAIN, DOMAIN_VERSION, doc=f"dsv3::{name} (see docs/design.md)",
                       inputs=[OpSchema.FormalParameter(n, t) for n, t in inputs],
                       outputs=[OpSchema.FormalParameter(n, t) for n, t in outputs],
                       type_constraints=type_constraints, attributes=attrs)

@@ -123,7 +123,7 @@ def run_tests(timeout: float, examples: int, files: list | None = None) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["DSV3_HYPOTHESIS_EXAMPLES"] = str(examples)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    files = files or ["tests/plugins/test_latent_attention_triton.py", "tests/plugins/test_moe_dispatch_triton.py",
+    files = files or ["tests/plugins/latent_attention/test_triton.py", "tests/plugins/moe_dispatch/test_triton.py",
                       "tests/plugins/test_tensorrt_registration.py"]
     cmd = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-m", "slow or not slow", *files]
     log(f"running {' '.join(cmd[3:])} (timeout {timeout:.0f}s)")
@@ -428,7 +428,7 @@ def main() -> int:
         if args.trt_only:
             if not args.skip_tests:
                 run_tests(min(args.test_timeout, max(30.0, left(args.budget) - 200)), args.examples,
-                          files=["tests/test_engines_trt.py"])
+                          files=["tests/engines/test_trt.py"])
             check_trt_engine(args.budget, args.trt_timeout)
         elif not args.skip_tests:
             run_tests(min(args.test_timeout, max(30.0, left(args.budget) - 200)), args.examples)

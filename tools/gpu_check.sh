@@ -5,7 +5,7 @@
 # TensorRT is installed, builds an engine with the AOT LatentAttention plugin and
 # then the tiny preset's plans through engines/trt.py (dsv3-export build tiny
 # --backend trt; dsv3-export verify; dsv3-export run: docs/tensorrt.md).
-# --trt-only: just that TensorRT path, with tests/test_engines_trt.py on the GPU.
+# --trt-only: just that TensorRT path, with tests/engines/test_trt.py on the GPU.
 # Prints a line per measurement, then all results as one JSON line ("JSON {...}");
 # also writes build/gpu_check.json (override: --json PATH). Finishes in under 8 minutes:
 # the Python side keeps a 450 s budget and skips optional parts when time runs short,

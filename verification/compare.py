@@ -1,5 +1,5 @@
 """Polygraphy compare functions for verification: max-relative error and cosine, each result carrying
-the figures the report shows (exporter/verify.py composes them per precision)."""
+the figures the report shows (verification/checks.py composes them per precision)."""
 
 from __future__ import annotations
 

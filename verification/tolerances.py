@@ -18,7 +18,7 @@ class Tolerance:
       from the start (every row of the batch).
     - "cosine": cosine similarity of engine and reference output (flattened) >= limit, per step;
     - "lm_cosine" / "lm_top1" / "lm_kl": next-token figures over >= 256 positions of real text
-      (exporter/lm_eval.py): mean logits cosine >= limit, top-1 agreement >= limit, mean
+      (verification/lm_eval.py): mean logits cosine >= limit, top-1 agreement >= limit, mean
       KL(reference || engine) <= limit. "lm_cosine_emulated" (fp8): the same cosine against the
       reference that runs the graph's own dequantized weights and activation quantization.
     docs/precision.md explains the numbers."""

@@ -13,7 +13,7 @@
   (interleaved=1), fed the graph's own cos/sin rows with position offset 0.
 
 Each rule is a pattern -> replacement on onnxscript's rewriter; tests prove each equal to what it
-replaces (tests/passes/test_lower_ort.py).
+replaces (tests/exporter/passes/test_lower_ort.py).
 """
 
 from __future__ import annotations

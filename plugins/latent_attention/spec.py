@@ -1,4 +1,4 @@
-"""LatentAttention contract: absorbed-MLA attention over the latent cache (DESIGN.md).
+"""LatentAttention contract: absorbed-MLA attention over the latent cache (docs/design.md, "Custom ops").
 
     q [B,S,H,C], latent [B,T,C]  ->  o_lat [B,S,H,r],   C = r + dr, r = kv_lora_rank
 

@@ -1,4 +1,4 @@
-"""MoEDispatch contract: routed SwiGLU experts, routing already done (DESIGN.md).
+"""MoEDispatch contract: routed SwiGLU experts, routing already done (docs/design.md, "Custom ops").
 
     x [N,D], topk_idx [N,k] int64, topk_weight [N,k],
     w_gate_up [E,2I,D], w_down [E,D,I]  ->  y [N,D]

@@ -114,7 +114,7 @@ transformers = pytest.importorskip("transformers")
 
 @pytest.mark.parametrize("case", ["yarn-qlora-groups", "no-qlora-one-group"])
 def test_transformers_saved_checkpoints_through_ort(tmp_path, case):
-    from test_hf_parity import CASES, _save_hf_model
+    from tests.exporter.test_hf_parity import CASES, _save_hf_model
 
     ckpt = tmp_path / "hf"
     _save_hf_model(ckpt, **CASES[case])

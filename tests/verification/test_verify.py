@@ -1,4 +1,4 @@
-"""Verification (exporter/verify.py): Polygraphy's Comparator over the reference runner and the ONNX
+"""Verification (verification/verify.py): Polygraphy's Comparator over the reference runner and the ONNX
 Runtime runners, the report files, and that a wrong engine fails."""
 
 import json

@@ -1,4 +1,4 @@
-"""Verification of quantized builds: language-model figures on real text (exporter/lm_eval.py),
+"""Verification of quantized builds: language-model figures on real text (verification/lm_eval.py),
 cosine per step, the fp8 check against the emulated reference, and the report that carries them."""
 
 import json

@@ -185,7 +185,7 @@ def test_validation_dtype_and_value_errors():
 
 
 def test_scales_need_fp8_weights():
-    # MoEDispatchFP8 (tests/plugins/test_moe_dispatch_fp8.py): scales come with E4M3 weights only
+    # MoEDispatchFP8 (tests/plugins/moe_dispatch/test_fp8.py): scales come with E4M3 weights only
     x, idx, w, gu, dn = make_inputs(2, 8, 4, 2, 1)
     with pytest.raises(ValueError, match="float8_e4m3fn"):
         moe_dispatch(x, idx, w, gu, dn, w_gate_up_scale=torch.ones(1, 1), w_down_scale=torch.ones(1, 1))
