@@ -1,7 +1,9 @@
 """--precision fp8 from FP8 checkpoints: the checkpoint's E4M3 bytes and block scales reach the graph
 unchanged (a head's W_UK/W_UV rows cut from wkv_b, experts stacked, I padded to a block), and the
 graph equals the reference running those weights with DeepSeek's act_quant. Two shapes: tiny
-(every dim a partial block) and one whose dims are multiples of 128."""
+(every dim a partial block) and one whose dims are multiples of 128. The reference's activation
+quantizers quantize the graph's own QuantizeLinear inputs (checked equal to the torch ones within
+float noise), because an element within float noise of an E4M3 rounding tie flips one code."""
 
 import numpy as np
 import onnx_ir as ir
@@ -9,6 +11,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
+import exporter.quant_numerics as qn
 from core.config import preset
 from exporter import CheckpointError, load_reference, open_source
 from exporter.checkpoint import Checkpoint
@@ -19,7 +22,6 @@ from exporter.passes.cleanup import cleanup
 from exporter.passes.plugin_attrs import plugin_attrs
 from exporter.passes.quantize import quantize
 from exporter.precision_policy import Policy
-from exporter.quant_numerics import emulate
 from exporter.weights import resolve
 
 # dim, inter, moe_inter multiples of 128; head rows (nope 32, v 32) not aligned to wkv_b's blocks
@@ -89,16 +91,39 @@ def _check_bytes(graph, ckpt: Checkpoint):
 
 
 def _run_vs_emulated(graph, source, policy):
+    """Max |logits - reference| / max |reference|. ORT also returns every QuantizeLinear's input; each
+    act_quant call of the reference takes the one of its shape closest to its own input, asserts they
+    agree within float noise (relative max error < 1e-5), and quantizes ORT's value."""
     cfg = source.config
     ids = np.random.default_rng(0).integers(2, cfg.vocab_size, (2, 10))
     feed = {"input_ids": ids, **{f"past_latent.{i}": np.zeros((2, 0, cfg.latent_dim), np.float32)
                                  for i in range(cfg.n_layers)}}
-    proto = ir.serde.serialize_model(graph).SerializeToString()
+    q_in = list(dict.fromkeys(n.inputs[0] for n in graph.graph if n.op_type == "QuantizeLinear"))
+    extra = [v for v in q_in if not v.is_graph_output()]
+    graph.graph.outputs.extend(extra)
+    try:
+        proto = ir.serde.serialize_model(graph).SerializeToString()
+    finally:
+        for _ in extra:
+            graph.graph.outputs.pop()
     so = ort.SessionOptions()
     so.log_severity_level = 3
-    logits = ort.InferenceSession(proto, so, providers=["CPUExecutionProvider"]).run(["logits"], feed)[0]
-    with torch.no_grad():
-        want = emulate(load_reference(source, mtp=False), source, policy)(torch.from_numpy(ids)).logits.numpy()
+    logits, *ort_in = ort.InferenceSession(proto, so, providers=["CPUExecutionProvider"]).run(
+        ["logits"] + [v.name for v in q_in], feed)
+    real = qn.fp8_act_quant
+
+    def shared(x, group=qn.FP8_BLOCK):
+        xn = x.float().numpy()
+        errs = [(np.abs(g - xn).max() / max(np.abs(xn).max(), 1e-30), g) for g in ort_in if g.shape == xn.shape]
+        assert errs, f"no QuantizeLinear input of shape {xn.shape} for act_quant"
+        err, g = min(errs, key=lambda e: e[0])
+        assert err < 1e-5, f"act_quant input {tuple(x.shape)}: graph's differs by {err:.3g} (relative max)"
+        return real(torch.from_numpy(g), group).to(x.dtype)
+
+    with pytest.MonkeyPatch.context() as mp, torch.no_grad():
+        mp.setattr(qn, "fp8_act_quant", shared)
+        mp.setitem(qn.ACT_QUANT, "fp8-group128", shared)
+        want = qn.emulate(load_reference(source, mtp=False), source, policy)(torch.from_numpy(ids)).logits.numpy()
     return np.abs(logits - want).max() / np.abs(want).max()
 
 
