@@ -33,13 +33,13 @@ PREFILL = (128, 1024)
 CONTEXTS = (128, 1024, 4096)
 
 
-def _stats(samples: list[float], tokens: int) -> dict[str, float]:
+def rate_stats(samples: list[float], tokens: int) -> dict[str, float]:
     """tokens/s from seconds per call: median, and the worst and best call."""
     return {"tokens_per_s": tokens / statistics.median(samples), "min": tokens / max(samples),
             "max": tokens / min(samples), "repeats": len(samples)}
 
 
-def _time(fn, repeats: int, warmup: int = 1) -> list[float]:
+def time_calls(fn, repeats: int, warmup: int = 1) -> list[float]:
     for _ in range(warmup):
         fn()
     out = []
@@ -99,7 +99,7 @@ def _measure(kind: str, build_dir: str, params: dict[str, Any]) -> dict[str, Any
         if n > cfg["max_seq_len"]:
             continue
         ids = as_ids(rng.integers(0, cfg["vocab_size"], (1, n)))
-        out["prefill"][str(n)] = _stats(_time(lambda: forward(ids, empty(0)), params["repeats"]), n)
+        out["prefill"][str(n)] = rate_stats(time_calls(lambda: forward(ids, empty(0)), params["repeats"]), n)
     steps = params["decode_steps"]
     for c in params["contexts"]:
         if c + steps > cfg["max_seq_len"]:
@@ -113,7 +113,7 @@ def _measure(kind: str, build_dir: str, params: dict[str, Any]) -> dict[str, Any
             for tok in toks:
                 past = forward(tok, past)
 
-        out["decode"][str(c)] = _stats(_time(chain, params["repeats"]), steps)
+        out["decode"][str(c)] = rate_stats(time_calls(chain, params["repeats"]), steps)
         out["decode"][str(c)]["cache_bytes"] = cfg["n_layers"] * c * int(np.prod(width)) * 4
     if kind == "engine" and params.get("speculative") and (Path(build_dir) / "mtp.onnx").is_file():
         out["speculative"] = _speculative(engine, cfg, params)
@@ -144,7 +144,7 @@ def _disk(build_dir: Path, manifest: dict) -> dict[str, int]:
             "main_graph_bytes": sum(files[f]["bytes"] for f in main)}
 
 
-def _in_child(fn, *args):
+def in_child(fn, *args):
     """fn(*args) in a fresh process: its memory and threads are its own."""
     with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
         return pool.submit(fn, *args).result()
@@ -172,11 +172,11 @@ def bench(builds: list[str | Path], *, threads: int = 2, repeats: int = 5, prefi
     for r in range(rounds):
         if progress:
             progress("read bandwidth" + (f" (round {r + 1}/{rounds})" if rounds > 1 else ""))
-        bandwidths.append(_in_child(read_bandwidth, threads, bandwidth_megabytes))
+        bandwidths.append(in_child(read_bandwidth, threads, bandwidth_megabytes))
         for j, (kind, b) in enumerate(jobs):
             if progress:
                 progress(f"{kind}: {b}" + (f" (round {r + 1}/{rounds})" if rounds > 1 else ""))
-            runs[j].append(_in_child(_measure, kind, b, params))
+            runs[j].append(in_child(_measure, kind, b, params))
     results = [merge_rounds(system_runs) for system_runs in runs]
     bandwidth = statistics.median(bandwidths)
     for r, b, m in zip(results, builds, manifests):

@@ -317,6 +317,8 @@ def verify(build_dir, source, seed, decode_steps, greedy_tokens, backends, repor
 
 
 def _int_list(ctx, param, value):
+    if value is None:
+        return None
     try:
         return [int(v) for v in value.split(",") if v.strip()]
     except ValueError:
@@ -336,14 +338,20 @@ def _int_list(ctx, param, value):
 @click.option("--speculative", is_flag=True, help="Also time generation with MTP speculation (needs mtp.onnx).")
 @click.option("--rounds", type=click.IntRange(min=1), default=1, show_default=True,
               help="Run every system this many times, alternating; figures are medians over rounds.")
+@click.option("--batch", "batches", default=None, callback=_int_list,
+              help="Batch sizes (e.g. 1,4,16): aggregate decode tokens/s of that many sequences decoding "
+                   "together, against the memory bound at each batch, instead of the single-sequence figures.")
 def bench_cmd(builds, json_path, threads, repeats, prefill, contexts, decode_steps, no_reference, speculative,
-              rounds) -> None:
+              rounds, batches) -> None:
     """Prefill / decode tokens/s of one or more builds, with the PyTorch reference in the same run.
 
     Ratios are engine/reference and, with several builds, each build/the first."""
     from benchmarks.bench import bench
 
     console = _console()
+    if batches:
+        _bench_batches(builds, batches, threads, repeats, contexts, decode_steps, json_path)
+        return
     with console.status("measuring") as status:
         report = bench(list(builds), threads=threads, repeats=repeats, prefill=prefill, contexts=contexts,
                        decode_steps=decode_steps, reference=not no_reference, speculative=speculative,
@@ -351,6 +359,43 @@ def bench_cmd(builds, json_path, threads, repeats, prefill, contexts, decode_ste
     _print_bench(report)
     if json_path:
         Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
+        click.echo(f"wrote {json_path}")
+
+
+def _bench_batches(builds, batches, threads, repeats, contexts, decode_steps, json_path) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    from benchmarks.batching import bench_batches
+
+    if any(b < 1 for b in batches):
+        raise ExportError(f"--batch sizes must be >= 1, got {batches}")
+    reports = []
+    for build in builds:
+        with _console().status("measuring") as status:
+            report = bench_batches(build, batches, threads=threads, repeats=repeats, contexts=contexts,
+                                   decode_steps=decode_steps, progress=lambda w: status.update(f"measuring {w}"))
+        reports.append(report)
+        t = Table(title=escape(f"{Path(build).name}: aggregate decode tokens/s [share of the memory bound], "
+                               f"{threads} threads"))
+        t.add_column("batch", justify="right")
+        for c in contexts:
+            t.add_column(f"decode {c}", justify="right")
+        ref = "1024" if 1024 in contexts else str(contexts[-1])
+        t.add_column(f"vs batch 1 @{ref}", justify="right")
+        t.add_column("mixed step tok/s", justify="right")
+        for r in report["batches"]:
+            cells = [escape(f"{r['decode'][str(c)]['tokens_per_s']:.1f} [{r['decode'][str(c)]['reached']:.0%}]")
+                     if str(c) in r["decode"] else "-" for c in contexts]
+            ratio = r["vs_batch_1"].get(ref)
+            t.add_row(str(r["batch"]), *cells, f"{ratio:.2f}x" if ratio else "-", f"{r['mixed']['tokens_per_s']:.1f}")
+        _console().print(t)
+        lat = next((r["step_latency"] for r in report["batches"] if "step_latency" in r), None)
+        if lat:
+            _console().print(f"one decode step at {lat['context']}: {lat['in_place_s'] * 1e3:.2f} ms in place, "
+                             f"{lat['with_copy_s'] * 1e3:.2f} ms with the cache copied")
+    if json_path:
+        Path(json_path).write_text(json.dumps(reports if len(reports) > 1 else reports[0], indent=2) + "\n")
         click.echo(f"wrote {json_path}")
 
 

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Iterable
 
+import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
@@ -210,3 +211,11 @@ def session(build_dir: str | Path, graph: str = "model", providers: Iterable[str
         raise ExportError(f"{path.name}: ONNX Runtime cannot load it: {first}") from e
     sess.dsv3_model_path = path
     return sess
+
+
+def shared_value(array: np.ndarray) -> "ort.OrtValue":
+    """An OrtValue over a C-contiguous numpy array's own memory (no copy): bound as both a graph's
+    input and output, the graph writes into the array."""
+    if not array.flags.c_contiguous:
+        raise ValueError("shared_value needs a C-contiguous array")
+    return ort.OrtValue.ortvalue_from_numpy(array)

@@ -24,6 +24,7 @@ from core.build_dir import MANIFEST, cache_layout, check_backend, check_file_has
 from core.config import ModelConfig
 from core.errors import ExportError
 from engines.sampling import check_generation_args, sample
+from engines.scheduler import SamplingParams, Scheduler
 
 
 # ---- results ----------------------------------------------------------------------------------------
@@ -132,6 +133,8 @@ class Engine:
         self.latent_dim = cfg.latent_dim
         # One layer's cache as the graph declares it: the latent row, or per-head K|V (`--mla naive`).
         self.cache_shape, self.cache_dtype = cache_layout(self.manifest["io"]["model.onnx"], self.latent_dim)
+        # Graph contract v2: the graphs take cache buffers and their lengths, written in place.
+        self.buffered = any(i["name"] == "cache_lengths" for i in self.manifest["io"]["model.onnx"]["inputs"])
         self.tokenizer = self._load_tokenizer()
 
     # ---- pieces ---------------------------------------------------------------------------------
@@ -191,7 +194,7 @@ class Engine:
             out |= {int(stop)} if isinstance(stop, (int, np.integer)) else {int(s) for s in stop}
         return out
 
-    def _check_ids(self, ids: np.ndarray) -> None:
+    def check_ids(self, ids: np.ndarray) -> None:
         vocab = self.config.vocab_size
         if ids.size and (ids.min() < 0 or ids.max() >= vocab):
             bad = int(ids.min()) if ids.min() < 0 else int(ids.max())
@@ -209,7 +212,7 @@ class Engine:
             raise ExportError(f"input_ids must be a non-empty [batch, seq] array, got shape {tuple(ids.shape)}")
         if ids.dtype.kind not in "iu":
             raise ExportError(f"input_ids must be integers, got {ids.dtype}")
-        self._check_ids(ids)
+        self.check_ids(ids)
         batch = ids.shape[0]
         if past is None:
             past = self.empty_past(batch)
@@ -229,14 +232,57 @@ class Engine:
         return self.step(ids.astype(np.int64, copy=False), past)
 
     def step(self, ids: np.ndarray, past: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
-        """`forward` without its checks: int64 ids [B, S] and a past of the right layout."""
+        """`forward` without its checks: int64 ids [B, S] and the cached prefixes [B, T, ...]; returns
+        the prefixes grown by S rows. Over a buffered build the prefixes are copied into fresh
+        buffers first (the convenience form; the scheduler's `step_in_place` copies nothing)."""
+        if self.buffered:
+            t = past[0].shape[1]
+            buffers = self.empty_buffers(ids.shape[0], t + ids.shape[1])
+            for buf, p in zip(buffers, past):
+                buf[:, :t] = p
+            logits, hidden = self.step_in_place(ids, np.full(ids.shape[0], t, np.int64), buffers)
+            return logits, hidden, [b[:, :t + ids.shape[1]] for b in buffers]
         feeds = {"input_ids": ids, **{f"past_latent.{i}": p for i, p in enumerate(past)}}
         out = dict(zip(self._outputs, self.session.run(None, feeds)))
         return out["logits"], out["hidden_states"], [out[f"present_latent.{i}"] for i in range(self.n_layers)]
 
+    def empty_buffers(self, batch: int, positions: int) -> list[np.ndarray]:
+        """Zeroed cache buffers [batch, positions, *row] for every layer (graph contract v2)."""
+        return [np.zeros((batch, positions, *self.cache_shape), self.cache_dtype) for _ in range(self.n_layers)]
+
+    def step_in_place(self, ids: np.ndarray, cache_lengths: np.ndarray,
+                      buffers: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """One call over cache buffers (graph contract v2): row b's S new tokens at positions
+        cache_lengths[b]..+S-1, their latent rows written into buffers[i][b] in place (ONNX Runtime
+        binds each buffer as both past and present). Returns (logits, hidden_states)."""
+        ids = np.ascontiguousarray(ids, np.int64)
+        lengths = np.ascontiguousarray(cache_lengths, np.int64)
+        if ids.shape[1] + int(lengths.max(initial=0)) > buffers[0].shape[1]:
+            raise ExportError(f"cache buffers hold {buffers[0].shape[1]} positions; rows up to "
+                              f"{int(lengths.max()) + ids.shape[1]} were asked for")
+        if not hasattr(self.session, "io_binding"):  # TensorRT: a session.run, then the rows copied back
+            feeds = {"input_ids": ids, "cache_lengths": lengths,
+                     **{f"past_latent.{i}": b for i, b in enumerate(buffers)}}
+            out = dict(zip(self._outputs, self.session.run(None, feeds)))
+            for i, b in enumerate(buffers):
+                b[...] = out[f"present_latent.{i}"]
+            return out["logits"], out["hidden_states"]
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("input_ids", ids)
+        binding.bind_cpu_input("cache_lengths", lengths)
+        values = [ort_engine.shared_value(b) for b in buffers]  # kept alive until the run returns
+        for i, v in enumerate(values):
+            binding.bind_ortvalue_input(f"past_latent.{i}", v)
+            binding.bind_ortvalue_output(f"present_latent.{i}", v)
+        binding.bind_output("logits")
+        binding.bind_output("hidden_states")
+        self.session.run_with_iobinding(binding)
+        logits, hidden = (o.numpy() for o in binding.get_outputs()[-2:])
+        return logits, hidden
+
     # ---- generation -------------------------------------------------------------------------------
-    def _prompt_ids(self, prompt, add_bos: bool) -> tuple[np.ndarray, bool]:
-        """[B, S] int64 ids and whether the prompt was a batch."""
+    def _prompt_rows(self, prompt, add_bos: bool) -> tuple[list[list[int]], bool]:
+        """Each prompt's token ids, checked, and whether the prompt was a batch."""
         def is_int(x):
             return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
@@ -268,42 +314,65 @@ class Engine:
             raise ExportError(f"prompt must be text or token ids, got {type(prompt).__name__}")
         if any(len(r) == 0 for r in rows):
             raise ExportError("empty prompt")
-        lengths = sorted({len(r) for r in rows})
-        if len(lengths) > 1:
-            raise ExportError(f"batched prompts must have the same length in tokens, got lengths "
-                              f"{', '.join(map(str, lengths))}; run them separately")
-        ids = np.asarray(rows, dtype=np.int64)
-        self._check_ids(ids)
-        return ids, batched
+        for r in rows:
+            self.check_ids(np.asarray(r, dtype=np.int64))
+        return [[int(t) for t in r] for r in rows], batched
 
     def generate(self, prompt, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int = 0, stop: Iterable[int] | int | None = None,
                  speculative: bool = False, on_token: Callable[[int, int], Any] | None = None,
                  add_bos: bool = True) -> GenerationResult:
-        """Continue `prompt`: a str, a list of str (a batch; equal token lengths), a list of ids, a
-        list of lists of ids (or a 1-D / 2-D integer array). Greedy when temperature == 0, else
-        temperature / top-k / top-p sampling from numpy's Generator seeded with `seed`. A sequence
-        stops after emitting the config's EOS or one of `stop`; a batch runs until all have stopped
-        (finished rows are fed padding, their output ends at the stop token). `on_token(row, id)` is
+        """Continue `prompt`: a str, a list of str (a batch), a list of ids, a list of lists of ids (or
+        a 1-D / 2-D integer array); a batch's prompts may have any lengths (continuous batching,
+        engines.scheduler). Greedy when temperature == 0, else temperature / top-k / top-p sampling,
+        each sequence from its own numpy Generator seeded with `seed`. A sequence stops after
+        emitting the config's EOS or one of `stop`, or after max_new_tokens. `on_token(row, id)` is
         called for each emitted token as it is generated."""
         check_generation_args(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
-        ids, batched = self._prompt_ids(prompt, add_bos)
-        if ids.shape[1] + max_new_tokens > self.config.max_seq_len:
-            raise ExportError(f"prompt ({ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+        rows, batched = self._prompt_rows(prompt, add_bos)
+        longest = max(len(r) for r in rows)
+        if longest + max_new_tokens > self.config.max_seq_len:
+            raise ExportError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
                               f"model's context length (max_seq_len {self.config.max_seq_len})")
         stops = self.stop_ids(stop)
         for s in stops:
             if not 0 <= s < self.config.vocab_size:
                 raise ExportError(f"stop token id {s} is out of range (vocab size {self.config.vocab_size})")
         if speculative:
+            ids = self._speculative_ids(rows)
             return self._speculative_result(ids, batched, stops, mtp_speculation.decode(
-                self._speculative_model(ids), ids, max_new_tokens=max_new_tokens, temperature=temperature,
+                self, ids, max_new_tokens=max_new_tokens, temperature=temperature,
                 top_k=top_k, top_p=top_p, seed=seed, stops=stops, on_token=on_token))
-        rows = self._decode_loop(ids, max_new_tokens, stops, on_token,
-                                 lambda logits, rng: sample(logits, rng, temperature=temperature, top_k=top_k,
-                                                            top_p=top_p),
-                                 np.random.default_rng(seed))
-        return self._result(ids, batched, *rows, stops)
+        params = SamplingParams(max_new_tokens, temperature, top_k, top_p, seed, frozenset(stops))
+        if self.buffered:
+            return self._generate_batched(rows, batched, params, on_token)
+        if len({len(r) for r in rows}) > 1:
+            raise ExportError(f"batched prompts must have the same length in tokens in this build (got lengths "
+                              f"{', '.join(map(str, sorted({len(r) for r in rows})))}): its graphs take no cache "
+                              "buffers (--mla naive, or an older build); rebuild it, or run them separately")
+        ids = np.asarray(rows, dtype=np.int64)
+        out = self._decode_loop(ids, max_new_tokens, stops, on_token,
+                                lambda logits, rng: sample(logits, rng, temperature=temperature, top_k=top_k,
+                                                           top_p=top_p),
+                                np.random.default_rng(seed))
+        return self._result(rows, batched, *out, stops)
+
+    def _generate_batched(self, rows: list[list[int]], batched: bool, params: SamplingParams,
+                          on_token) -> GenerationResult:
+        """Every prompt through one scheduler at once: each prefilled whole, then decoded together."""
+        scheduler = Scheduler(self, max_batch=len(rows), prefill_chunk=max(len(r) for r in rows))
+        row_of: dict[int, int] = {}
+        notify = None if on_token is None else (lambda req, tok: on_token(row_of[req.id], tok))
+        for i, r in enumerate(rows):
+            row_of[scheduler.submit(r, params, on_token=notify).id] = i
+        requests = list(scheduler.waiting)
+        scheduler.run()
+        failed = next((r for r in requests if r.finish_reason == "error"), None)
+        if failed is not None:
+            raise ExportError(failed.error)
+        st = scheduler.stats
+        return self._result(rows, batched, [r.tokens for r in requests], st.prefill_seconds, st.decode_seconds,
+                            st.decode_steps, params.stop)
 
     def _decode_loop(self, ids: np.ndarray, max_new_tokens: int, stops: set[int], on_token, pick, rng):
         batch = ids.shape[0]
@@ -340,41 +409,45 @@ class Engine:
         sess = self.mtp_session
         if self._mtp_outputs is None:
             self._mtp_outputs = [o.name for o in sess.get_outputs()]
-        out = dict(zip(self._mtp_outputs, sess.run(None, {
-            "input_ids": input_ids.astype(np.int64, copy=False), "hidden_states": hidden,
-            "past_latent.mtp": past})))
+        feeds = {"input_ids": input_ids.astype(np.int64, copy=False), "hidden_states": hidden, "past_latent.mtp": past}
+        if self.buffered:  # the prefix in a buffer with room for the new rows (the convenience form)
+            t, n = past.shape[1], input_ids.shape[1]
+            feeds["past_latent.mtp"] = np.zeros((past.shape[0], t + n, *past.shape[2:]), past.dtype)
+            feeds["past_latent.mtp"][:, :t] = past
+            feeds["cache_lengths"] = np.full(past.shape[0], t, np.int64)
+        out = dict(zip(self._mtp_outputs, sess.run(None, feeds)))
         return out["logits"], out["present_latent.mtp"]
 
-    def _speculative_model(self, ids: np.ndarray) -> "Engine":
-        """The engine itself, once it is sure to run speculation: an MTP graph, one sequence."""
+    def _speculative_ids(self, rows: list[list[int]]) -> np.ndarray:
+        """The one prompt speculation runs on, once it is sure to run: an MTP graph, one sequence."""
         if self.mtp_session is None:
             raise ExportError(f"{self.build_dir}: this build has no mtp.onnx; speculative decoding needs the MTP graph")
-        if ids.shape[0] != 1:
+        if len(rows) != 1:
             raise ExportError(f"speculative decoding runs one sequence at a time (batch 1), got a batch of "
-                              f"{ids.shape[0]}; run the prompts one by one or without speculative decoding")
-        return self
+                              f"{len(rows)}; run the prompts one by one or without speculative decoding")
+        return np.asarray(rows, dtype=np.int64)
 
     def _speculative_result(self, ids, batched, stops, run: mtp_speculation.SpeculativeRun) -> GenerationResult:
-        result = self._result(ids, batched, [run.tokens], run.prefill_seconds, run.decode_seconds, run.steps, stops,
+        result = self._result(ids.tolist(), batched, [run.tokens], run.prefill_seconds, run.decode_seconds, run.steps, stops,
                               acceptance=run.acceptance_rate)
         st = result.stats
         st.speculative = True
         st.drafted_tokens, st.accepted_tokens, st.tokens_per_step = run.drafted, run.accepted, run.tokens_per_step
         return result
 
-    def _result(self, ids, batched, out, prefill, decode, steps, stops, acceptance=None) -> GenerationResult:
-        batch = ids.shape[0]
+    def _result(self, rows, batched, out, prefill, decode, steps, stops, acceptance=None) -> GenerationResult:
+        batch = len(rows)
         new = sum(len(r) for r in out)
         decoded_by_steps = new - batch
         stats = GenerationStats(
-            batch=batch, prompt_tokens=int(ids.size), new_tokens=new, prefill_seconds=prefill,
+            batch=batch, prompt_tokens=sum(len(r) for r in rows), new_tokens=new, prefill_seconds=prefill,
             decode_seconds=decode, decode_tokens_per_s=(decoded_by_steps / decode) if steps and decode > 0 else None,
             steps=steps, acceptance_rate=acceptance)
         reasons = ["stop" if r and r[-1] in stops else "length" for r in out]
         texts = None
         if self.tokenizer is not None:
             texts = [self.decode(r[:-1] if reason == "stop" else r) for r, reason in zip(out, reasons)]
-        prompts = ids.tolist()
+        prompts = [list(r) for r in rows]
         if batched:
             return GenerationResult(out, texts, stats, reasons, prompts)
         return GenerationResult(out[0], texts[0] if texts is not None else None, stats, reasons[0], prompts[0])

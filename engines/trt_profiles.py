@@ -100,18 +100,21 @@ class TrtOptions:
         return dataclasses.replace(self, max_seq_len=max_seq, max_prefill=prefill, opt_prefill=opt_prefill)
 
 
-def dim_ranges(options: TrtOptions) -> dict[str, dict[str, tuple[int, int, int]]]:
+def dim_ranges(options: TrtOptions, buffered: bool = False) -> dict[str, dict[str, tuple[int, int, int]]]:
     """(min, opt, max) of each dynamic dim role, per profile. Decode's past starts at 1: a call with
     an empty cache is a prefill (any length up to max_prefill), so the two profiles never overlap and
     the choice between them is never ambiguous. past + seq <= max_seq_len is the runtime's check
-    (a profile bounds each dim on its own)."""
+    (a profile bounds each dim on its own). `buffered` (graph contract v2): "past" is the cache
+    buffer's capacity, which holds the new rows too, so a prefill's is at least its seq."""
     if not options.resolved:
         raise ValueError("TrtOptions must be resolved against the model (TrtOptions.resolve) first")
     batch = (1, options.opt_batch, options.max_batch)
     past_max = options.max_seq_len - 1
+    prefill_past = (1, options.opt_prefill, options.max_seq_len) if buffered else (0, 0, 0)
+    decode_past = (1, max(1, past_max // 2), options.max_seq_len if buffered else past_max)
     return {
-        "prefill": {"batch": batch, "seq": (1, options.opt_prefill, options.max_prefill), "past": (0, 0, 0)},
-        "decode": {"batch": batch, "seq": (1, 1, options.decode_seq), "past": (1, max(1, past_max // 2), past_max)},
+        "prefill": {"batch": batch, "seq": (1, options.opt_prefill, options.max_prefill), "past": prefill_past},
+        "decode": {"batch": batch, "seq": (1, 1, options.decode_seq), "past": decode_past},
     }
 
 
@@ -119,7 +122,8 @@ def make_profiles(inputs: Sequence[Mapping[str, Any]], options: TrtOptions) -> l
     """The optimization profiles of one graph from its inputs ({"name", "shape"} as
     core.build_dir.graph_io gives them: ints or the dim names batch / seq / past)."""
     out = []
-    for profile, ranges in dim_ranges(options).items():
+    buffered = any(inp["name"] == "cache_lengths" for inp in inputs)
+    for profile, ranges in dim_ranges(options, buffered).items():
         shapes = {}
         for inp in inputs:
             lo, opt, hi = [], [], []

@@ -18,35 +18,46 @@ from torch import nn
 
 from core.config import ModelConfig
 from exporter.model import Transformer
+from plugins.cache_write import op as cache_write
 from plugins.latent_attention import onnx_function as la
 from plugins.moe_dispatch import onnx_function as moe
 
-OPSET = 23  # Attention (for the ORT lowering) needs 23; the function bodies are written for it.
+# TensorScatter (the in-place cache write) needs 24; Attention (the ORT lowering) 23, and the
+# function bodies are written for 23, which a model of opset 24 still runs.
+OPSET = cache_write.OPSET
 # Example sizes for tracing: above 1 so torch.export does not specialise them.
 _EXAMPLE_BATCH, _EXAMPLE_SEQ, _EXAMPLE_PAST = 2, 3, 4
 
 
 class MainGraph(nn.Module):
-    """input_ids, past_latent.{i} -> logits, hidden_states, present_latent.{i} (the graph contract)."""
+    """The graph contract (docs/design.md): absorbed, input_ids, cache_lengths, past_latent.{i} (cache
+    buffers) -> logits, hidden_states, present_latent.{i} (the buffers with the new rows written);
+    naive, input_ids, past_latent.{i} (prefixes) -> ..., present_latent.{i} (the prefixes grown)."""
 
     def __init__(self, model: Transformer):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, *past):
-        out = self.model(input_ids, list(past))
+    def forward(self, input_ids, *inputs):
+        if self.model.mla == "absorbed":
+            out = self.model(input_ids, list(inputs[1:]), inputs[0])
+        else:
+            out = self.model(input_ids, list(inputs))
         return (out.logits, out.hidden_states, *out.past)
 
 
 class MTPGraph(nn.Module):
-    """input_ids (tokens i+1), hidden_states (h_i), past_latent.mtp -> logits, present_latent.mtp."""
+    """input_ids (tokens i+1), hidden_states (h_i), [cache_lengths,] past_latent.mtp -> logits,
+    present_latent.mtp; cache_lengths as in MainGraph (absorbed only)."""
 
     def __init__(self, model: Transformer):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, hidden_states, past):
-        return self.model.mtp_forward(input_ids, hidden_states, past)
+    def forward(self, input_ids, hidden_states, *inputs):
+        if self.model.mla == "absorbed":
+            return self.model.mtp_forward(input_ids, hidden_states, inputs[1], cache_lengths=inputs[0])
+        return self.model.mtp_forward(input_ids, hidden_states, inputs[0])
 
 
 def meta_model(cfg: ModelConfig, *, mla: str = "absorbed", has_gate_bias: bool = True, mtp: bool = True) -> Transformer:
@@ -65,7 +76,8 @@ def _translations() -> dict:
     la.register_schema()
     moe.register_schema()
     return {torch.ops.dsv3.latent_attention.default: la.torch_translation,
-            torch.ops.dsv3.moe_dispatch.default: moe.torch_translation}
+            torch.ops.dsv3.moe_dispatch.default: moe.torch_translation,
+            torch.ops.dsv3.cache_write.default: cache_write.torch_translation}
 
 
 def _export(module: nn.Module, args: tuple, input_names, output_names, dynamic_shapes):
@@ -92,6 +104,10 @@ def export_main(model: Transformer):
     inputs = ["input_ids"] + [f"past_latent.{i}" for i in range(cfg.n_layers)]
     outputs = ["logits", "hidden_states"] + [f"present_latent.{i}" for i in range(cfg.n_layers)]
     dynamic = ({0: batch, 1: seq}, tuple({0: batch, 1: past} for _ in pasts))
+    if model.mla == "absorbed":  # the cache buffers' lengths follow input_ids
+        lengths = torch.zeros(_EXAMPLE_BATCH, dtype=torch.int64, device="meta")
+        return _export(MainGraph(model), (ids, lengths, *pasts), inputs[:1] + ["cache_lengths"] + inputs[1:],
+                       outputs, ({0: batch, 1: seq}, ({0: batch}, *dynamic[1])))
     return _export(MainGraph(model), (ids, *pasts), inputs, outputs, dynamic)
 
 
@@ -102,5 +118,11 @@ def export_mtp(model: Transformer):
     ids = torch.zeros(_EXAMPLE_BATCH, _EXAMPLE_SEQ, dtype=torch.int64, device="meta")
     hidden = torch.zeros(_EXAMPLE_BATCH, _EXAMPLE_SEQ, cfg.dim, device="meta")
     cache = torch.zeros(_EXAMPLE_BATCH, _EXAMPLE_PAST, *cache_width(cfg, model.mla), device="meta")
+    outputs = ["logits", "present_latent.mtp"]
+    if model.mla == "absorbed":
+        lengths = torch.zeros(_EXAMPLE_BATCH, dtype=torch.int64, device="meta")
+        return _export(MTPGraph(model), (ids, hidden, lengths, cache),
+                       ["input_ids", "hidden_states", "cache_lengths", "past_latent.mtp"], outputs,
+                       ({0: batch, 1: seq}, {0: batch, 1: seq}, ({0: batch}, {0: batch, 1: past})))
     return _export(MTPGraph(model), (ids, hidden, cache), ["input_ids", "hidden_states", "past_latent.mtp"],
-                   ["logits", "present_latent.mtp"], ({0: batch, 1: seq}, {0: batch, 1: seq}, {0: batch, 1: past}))
+                   outputs, ({0: batch, 1: seq}, {0: batch, 1: seq}, ({0: batch, 1: past},)))

@@ -4,7 +4,10 @@ Semantics follow DeepSeek's `inference/model.py`: MLA with optional q compressio
 interleaved pairs, dense-first SwiGLU then MoE with group-limited routing, shared experts, and the
 MTP block. Attention runs naive (per-head K/V, cache [B,T,H,dn+dr+dv]) or absorbed (W_UK folded
 into the query, W_UV into the output, cache the 576-wide latent [B,T,r+dr]); both are stateless:
-`forward(input_ids, past) -> (logits, hidden_states, past)`.
+`forward(input_ids, past) -> (logits, hidden_states, past)`, past the cached prefix of every row.
+Absorbed MLA also runs over cache buffers (graph contract v2): `forward(input_ids, past,
+cache_lengths)` with past [B,T,C] per layer holding cache_lengths[b] valid rows of row b, the new
+rows written at their positions (CacheWrite), each row attending to its own keys only.
 
 `Transformer.training_form()` selects, on one model instance, the differentiable form that
 tools/train_demo.py trains: the same function of the same weights, off by default.
@@ -23,6 +26,7 @@ from torch import nn
 
 from core.config import ModelConfig
 from core.fp8 import FP8_DTYPE, dequantize_blocks
+from plugins.cache_write.op import cache_write, cache_write_op
 from plugins.latent_attention.reference import latent_attention, latent_attention_op
 from plugins.moe_dispatch.reference import moe_dispatch, moe_dispatch_op
 
@@ -94,18 +98,19 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
 
 
 def rope_angles(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of position × frequency, [S, dr/2]; float32 like the references (float64 if asked)."""
+    """cos, sin of position × frequency: positions [S] -> [S, dr/2], or per row [B,S] -> [B,S,dr/2];
+    float32 like the references (float64 if asked)."""
     acc = torch.promote_types(dtype, torch.float32)
-    angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]
+    angles = positions.to(torch.float32)[..., None] * inv_freq
     return angles.cos().to(acc), angles.sin().to(acc)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x[2i], x[2i+1]) by angle i; x [B,S,H,dr], cos/sin [S,dr/2]."""
+    """Rotate interleaved pairs (x[2i], x[2i+1]) by angle i; x [B,S,H,dr], cos/sin [S,dr/2] or [B,S,dr/2]."""
     acc = cos.dtype
     pairs = x.to(acc).unflatten(-1, (-1, 2))
     x0, x1 = pairs[..., 0], pairs[..., 1]
-    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    c, s = (cos[None, :, None, :], sin[None, :, None, :]) if cos.dim() == 2 else (cos[:, :, None], sin[:, :, None])
     return torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], dim=-1).flatten(-2).to(x.dtype)
 
 
@@ -153,22 +158,35 @@ class MLA(nn.Module):
         return (q_nope, apply_rope(q_pe, cos, sin), self.kv_norm(c_kv),
                 apply_rope(k_pe.unsqueeze(2), cos, sin).squeeze(2))
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                past: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, past: torch.Tensor | None,
+                cache_lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """past: the cached prefix [B,T,...] (None: empty), or with cache_lengths [B] (absorbed only)
+        the cache buffer [B,T,C] of which row b holds cache_lengths[b] rows. Returns (output, cache):
+        the prefix grown by the new rows, or the buffer with them written."""
         cfg = self.cfg
         dn, dr, dv, r, h = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank, cfg.n_heads
         q_nope, q_pe, c_kv, k_pe = self.project(x, cos, sin)
         if self.training_form and self.mla == "naive" and past is None:
             return self.fused_attention(q_nope, q_pe, c_kv, k_pe), None
         if self.mla == "absorbed":
-            latent = torch.cat([c_kv, k_pe], dim=-1)
-            if past is not None:
-                latent = torch.cat([past, latent], dim=1)
+            new = torch.cat([c_kv, k_pe], dim=-1)
+            if cache_lengths is not None:
+                write = cache_write if self.training_form else cache_write_op
+                latent = write(past, new, cache_lengths)
+            else:  # the prefix form: every row's new tokens follow its T - S cached ones
+                latent = new if past is None else torch.cat([past, new], dim=1)
+                cache_lengths = torch.full((x.shape[0],), latent.shape[1] - x.shape[1], dtype=torch.int64,
+                                           device=x.device)
             q_lat = torch.einsum("bshd,hdc->bshc", q_nope, self.w_uk)
-            attend = latent_attention if self.training_form else latent_attention_op
-            o_lat = attend(torch.cat([q_lat, q_pe], dim=-1), latent, cfg.softmax_scale, r)
+            q = torch.cat([q_lat, q_pe], dim=-1)
+            if self.training_form:
+                o_lat = latent_attention(q, latent, cfg.softmax_scale, r, cache_lengths)
+            else:
+                o_lat = latent_attention_op(q, latent, cache_lengths, cfg.softmax_scale, r)
             out = torch.einsum("bshc,hdc->bshd", o_lat, self.w_uv)
             return self.wo(out.flatten(2)), latent
+        if cache_lengths is not None:
+            raise ValueError("cache buffers (cache_lengths) need absorbed MLA; naive MLA caches prefixes only")
 
         # naive: expand the latent to per-head K and V and cache those.
         w_kv = self.wkv_b.dense_weight(x.dtype).view(h, dn + dv, r)
@@ -277,8 +295,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps, dtype)
         self.ffn = MoE(cfg, dtype, has_bias) if cfg.is_moe_layer(layer) else MLP(cfg.dim, cfg.inter_dim, dtype)
 
-    def forward(self, x, cos, sin, past):
-        a, cache = self.attn(self.attn_norm(x), cos, sin, past)
+    def forward(self, x, cos, sin, past, cache_lengths=None):
+        a, cache = self.attn(self.attn_norm(x), cos, sin, past, cache_lengths)
         x = x + a
         return x + self.ffn(self.ffn_norm(x)), cache
 
@@ -295,9 +313,9 @@ class MTPBlock(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps, dtype)  # shared_head.norm
         self.head = Linear(cfg.dim, cfg.vocab_size, dtype)  # shared_head.head
 
-    def forward(self, emb, hidden, cos, sin, past):
+    def forward(self, emb, hidden, cos, sin, past, cache_lengths=None):
         x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(hidden)], dim=-1))
-        x, cache = self.block(x, cos, sin, past)
+        x, cache = self.block(x, cos, sin, past, cache_lengths)
         return self.head(self.norm(x)), cache
 
 
@@ -319,8 +337,13 @@ class Transformer(nn.Module):
         self.mtp = nn.ModuleList(MTPBlock(cfg, cfg.n_layers + m, dtype, mla, has_bias) for m in range(n_mtp))
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
 
-    def _angles(self, past_len: int, seq_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        positions = torch.arange(seq_len, device=device) + past_len
+    def _angles(self, past, seq_len: int, device, cache_lengths=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE angles of the new positions: after the cached prefix, or per row after its cache length."""
+        positions = torch.arange(seq_len, device=device)
+        if cache_lengths is not None:
+            positions = cache_lengths.to(torch.int64)[:, None] + positions[None, :]
+        elif past is not None:
+            positions = positions + past.shape[1]
         return rope_angles(self.inv_freq, positions, self.dtype)
 
     @contextlib.contextmanager
@@ -338,25 +361,25 @@ class Transformer(nn.Module):
             for m, s in zip(modules, saved):
                 m.training_form = s
 
-    def forward(self, input_ids: torch.Tensor, past: list[torch.Tensor] | None = None) -> ModelOutput:
-        past_len = past[0].shape[1] if past else 0
-        cos, sin = self._angles(past_len, input_ids.shape[1], input_ids.device)
+    def forward(self, input_ids: torch.Tensor, past: list[torch.Tensor] | None = None,
+                cache_lengths: torch.Tensor | None = None) -> ModelOutput:
+        """past: per layer the cached prefix, or with cache_lengths [B] the cache buffer (MLA.forward)."""
+        cos, sin = self._angles(past[0] if past else None, input_ids.shape[1], input_ids.device, cache_lengths)
         x = self.embed(input_ids)
         new_past = []
         for i, layer in enumerate(self.layers):
-            x, cache = layer(x, cos, sin, past[i] if past else None)
+            x, cache = layer(x, cos, sin, past[i] if past else None, cache_lengths)
             new_past.append(cache)
         hidden = self.norm(x)
         return ModelOutput(self.head(hidden), hidden, new_past)
 
-    def mtp_forward(self, input_ids: torch.Tensor, hidden_states: torch.Tensor,
-                    past: torch.Tensor | None = None, depth: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    def mtp_forward(self, input_ids: torch.Tensor, hidden_states: torch.Tensor, past: torch.Tensor | None = None,
+                    depth: int = 0, cache_lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """MTP draft logits for token i+2, given tokens i+1 and the main model's h_i (position i)."""
         if not len(self.mtp):
             raise ValueError("this model has no MTP layer")
-        past_len = past.shape[1] if past is not None else 0
-        cos, sin = self._angles(past_len, input_ids.shape[1], input_ids.device)
-        return self.mtp[depth](self.embed(input_ids), hidden_states, cos, sin, past)
+        cos, sin = self._angles(past, input_ids.shape[1], input_ids.device, cache_lengths)
+        return self.mtp[depth](self.embed(input_ids), hidden_states, cos, sin, past, cache_lengths)
 
     def generate_greedy(self, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
         """Greedy continuation with the cache (tests and the verify oracle)."""

@@ -28,3 +28,13 @@ def tiny_build(tmp_path_factory):
     out = tmp_path_factory.getbasetemp() / "tiny-build"
     build("tiny", out, verify=False, force=True)
     return out
+
+
+@pytest.fixture(scope="session")
+def demo_build(tmp_path_factory):
+    """The embedded demo model built once per session (verify off)."""
+    from pipeline.build import build
+
+    out = tmp_path_factory.getbasetemp() / "demo-build"
+    build("demo", out, verify=False, force=True)
+    return out

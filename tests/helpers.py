@@ -87,3 +87,23 @@ def chi_square(counts: np.ndarray, probs: np.ndarray, min_expected: float = 5.0)
     stat = float((((obs - exp) ** 2)[keep] / exp[keep]).sum())
     df = int(keep.sum()) - 1
     return stat, df, chi2_sf(stat, df)
+
+
+# ---- the graph contract -------------------------------------------------------------------------------
+def buffered_feed(input_ids: np.ndarray, pasts: dict, **inputs) -> dict:
+    """A graph-contract v2 feed for a call in prefix form: each cache prefix [B,T,...] (by input name)
+    copied into a zeroed buffer with room for the S new tokens, cache_lengths T. The graph's presents
+    are then the prefixes grown by S rows, as in the prefix form."""
+    b, s = input_ids.shape
+    t = next(iter(pasts.values())).shape[1]
+    feed = {"input_ids": input_ids, "cache_lengths": np.full(b, t, np.int64), **inputs}
+    for name, p in pasts.items():
+        buf = np.zeros((b, t + s, *p.shape[2:]), p.dtype)
+        buf[:, :t] = p
+        feed[name] = buf
+    return feed
+
+
+def layer_pasts(past) -> dict:
+    """{past_latent.i: array} of a list of per-layer caches (numpy or torch)."""
+    return {f"past_latent.{i}": np.asarray(p) for i, p in enumerate(past)}

@@ -308,10 +308,11 @@ def bench_tensorrt(budget: float) -> dict:
     la_trt.register()  # AOT: the Triton kernel is embedded in the engine
     b, s, t, h, r, dr = SHAPES["la"]
     c, scale = r + dr, 1 / math.sqrt(192)
-    node = onnx_function.make_node("q", "latent", "o_lat", scale=scale, kv_lora_rank=r)
+    node = onnx_function.make_node("q", "latent", "cache_lengths", "o_lat", scale=scale, kv_lora_rank=r)
     graph = helper.make_graph(
         [node], "la", [helper.make_tensor_value_info("q", TensorProto.BFLOAT16, [b, s, h, c]),
-                       helper.make_tensor_value_info("latent", TensorProto.BFLOAT16, [b, t, c])],
+                       helper.make_tensor_value_info("latent", TensorProto.BFLOAT16, [b, t, c]),
+                       helper.make_tensor_value_info("cache_lengths", TensorProto.INT64, [b])],
         [helper.make_tensor_value_info("o_lat", TensorProto.BFLOAT16, [b, s, h, r])])
     model = helper.make_model(graph, ir_version=11, functions=[onnx_function.function_proto()], opset_imports=[
         helper.make_opsetid("", onnx_function.OPSET), helper.make_opsetid(spec.OP_DOMAIN, 1)])
@@ -331,8 +332,9 @@ def bench_tensorrt(budget: float) -> dict:
     ctx = engine.create_execution_context()
     q = (torch.randn(b, s, h, c, device=DEV) * 0.3).to(torch.bfloat16)
     latent = torch.randn(b, t, c, device=DEV).to(torch.bfloat16)
+    lengths = torch.full((b,), t - s, dtype=torch.int64, device=DEV)
     out = torch.empty(b, s, h, r, device=DEV, dtype=torch.bfloat16)
-    for name, tensor in (("q", q), ("latent", latent), ("o_lat", out)):
+    for name, tensor in (("q", q), ("latent", latent), ("cache_lengths", lengths), ("o_lat", out)):
         ctx.set_tensor_address(name, tensor.data_ptr())
     stream = torch.cuda.current_stream()
     ms = cuda_ms(lambda: ctx.execute_async_v3(stream.cuda_stream))

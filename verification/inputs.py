@@ -8,7 +8,7 @@ from typing import Callable
 
 import numpy as np
 
-from verification.runners import ReferenceRunner, empty_past, present_to_past
+from verification.runners import ReferenceRunner, empty_past, next_feed
 
 
 def make_inputs(reference: ReferenceRunner, io: dict, *, prompt, decode_steps: int,
@@ -17,10 +17,10 @@ def make_inputs(reference: ReferenceRunner, io: dict, *, prompt, decode_steps: i
     """The data loaders (lists of feed dicts): model.onnx prefill + `decode_steps` decode steps, each
     fed the reference's present latents and argmax token; and, given an MTP reference, the MTP chain
     over the same positions (input_ids = tokens i+1, hidden_states = the reference's h_i)."""
-    batch = prompt.shape[0]
+    batch, capacity = prompt.shape[0], prompt.shape[1] + decode_steps + 1
     feeds, mtp_feeds = [], []
-    feed = {"input_ids": prompt.astype(np.int64), **empty_past(io, batch)}
-    mtp_past = empty_past(mtp_io, batch) if mtp_reference is not None else None
+    feed = {"input_ids": prompt.astype(np.int64), **empty_past(io, batch, capacity)}
+    mtp_past = empty_past(mtp_io, batch, capacity) if mtp_reference is not None else None
     with reference:
         for step in range(decode_steps + 1):
             feeds.append(feed)
@@ -29,19 +29,16 @@ def make_inputs(reference: ReferenceRunner, io: dict, *, prompt, decode_steps: i
             if mtp_reference is not None:
                 ids = np.concatenate([feed["input_ids"][:, 1:], nxt], axis=1)
                 mtp_feeds.append({"input_ids": ids, "hidden_states": _copy(out["hidden_states"])})
-            feed = {"input_ids": nxt, **_present_to_past_dict(out)}
+            feed = next_feed(feed, out, nxt)
             advance(1)
     if mtp_reference is not None:
         with mtp_reference:
             for f in mtp_feeds:  # each step's past = the reference's present of the step before
                 f.update(mtp_past)
-                mtp_past = _present_to_past_dict(mtp_reference.infer(f))
+                mtp_past = next_feed(f, mtp_reference.infer(f), None)
+                del mtp_past["input_ids"]
                 advance(1)
     return feeds, mtp_feeds
-
-
-def _present_to_past_dict(out) -> dict:
-    return {present_to_past(k): _copy(v) for k, v in out.items() if k.startswith("present_latent")}
 
 
 def _copy(a):
@@ -51,7 +48,8 @@ def _copy(a):
 def step_labels(feeds) -> list[dict]:
     labels = []
     for i, f in enumerate(feeds):
-        past = next((v.shape[1] for k, v in f.items() if k.startswith("past_latent")), 0)
+        past = int(f["cache_lengths"].max()) if "cache_lengths" in f else \
+            next((v.shape[1] for k, v in f.items() if k.startswith("past_latent")), 0)
         labels.append({"step": i, "phase": "prefill" if i == 0 else "decode",
                        "seq": int(f["input_ids"].shape[1]), "past": int(past)})
     return labels

@@ -28,20 +28,33 @@ def present_to_past(name: str) -> str:
     return name.replace("present_latent", "past_latent", 1)
 
 
-def empty_past(io: dict, batch: int) -> dict:
-    """Zero-length past inputs shaped from the graph's own I/O description."""
-    out = {}
+def empty_past(io: dict, batch: int, capacity: int = 0) -> dict:
+    """The cache inputs of a first call, shaped from the graph's own I/O description: zero-length
+    prefixes, or (graph contract v2) zeroed buffers of `capacity` positions and cache_lengths 0."""
+    buffered = any(i["name"] == "cache_lengths" for i in io["inputs"])
+    out = {"cache_lengths": np.zeros(batch, np.int64)} if buffered else {}
     for inp in io["inputs"]:
         if inp["name"].startswith("past_latent"):
-            shape = [batch if i == 0 else 0 if i == 1 else int(d) for i, d in enumerate(inp["shape"])]
+            rows = capacity if buffered else 0
+            shape = [batch if i == 0 else rows if i == 1 else int(d) for i, d in enumerate(inp["shape"])]
             out[inp["name"]] = np.zeros(shape, dtype=inp["dtype"])
     return out
 
 
+def next_feed(feed: dict, out: dict, input_ids: np.ndarray) -> dict:
+    """The feed after `feed` gave `out`: the new tokens, the presents as pasts, lengths advanced."""
+    nxt = {"input_ids": input_ids, **{present_to_past(k): np.array(v, copy=True) for k, v in out.items()
+                                      if k.startswith("present_latent")}}
+    if "cache_lengths" in feed:
+        nxt["cache_lengths"] = feed["cache_lengths"] + feed["input_ids"].shape[1]
+    return nxt
+
+
 class ReferenceRunner(BaseRunner):
     """The PyTorch reference as a Polygraphy runner: the feed dict names of model.onnx (input_ids,
-    past_latent.{i}) or mtp.onnx (input_ids, hidden_states, past_latent.mtp), the same output names,
-    numpy in and out."""
+    [cache_lengths,] past_latent.{i}) or mtp.onnx (input_ids, hidden_states, [cache_lengths,]
+    past_latent.mtp), the same output names, numpy in and out. Absorbed MLA takes cache buffers and
+    their lengths (graph contract v2), naive MLA prefixes."""
 
     def __init__(self, model, graph: str = "model", name: str | None = None):
         super().__init__(name=name, prefix="pytorch-reference")
@@ -58,6 +71,8 @@ class ReferenceRunner(BaseRunner):
         cfg, width = self.model.cfg, self._cache_dims()
         meta = TensorMetadata()
         meta.add("input_ids", np.int64, ("batch", "seq"))
+        if self.model.mla == "absorbed":
+            meta.add("cache_lengths", np.int64, ("batch",))
         if self.graph == "model":
             for i in range(cfg.n_layers):
                 meta.add(f"past_latent.{i}", np.float32, ("batch", "past", *width))
@@ -71,7 +86,7 @@ class ReferenceRunner(BaseRunner):
 
         def tensor(name):
             t = torch.from_numpy(feed_dict[name].copy())
-            return t if name == "input_ids" else t.to(dtype)
+            return t if name in ("input_ids", "cache_lengths") else t.to(dtype)
 
         def array(t):
             return t.detach().float().cpu().numpy()
@@ -79,13 +94,15 @@ class ReferenceRunner(BaseRunner):
         start = time.perf_counter()
         with torch.no_grad():
             ids = tensor("input_ids")
+            lengths = tensor("cache_lengths") if "cache_lengths" in feed_dict else None
             if self.graph == "model":
                 past = [tensor(f"past_latent.{i}") for i in range(self.model.cfg.n_layers)]
-                out = self.model(ids, past)
+                out = self.model(ids, past, lengths)
                 result = OrderedDict([("logits", array(out.logits)), ("hidden_states", array(out.hidden_states))])
                 result.update((f"present_latent.{i}", array(p)) for i, p in enumerate(out.past))
             else:
-                logits, present = self.model.mtp_forward(ids, tensor("hidden_states"), tensor("past_latent.mtp"))
+                logits, present = self.model.mtp_forward(ids, tensor("hidden_states"), tensor("past_latent.mtp"),
+                                                         cache_lengths=lengths)
                 result = OrderedDict([("logits", array(logits)), ("present_latent.mtp", array(present))])
         self.inference_time = time.perf_counter() - start
         return result
@@ -127,7 +144,8 @@ def runners_for(build_dir: Path, graph: str, backends: list[str], providers: lis
 
 def runner_greedy(runner, prompt, max_new_tokens: int, empty_past: dict,
                   advance: Callable[[int], None] = lambda n=1: None):
-    """Greedy continuation through any Polygraphy runner of model.onnx, driven with its own cache."""
+    """Greedy continuation through any Polygraphy runner of model.onnx, driven with its own cache
+    (`empty_past`: the first call's cache inputs, with room for prompt + max_new_tokens rows)."""
     tokens = []
     feed = {"input_ids": prompt.astype(np.int64), **empty_past}
     with runner:
@@ -135,7 +153,6 @@ def runner_greedy(runner, prompt, max_new_tokens: int, empty_past: dict,
             out = runner.infer(feed)
             nxt = np.asarray(out["logits"])[:, -1].argmax(-1)[:, None].astype(np.int64)
             tokens.append(nxt)
-            feed = {"input_ids": nxt, **{present_to_past(k): np.array(v) for k, v in out.items()
-                                         if k.startswith("present_latent")}}
+            feed = next_feed(feed, out, nxt)
             advance(1)
     return np.concatenate(tokens, axis=1)

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import onnxruntime as ort
 import torch
 from polygraphy.comparator import Comparator
 from polygraphy.logger import G_LOGGER
@@ -42,6 +43,7 @@ from exporter.checkpoint import Checkpoint
 from exporter.source import load_reference, open_source
 from verification.checks import compare_funcs, graph_checks, greedy_check
 from verification.inputs import make_inputs, step_labels
+from verification.lm_eval import SEQ as LM_SEQ
 from verification.lm_eval import lm_checks
 from verification.report import write_markdown, write_plot
 from verification.runners import (
@@ -150,7 +152,8 @@ def _greedy_checks(build_dir: Path, model, prompt, precision: str, runners: list
     for backend in runners:
         try:
             (_, runner), = runners_for(build_dir, "model.onnx", [backend], providers, feeds)
-            tokens = runner_greedy(runner, prompt, greedy_tokens, empty_past(io, prompt.shape[0]), advance)
+            first = empty_past(io, prompt.shape[0], prompt.shape[1] + greedy_tokens)
+            tokens = runner_greedy(runner, prompt, greedy_tokens, first, advance)
             checks.append(greedy_check(backend, ref_tokens, tokens, tol))
         except Exception as e:
             checks.append({"name": f"greedy {greedy_tokens} tokens [{backend}]", "kind": "error",
@@ -184,6 +187,7 @@ def verify(build_dir: str | Path, source=None, *, precision: str = "fp32", repor
     figures and token lists), "report", "skipped"}."""
     build_dir = Path(build_dir)
     reporter = reporter or Reporter()
+    ort.set_default_logger_severity(3)  # Polygraphy's sessions would warn of every TensorScatter not run in place
     if decode_steps < 1 or greedy_tokens < 1:
         raise ExportError("decode_steps and greedy_tokens must be >= 1")
     tolerance_for(precision, "logits")  # unknown precision: fail now
@@ -230,7 +234,7 @@ def verify(build_dir: str | Path, source=None, *, precision: str = "fp32", repor
         advance = reporter.stage("verify: language-model figures on real text", total=len(runners) + 1)
         checks += lm_checks(build_dir, source, model, precision, runners,
                             lambda b: runners_for(build_dir, "model.onnx", [b], providers, feeds)[0][1],
-                            empty_past(io, 1), lambda key: tolerance_for(precision, key),
+                            empty_past(io, 1, LM_SEQ), lambda key: tolerance_for(precision, key),
                             quantization=quantization, advance=advance)
         reporter.done("verify: language-model figures on real text")
 

@@ -242,14 +242,23 @@ def _rope_check(context, x, pair_shape, i0, i1, cos, sin, axis_re, axis_im, pair
     gather_axis = [n.producer().attributes.get_int("axis", 0) for n in (x0, x1)]
     return (const_is(i0, 0) and const_is(i1, 1) and last is not None and all(a in (-1, last) for a in gather_axis)
             and const_is(axis_re, [-1]) and const_is(axis_im, [-1]) and dims(sin) == cs and len(cs) == 4
-            and cs[0] == 1 and cs[2] == 1 and cs[3] == xs[3] // 2 and xs[3] % 2 == 0)
+            and cs[2] == 1 and cs[3] == xs[3] // 2 and xs[3] % 2 == 0)
 
 
 def _rope_native(op, x, cos, sin, out_shape, **_):
+    """The angles the graph computed become RotaryEmbedding's cos/sin cache, one row per token:
+    [1,S,1,dr/2] (every row at the same positions) read at 0..S-1, or per row [B,S,1,dr/2] (graph
+    contract v2: each row at its own positions) read at b·S + s."""
     heads, half = dims(x)[2], dims(x)[3] // 2
-    table = op.Constant(value_ints=[-1, half])  # [1,S,1,dr/2] -> rows 0..S-1 of the cos/sin cache
+    table = op.Constant(value_ints=[-1, half])
     flat = op.Reshape(x, op.Constant(value_ints=[0, 0, -1]))
-    rotated = op.RotaryEmbedding(flat, op.Constant(value_ints=[0]), op.Reshape(cos, table), op.Reshape(sin, table),
+    if dims(cos)[0] == 1:
+        positions = op.Constant(value_ints=[0])
+    else:
+        batch_seq = op.Shape(x, start=0, end=2)
+        count = op.ReduceProd(batch_seq, keepdims=0)
+        positions = op.Reshape(op.Range(op.Constant(value_int=0), count, op.Constant(value_int=1)), batch_seq)
+    rotated = op.RotaryEmbedding(flat, positions, op.Reshape(cos, table), op.Reshape(sin, table),
                                  _domain="com.microsoft", interleaved=1, num_heads=heads)
     return op.Reshape(rotated, out_shape)
 

@@ -6,7 +6,8 @@ alike): a 1024-token prefill spends ~4x less in attention (47 vs 188 ms a layer 
 measured). An If on S picks the branch; the cache stays latent either way.
 
 - absorbed: W_UK folded into the query, every query row of every head in one GEMM against the one
-  shared latent, an explicit causal mask with offset T−S, softmax, probs @ latent with the first r
+  shared latent, an explicit causal mask per row (query s of row b at position cache_lengths[b] + s),
+  softmax, probs @ latent with the first r
   columns kept (V = latent[..., :r] without copying the cache), W_UV after. (ORT's `Attention` runs
   MQA head by head: 3-4x slower at long contexts, measured.)
 - naive: K/V of every head expanded from the latent by one GEMM each, then ORT's `Attention`.
@@ -59,17 +60,18 @@ class _Tape:
         return self.op.Constant(value=ir.tensor(np.array(value, dtype)))
 
 
-def _causal_visible(g, q: ir.Value, latent: ir.Value) -> ir.Value:
-    """[S, T] bool: query s sits at position T−S+s and sees keys 0 … T−S+s."""
+def _causal_visible(g, q: ir.Value, latent: ir.Value, cache_lengths: ir.Value) -> ir.Value:
+    """[B, S, T] bool: query s of row b sits at position L_b + s and sees keys 0 … L_b + s (the
+    buffer's later rows, unwritten or another step's, stay hidden)."""
     zero, one = g.const(0), g.const(1)
     s_len = g("Squeeze", g("Shape", q, start=1, end=2))
     t_len = g("Squeeze", g("Shape", latent, start=1, end=2))
-    pos_q = g("Add", g("Range", zero, s_len, one), g("Sub", t_len, s_len))
-    return g("LessOrEqual", g("Unsqueeze", g("Range", zero, t_len, one), g.const([0])),
-             g("Unsqueeze", pos_q, g.const([1])))
+    pos_q = g("Add", g("Unsqueeze", cache_lengths, g.const([1])), g("Range", zero, s_len, one))  # [B,S]
+    return g("LessOrEqual", g("Range", zero, t_len, one), g("Unsqueeze", pos_q, g.const([2])))
 
 
-def _absorbed_attention(g, q: ir.Value, latent: ir.Value, scale: float, rank: int) -> ir.Value:
+def _absorbed_attention(g, q: ir.Value, latent: ir.Value, cache_lengths: ir.Value, scale: float,
+                        rank: int) -> ir.Value:
     """q [B,S,H,C] (W_UK already folded in), latent [B,T,C] -> o_lat [B,S,H,r]."""
     heads, width = dims(q)[2], dims(q)[3]
     rows = g("Reshape", q, g.const([0, -1, width]))  # [B,S·H,C]
@@ -78,7 +80,7 @@ def _absorbed_attention(g, q: ir.Value, latent: ir.Value, scale: float, rank: in
     scores_t = g("MatMul", latent, g("Transpose", rows, perm=[0, 2, 1]))  # [B,T,S·H]
     scores = g("Mul", g("Transpose", scores_t, perm=[0, 2, 1]), g.const(scale, np.float32))
     shape4 = g("Concat", g("Shape", q, start=0, end=3), g("Shape", latent, start=1, end=2), axis=0)
-    visible = g("Unsqueeze", _causal_visible(g, q, latent), g.const([1]))  # [S,1,T]
+    visible = g("Unsqueeze", _causal_visible(g, q, latent, cache_lengths), g.const([2]))  # [B,S,1,T]
     masked = g("Where", visible, g("Reshape", scores, shape4), g.const(float("-inf"), np.float32))
     probs = g("Reshape", g("Softmax", masked, axis=-1), g("Shape", scores))
     o_lat = g("Slice", g("MatMul", probs, latent), g.const([0]), g.const([rank]), g.const([2]))
@@ -97,15 +99,15 @@ def _times_w_uv(g, o_lat, w_uv) -> ir.Value:  # [B,H,S,r] @ [H,r,d] -> [B,S,H,d]
     return g("Transpose", g("MatMul", g("Transpose", o_lat, perm=_BY_HEAD), w_t), perm=_BY_HEAD)
 
 
-def _absorbed_branch(name, q_nope, w_uk, q_rope, latent, w_uv, scale: float, rank: int) -> ir.Graph:
+def _absorbed_branch(name, q_nope, w_uk, q_rope, latent, cache_lengths, w_uv, scale: float, rank: int) -> ir.Graph:
     g = _Subgraph(f"{name}/absorbed")
     q = g("Concat", _times_w_uk(g, q_nope, w_uk), q_rope, axis=-1)
     q.shape, q.type = ir.Shape([*dims(q_nope)[:3], rank + dims(q_rope)[3]]), q_nope.type  # _absorbed_attention reads H, C
-    out = _times_w_uv(g, _absorbed_attention(g, q, latent, scale, rank), w_uv)
+    out = _times_w_uv(g, _absorbed_attention(g, q, latent, cache_lengths, scale, rank), w_uv)
     return g.graph(out, "mla_absorbed")
 
 
-def _naive_branch(name, q_nope, w_uk, q_rope, latent, w_uv, scale: float, rank: int) -> ir.Graph:
+def _naive_branch(name, q_nope, w_uk, q_rope, latent, cache_lengths, w_uv, scale: float, rank: int) -> ir.Graph:
     g = _Subgraph(f"{name}/naive")
     heads, d_nope, _ = dims(w_uk)
     d_v, d_rope = dims(w_uv)[1], dims(q_rope)[3]
@@ -120,8 +122,8 @@ def _naive_branch(name, q_nope, w_uk, q_rope, latent, w_uv, scale: float, rank: 
     keys = g("Reshape", g("Concat", k_nope, k_rope, axis=-1), g.const([0, 0, -1]))
     values = g("MatMul", kv, w_v)  # [B,T,H·dv]
     queries = g("Reshape", g("Concat", q_nope, q_rope, axis=-1), g.const([0, 0, -1]))
-    out = g("Attention", queries, keys, values, _causal_visible(g, q_nope, latent), q_num_heads=heads,
-            kv_num_heads=heads, scale=scale)
+    visible = g("Unsqueeze", _causal_visible(g, q_nope, latent, cache_lengths), g.const([1]))  # [B,1,S,T]
+    out = g("Attention", queries, keys, values, visible, q_num_heads=heads, kv_num_heads=heads, scale=scale)
     return g.graph(g("Reshape", out, g.const([0, 0, heads, d_v])), "mla_naive")
 
 
@@ -131,39 +133,41 @@ def _attrs(o_lat: ir.Value) -> tuple[str, float, int]:
 
 
 # ---- q_nope·W_UK -> LatentAttention -> ·W_UV: both branches under an If --------------------------
-def _mla(op, q_nope, w_uk, q_rope, latent, w_uv):
+def _mla(op, q_nope, w_uk, q_rope, latent, cache_lengths, w_uv):
     q_lat = op.Einsum(q_nope, w_uk, equation="bshd,hdc->bshc")
     q = op.Concat(q_lat, q_rope, axis=-1)
-    o_lat = op.LatentAttention(q, latent, _domain=DOMAIN, _allow_other_attributes=True, _outputs=["o_lat"])
+    o_lat = op.LatentAttention(q, latent, cache_lengths, _domain=DOMAIN, _allow_other_attributes=True,
+                               _outputs=["o_lat"])
     return op.Einsum(o_lat, w_uv, equation="bshc,hdc->bshd")
 
 
-def _mla_check(context, q_nope, w_uk, q_rope, latent, w_uv, **_) -> bool:
+def _mla_check(context, q_nope, w_uk, q_rope, latent, cache_lengths, w_uv, **_) -> bool:
     shapes = [dims(v) for v in (q_nope, w_uk, q_rope, w_uv)]
     return all(s is not None and len(s) in (3, 4) for s in shapes) \
         and all(isinstance(d, int) for s in shapes for d in s[-2:]) and all(isinstance(d, int) for d in shapes[1])
 
 
-def _mla_native(op, q_nope, w_uk, q_rope, latent, w_uv, o_lat, **_):
+def _mla_native(op, q_nope, w_uk, q_rope, latent, cache_lengths, w_uv, o_lat, **_):
     name, scale, rank = _attrs(o_lat)
-    args = (name, q_nope, w_uk, q_rope, latent, w_uv, scale, rank)
+    args = (name, q_nope, w_uk, q_rope, latent, cache_lengths, w_uv, scale, rank)
     prefill = op.GreaterOrEqual(op.Squeeze(op.Shape(q_nope, start=1, end=2)),
                                 op.Constant(value_int=NAIVE_PREFILL_MIN_TOKENS))
     return op.If(prefill, then_branch=_naive_branch(*args), else_branch=_absorbed_branch(*args))
 
 
 # ---- the parts alone (a LatentAttention or per-head product outside that pattern) ---------------
-def _latent_attention(op, q, latent):
-    return op.LatentAttention(q, latent, _domain=DOMAIN, _allow_other_attributes=True, _outputs=["o_lat"])
+def _latent_attention(op, q, latent, cache_lengths):
+    return op.LatentAttention(q, latent, cache_lengths, _domain=DOMAIN, _allow_other_attributes=True,
+                              _outputs=["o_lat"])
 
 
-def _latent_attention_check(context, q, latent, **_) -> bool:
+def _latent_attention_check(context, q, latent, cache_lengths, **_) -> bool:
     return dims(q) is not None and len(dims(q)) == 4 and all(isinstance(d, int) for d in dims(q)[2:])
 
 
-def _latent_attention_native(op, q, latent, o_lat, **_):
+def _latent_attention_native(op, q, latent, cache_lengths, o_lat, **_):
     _, scale, rank = _attrs(o_lat)
-    return _absorbed_attention(_Tape(op), q, latent, scale, rank)
+    return _absorbed_attention(_Tape(op), q, latent, cache_lengths, scale, rank)
 
 
 def _absorb_query(op, q_nope, w):

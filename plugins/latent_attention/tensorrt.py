@@ -12,6 +12,10 @@ Triton wrapper (split-K decode + combine) on TensorRT's stream; the engine then
 needs this module at run time. impl="both" defines both; the network must then
 be created with PREFER_AOT_PYTHON_PLUGINS or PREFER_JIT_PYTHON_PLUGINS.
 
+Inputs (graph contract v2): q [B,S,H,C], latent [B,T,C] (the cache buffer),
+cache_lengths [B] (INT64 from the ONNX graph; INT32 also taken). The AOT kernel
+receives them as its three input pointers, in that order.
+
 No `from __future__ import annotations` here: tensorrt.plugin inspects the
 annotations as classes.
 """
@@ -35,7 +39,31 @@ PLUGIN_ID = f"{PLUGIN_NAMESPACE}::{spec.OP_NAME}"
 # Attributes TensorRT forwards to the plugin: the exporter's names, minus the
 # plugin_* ones that only select the creator.
 ATTRIBUTE_TYPES = {"scale": float, "kv_lora_rank": int}
+# TensorRT dtype names of cache_lengths -> Triton pointer element types.
+LENGTH_TO_TRITON = {"INT64": "i64", "INT32": "i32"}
 _state = Registration(PLUGIN_ID)
+
+
+def _dims(dims) -> tuple:
+    """Build-time constant dims as ints, the others left symbolic (as they came)."""
+    out = []
+    for i in range(len(dims)):  # TensorRT's ShapeExprs index, they need not iterate
+        d = dims[i]
+        v = constant_dim(d)
+        out.append(d if v is None else v)
+    return tuple(out)
+
+
+def check_inputs(q_dims, latent_dims, lengths_dims, kv_lora_rank: int, q_dtype=None, latent_dtype=None,
+                 lengths_dtype=None) -> None:
+    """The contract's checks on what TensorRT knows at build time: ranks, the
+    constant dims, dtypes (ints or TensorRT shape expressions / DataTypes)."""
+    spec.validate_shapes(_dims(q_dims), _dims(latent_dims), int(kv_lora_rank), _dims(lengths_dims))
+    if q_dtype is not None and latent_dtype is not None and dtype_name(q_dtype) != dtype_name(latent_dtype):
+        raise TypeError(f"{PLUGIN_ID}: q ({dtype_name(q_dtype)}) and latent ({dtype_name(latent_dtype)}) "
+                        "must have the same dtype")
+    if lengths_dtype is not None and dtype_name(lengths_dtype) not in LENGTH_TO_TRITON:
+        raise TypeError(f"{PLUGIN_ID}: cache_lengths must be INT64 or INT32, got {dtype_name(lengths_dtype)}")
 
 
 def output_dims(q_dims, latent_dims, kv_lora_rank: int):
@@ -43,7 +71,8 @@ def output_dims(q_dims, latent_dims, kv_lora_rank: int):
     return tuple(spec.output_shape(tuple(q_dims), tuple(latent_dims), kv_lora_rank))
 
 
-def aot_kernel_plan(q_dims, latent_dims, scale: float, kv_lora_rank: int, dtype, cdiv=None) -> dict:
+def aot_kernel_plan(q_dims, latent_dims, scale: float, kv_lora_rank: int, dtype, cdiv=None,
+                    lengths_dtype="INT64") -> dict:
     """Compile-and-launch plan for the AOT kernel from the inputs' dims.
     H and C must be constants; B, S, T may be shape expressions."""
     from plugins.latent_attention.triton import aot_plan  # lazy: triton is for GPU hosts only
@@ -53,8 +82,11 @@ def aot_kernel_plan(q_dims, latent_dims, scale: float, kv_lora_rank: int, dtype,
     name = dtype_name(dtype)
     if name not in TRT_TO_TRITON:
         raise TypeError(f"{PLUGIN_ID}: unsupported input dtype {name}")
+    lname = dtype_name(lengths_dtype)
+    if lname not in LENGTH_TO_TRITON:
+        raise TypeError(f"{PLUGIN_ID}: cache_lengths must be INT64 or INT32, got {lname}")
     return aot_plan(b, s, t, constant_dim(h), constant_dim(c), int(kv_lora_rank), float(scale),
-                    TRT_TO_TRITON[name], cdiv=cdiv)
+                    TRT_TO_TRITON[name], lengths_dtype=LENGTH_TO_TRITON[lname], cdiv=cdiv)
 
 
 def compile_aot(plan: dict, arch: int | None = None):
@@ -101,15 +133,20 @@ def register(impl: str = "aot") -> None:
     trtp = import_trtp()
 
     @trtp.register(PLUGIN_ID)
-    def _desc(q: trtp.TensorDesc, latent: trtp.TensorDesc, scale: float, kv_lora_rank: int) -> trtp.TensorDesc:
+    def _desc(q: trtp.TensorDesc, latent: trtp.TensorDesc, cache_lengths: trtp.TensorDesc, scale: float,
+              kv_lora_rank: int) -> trtp.TensorDesc:
+        check_inputs(q.shape_expr, latent.shape_expr, cache_lengths.shape_expr, kv_lora_rank,
+                     q.dtype, latent.dtype, cache_lengths.dtype)
         return trtp.from_shape_expr(output_dims(q.shape_expr, latent.shape_expr, kv_lora_rank), dtype=q.dtype)
 
     if impl in ("aot", "both"):
         @trtp.aot_impl(PLUGIN_ID)
-        def _aot(q: trtp.TensorDesc, latent: trtp.TensorDesc, scale: float, kv_lora_rank: int,
-                 outputs: Tuple[trtp.TensorDesc], tactic: int
+        def _aot(q: trtp.TensorDesc, latent: trtp.TensorDesc, cache_lengths: trtp.TensorDesc, scale: float,
+                 kv_lora_rank: int, outputs: Tuple[trtp.TensorDesc], tactic: int
                  ) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymExprs]:
-            plan = aot_kernel_plan(q.shape_expr, latent.shape_expr, scale, kv_lora_rank, q.dtype, cdiv=trtp.cdiv)
+            # Kernel arguments: q, latent, cache_lengths (TensorRT's inputs, in order), scalars, o.
+            plan = aot_kernel_plan(q.shape_expr, latent.shape_expr, scale, kv_lora_rank, q.dtype, cdiv=trtp.cdiv,
+                                   lengths_dtype=cache_lengths.dtype)
             compiled = compile_aot(plan)
             launch = trtp.KernelLaunchParams()
             launch.grid_x, launch.grid_y, launch.grid_z = plan["grid"]
@@ -122,13 +159,14 @@ def register(impl: str = "aot") -> None:
 
     if impl in ("jit", "both"):
         @trtp.impl(PLUGIN_ID)
-        def _jit(q: trtp.Tensor, latent: trtp.Tensor, scale: float, kv_lora_rank: int,
+        def _jit(q: trtp.Tensor, latent: trtp.Tensor, cache_lengths: trtp.Tensor, scale: float, kv_lora_rank: int,
                  outputs: Tuple[trtp.Tensor], stream: int) -> None:
             import torch
 
             from plugins.latent_attention.triton import latent_attention  # lazy: triton is for GPU hosts only
 
             with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
-                latent_attention(as_torch(q), as_torch(latent), scale, kv_lora_rank, out=as_torch(outputs[0]))
+                latent_attention(as_torch(q), as_torch(latent), scale, kv_lora_rank, as_torch(cache_lengths),
+                                 out=as_torch(outputs[0]))
 
     _state.mode = impl

@@ -12,12 +12,19 @@ order) read the same block: DRAM serves it once, L2 the other three.
 - decode (S <= DECODE_MAX_S): the cache is split over programs (split-K,
   flash-decoding); each writes a normalised partial o and its log-sum-exp, and
   `_combine_kernel` merges the splits.
-- prefill: one program per row tile runs the whole causal range (offset T-S);
-  no split, the kernel writes the output directly.
+- prefill: one program per row tile runs the whole causal range of its batch
+  row; no split, the kernel writes the output directly.
+
+Per-row cache lengths (graph contract v2): `latent` is the cache buffer of
+capacity T, row b's S new tokens already written at L_b .. L_b+S-1
+(L_b = cache_lengths[b], int64 or int32); query s of row b sits at L_b + s.
+A program never loads a cache row past L_b + S - 1 (nor past T), so the
+unwritten rest of the buffer, NaN included, cannot reach the output.
 
 The unsplit kernel is also what the TensorRT AOT plugin embeds (one launch):
-its runtime arguments are ordered (input pointers, int32 scalars, output
-pointer), the convention TensorRT's AOT launcher uses; see `aot_plan`.
+its runtime arguments are ordered (input pointers q, latent, cache_lengths,
+int32 scalars, output pointer), the convention TensorRT's AOT launcher uses;
+see `aot_plan`.
 Accumulation and softmax are float32 for every input dtype.
 """
 
@@ -38,7 +45,7 @@ DECODE_MAX_S = 4
 # recompile the kernel as the cache grows.
 @triton.jit(do_not_specialize=["S", "T", "split_len"])
 def _attn_kernel(
-    q_ptr, lat_ptr,
+    q_ptr, lat_ptr, len_ptr,
     S, T,
     stride_qb, stride_qs, stride_qh,
     stride_lb, stride_lt,
@@ -70,10 +77,13 @@ def _attn_kernel(
     qn = tl.load(q_rows[:, None] + offs_r[None, :], mask=row_ok[:, None] & r_ok[None, :], other=0.0)
     qp = tl.load(q_rows[:, None] + R + offs_p[None, :], mask=row_ok[:, None] & p_ok[None, :], other=0.0)
 
-    # Query s sits at position T-S+s and sees keys 0..T-S+s.
-    last_key = T - S + s_idx
+    # Query s of row b sits at position L_b + s and sees keys 0..L_b+s.
+    L = tl.load(len_ptr + b).to(tl.int32)
+    last_key = L + s_idx
     s_hi = tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // H, S - 1)
-    t_end = T - S + s_hi + 1  # keys past this are invisible to the whole tile
+    # Keys past this are invisible to the whole tile; the clamp keeps lengths
+    # outside the contract (L_b + S > T) inside the buffer.
+    t_end = tl.minimum(L + s_hi + 1, T)
     if SPLIT:
         t_lo = split * split_len
         t_hi = tl.minimum(t_end, t_lo + split_len)
@@ -134,7 +144,8 @@ def _combine_kernel(
     offs_r = tl.arange(0, BLOCK_R)
     r_ok = offs_r < R
     lse = tl.load(lse_ptr + row * n_splits + sp, mask=sp_ok, other=float("-inf"))
-    # Split 0 always holds key 0, which every query sees: the max is finite.
+    # Split 0 always holds key 0, which every query sees (L_b + s >= 0): the max
+    # is finite. Splits past a row's length are empty (lse = -inf, weight 0).
     w = tl.exp2(lse - tl.max(lse, 0))
     w = tl.where(sp_ok, w, 0.0)
     w = w / tl.sum(w, 0)
@@ -199,19 +210,32 @@ def auto_splits(batch: int, row_tiles: int, t_len: int, block_t: int, num_sms: i
 
 # ---------------------------------------------------------------- wrapper
 
-def latent_attention(q: torch.Tensor, latent: torch.Tensor, scale: float, kv_lora_rank: int, *,
+def latent_attention(q: torch.Tensor, latent: torch.Tensor, scale: float, kv_lora_rank: int,
+                     cache_lengths: torch.Tensor | None = None, *,
                      num_splits: int | None = None, config: dict | None = None,
                      out: torch.Tensor | None = None) -> torch.Tensor:
-    """q [B,S,H,r+dr], latent [B,T,r+dr] -> o_lat [B,S,H,r] (same contract as
-    plugins.latent_attention.reference). Decode (S <= 4) splits the cache over
-    programs; `num_splits` / `config` override the automatic choices (tests,
-    tuning); `out` (contiguous, q's dtype) receives the result in place."""
-    spec.validate_shapes(tuple(q.shape), tuple(latent.shape), kv_lora_rank)
+    """q [B,S,H,r+dr], latent [B,T,r+dr], cache_lengths [B] int64/int32 (None:
+    every row T - S) -> o_lat [B,S,H,r] (same contract as
+    plugins.latent_attention.reference). The lengths' values are not checked
+    (that would synchronise); out-of-contract ones never read outside the
+    buffer. Decode (S <= 4) splits the cache over programs; `num_splits` /
+    `config` override the automatic choices (tests, tuning); `out`
+    (contiguous, q's dtype) receives the result in place."""
+    lengths_shape = None if cache_lengths is None else tuple(cache_lengths.shape)
+    spec.validate_shapes(tuple(q.shape), tuple(latent.shape), kv_lora_rank, lengths_shape)
     if q.dtype != latent.dtype or q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"LatentAttention: q and latent must share a float32/float16/bfloat16 dtype, "
                          f"got {q.dtype} and {latent.dtype}")
     bsz, s_len, heads, c = q.shape
     t_len = latent.shape[1]
+    if cache_lengths is None:
+        cache_lengths = torch.full((bsz,), t_len - s_len, dtype=torch.int64, device=q.device)
+    elif cache_lengths.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"LatentAttention: cache_lengths must be int64 or int32, got {cache_lengths.dtype}")
+    elif cache_lengths.device != q.device:
+        raise ValueError(f"LatentAttention: cache_lengths is on {cache_lengths.device}, q on {q.device}")
+    if cache_lengths.stride(0) != 1:
+        cache_lengths = cache_lengths.contiguous()
     r, dr = int(kv_lora_rank), int(c - kv_lora_rank)
     if out is None:
         out = torch.empty((bsz, s_len, heads, r), dtype=q.dtype, device=q.device)
@@ -243,14 +267,14 @@ def latent_attention(q: torch.Tensor, latent: torch.Tensor, scale: float, kv_lor
     l_strides = (latent.stride(0), latent.stride(1))
     if num_splits == 1:
         _attn_kernel[(row_tiles, bsz, 1)](
-            q, latent, s_len, t_len, *q_strides, *l_strides,
+            q, latent, cache_lengths, s_len, t_len, *q_strides, *l_strides,
             *out.stride()[:3], t_len, float(scale), out, None, SPLIT=False, **common)
         return out
 
     part = torch.empty((bsz, s_len, heads, num_splits, r), dtype=torch.float32, device=q.device)
     lse = torch.empty((bsz, s_len * heads, num_splits), dtype=torch.float32, device=q.device)
     _attn_kernel[(row_tiles, bsz, num_splits)](
-        q, latent, s_len, t_len, *q_strides, *l_strides,
+        q, latent, cache_lengths, s_len, t_len, *q_strides, *l_strides,
         *part.stride()[:3], split_len, float(scale), part, lse, SPLIT=True, **common)
     _combine_kernel[(bsz * s_len * heads,)](
         part, lse, out, num_splits, R=r, BLOCK_SPLIT=_pow2(num_splits, 2), BLOCK_R=_pow2(r),
@@ -265,23 +289,29 @@ AOT_KERNEL = _attn_kernel
 # the kernel's declaration order. Everything else is baked in at compile time.
 AOT_SCALARS = ("S", "T", "stride_qb", "stride_lb", "stride_ob")
 TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+LENGTH_DTYPES = ("i64", "i32")  # Triton names of the cache_lengths dtypes the kernel takes
+AOT_INPUTS = ("q_ptr", "lat_ptr", "len_ptr")  # input pointers, in TensorRT's input order
 
 
 def aot_plan(batch, s_len, t_len, heads: int, c: int, r: int, scale: float, dtype: str, *,
-             cdiv=None, config: dict | None = None) -> dict:
+             lengths_dtype: str = "i64", cdiv=None, config: dict | None = None) -> dict:
     """How the TensorRT AOT plugin compiles and launches the unsplit kernel.
 
     batch / s_len / t_len may be ints or TensorRT shape expressions (anything
     with * and + and a `cdiv`); heads, c, r must be build-time ints. Returns the
     Triton signature and constexprs, the int32 scalar arguments in launch order,
-    the grid, and num_warps/num_stages. Pure Python: tests run the same plan
-    through the interpreter with plain ints.
+    the grid, and num_warps/num_stages. Runtime arguments: q_ptr, lat_ptr,
+    len_ptr (cache_lengths, `lengths_dtype` "i64" or "i32"), the scalars
+    (AOT_SCALARS), o_ptr. Pure Python: tests run the same plan through the
+    interpreter with plain ints.
     """
     if not all(isinstance(v, int) for v in (heads, c, r)):
         raise ValueError("LatentAttention AOT: H and C must be build-time constants "
                          f"(got H={heads!r}, C={c!r}); use the JIT implementation for dynamic heads")
     if dtype not in ("fp32", "fp16", "bf16"):
         raise ValueError(f"LatentAttention AOT: unsupported dtype {dtype!r}")
+    if lengths_dtype not in LENGTH_DTYPES:
+        raise ValueError(f"LatentAttention AOT: cache_lengths must be int64 or int32, got {lengths_dtype!r}")
     cdiv = cdiv or (lambda a, b: -(-a // b))
     dr = c - r
     itemsize = 4 if dtype == "fp32" else 2
@@ -302,12 +332,14 @@ def aot_plan(batch, s_len, t_len, heads: int, c: int, r: int, scale: float, dtyp
             signature[name] = "constexpr"
         elif name in scalars:
             signature[name] = "i32"
+        elif name == "len_ptr":
+            signature[name] = "*" + lengths_dtype
         else:
             signature[name] = "*" + dtype
     # Alignment facts for Triton (16-byte pointers, 16-divisible ints) turn the
     # loads into vectorised, pipelined copies. TensorRT's buffers are at least
     # 256-byte aligned; a batch stride is 16-divisible when its static factor is.
-    aligned = ["q_ptr", "lat_ptr", "o_ptr"]
+    aligned = ["q_ptr", "lat_ptr", "len_ptr", "o_ptr"]
     aligned += [name for name, factor in (("stride_qb", heads * c), ("stride_lb", c), ("stride_ob", heads * r))
                 if factor % 16 == 0]
     return dict(
@@ -318,7 +350,7 @@ def aot_plan(batch, s_len, t_len, heads: int, c: int, r: int, scale: float, dtyp
     )
 
 
-def aot_launch_args(plan: dict, q, latent, out) -> list:
-    """The positional arguments TensorRT's launcher passes: input pointers,
-    scalars, output pointer (used by the tests to replay a plan)."""
-    return [q, latent, *(v for _, v in plan["scalars"]), out]
+def aot_launch_args(plan: dict, q, latent, cache_lengths, out) -> list:
+    """The positional arguments TensorRT's launcher passes: input pointers (q,
+    latent, cache_lengths), scalars, output pointer (used by the tests to replay a plan)."""
+    return [q, latent, cache_lengths, *(v for _, v in plan["scalars"]), out]

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from core.errors import ExportError
+from tests.helpers import buffered_feed, layer_pasts
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +81,7 @@ def test_session_prefers_optimized_file(tiny_build, tmp_path):
 
 
 def _feeds(ids, past):
-    return {"input_ids": ids, **{f"past_latent.{i}": p for i, p in enumerate(past)}}
+    return buffered_feed(ids, layer_pasts(past))
 
 
 @pytest.mark.parametrize("optimized", [True, False], ids=["optimized", "raw"])
@@ -126,8 +127,8 @@ def test_mtp_graph_matches_reference(tiny_build, reference):
     rng = np.random.default_rng(1)
     ids = rng.integers(2, cfg.vocab_size, size=(1, 5))
     hidden = rng.standard_normal((1, 5, cfg.dim)).astype(np.float32)
-    logits, present = sess.run(["logits", "present_latent.mtp"], {
-        "input_ids": ids, "hidden_states": hidden, "past_latent.mtp": np.zeros((1, 0, cfg.latent_dim), np.float32)})
+    logits, present = sess.run(["logits", "present_latent.mtp"], buffered_feed(
+        ids, {"past_latent.mtp": np.zeros((1, 0, cfg.latent_dim), np.float32)}, hidden_states=hidden))
     with torch.no_grad():
         ref_logits, ref_present = reference.mtp_forward(torch.from_numpy(ids), torch.from_numpy(hidden))
     assert rel_err(ref_logits.numpy(), logits) <= 1e-4

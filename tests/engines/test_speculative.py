@@ -237,12 +237,8 @@ needs_demo = pytest.mark.skipif(not _demo_trained(), reason="the demo model is n
 
 
 @pytest.fixture(scope="module")
-def demo_engine(tmp_path_factory):
-    from pipeline.build import build
-
-    out = tmp_path_factory.mktemp("demo") / "build"
-    build("demo", out, verify=False)
-    return engines.load(out, threads=1)
+def demo_engine(demo_build):
+    return engines.load(demo_build, threads=1)
 
 
 def _demo_prompts(n: int) -> list[str]:

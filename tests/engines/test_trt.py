@@ -191,10 +191,11 @@ def test_dsv3_nodes_are_counted(tmp_path):
 
     from plugins.latent_attention import onnx_function as la
 
-    node = la.make_node("q", "latent", "o", scale=0.1, kv_lora_rank=32)
+    node = la.make_node("q", "latent", "cache_lengths", "o", scale=0.1, kv_lora_rank=32)
     graph = helper.make_graph([node, helper.make_node("Identity", ["o"], ["y"])], "g",
                               [helper.make_tensor_value_info("q", TensorProto.FLOAT, [1, 1, 2, 40]),
-                               helper.make_tensor_value_info("latent", TensorProto.FLOAT, [1, 3, 40])],
+                               helper.make_tensor_value_info("latent", TensorProto.FLOAT, [1, 3, 40]),
+                               helper.make_tensor_value_info("cache_lengths", TensorProto.INT64, [1])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 2, 32])])
     model = helper.make_model(graph, functions=[la.function_proto()],
                               opset_imports=[helper.make_opsetid("", la.OPSET), helper.make_opsetid("dsv3", 1)])

@@ -13,7 +13,7 @@ import torch
 
 from exporter import load_reference, open_source
 from pipeline.build import Reporter, export_graph
-from tests.helpers import rel_max_err
+from tests.helpers import buffered_feed, layer_pasts, rel_max_err
 
 TOL = 1e-4  # ORT vs reference: max |Δlogits| <= 1e-4 x max |logit|
 
@@ -36,7 +36,7 @@ def _run_chain(sess, model, ids, steps):
     past_ref = None
     cur = ids
     for _ in range(steps + 1):
-        feeds = {"input_ids": cur.numpy(), **{f"past_latent.{i}": p for i, p in enumerate(past_np)}}
+        feeds = buffered_feed(cur.numpy(), layer_pasts(past_np))
         logits, hidden, *present = sess.run(None, feeds)
         with torch.no_grad():
             ref = model(cur, past_ref)
@@ -52,7 +52,9 @@ def test_graph_contract(tiny_graphs):
     ops = Counter((n.domain, n.op_type) for n in m.graph.node)
     assert ops[("dsv3", "LatentAttention")] == cfg.n_layers
     assert ops[("dsv3", "MoEDispatch")] == cfg.n_layers - cfg.n_dense_layers
-    assert [i.name for i in m.graph.input] == ["input_ids"] + [f"past_latent.{i}" for i in range(cfg.n_layers)]
+    assert [i.name for i in m.graph.input] == ["input_ids", "cache_lengths"] + [f"past_latent.{i}"
+                                                                                 for i in range(cfg.n_layers)]
+    assert ops[("", "TensorScatter")] == cfg.n_layers  # the cache written in place (graph contract v2)
     assert [o.name for o in m.graph.output] == ["logits", "hidden_states"] + [f"present_latent.{i}" for i in range(cfg.n_layers)]
     present = m.graph.output[2].type.tensor_type.shape.dim
     assert present[2].dim_value == cfg.kv_lora_rank + cfg.qk_rope_head_dim == 40
@@ -81,8 +83,8 @@ def test_mtp_graph_matches_reference(tiny_graphs):
         h = model(ids).hidden_states
         ref_logits, ref_cache = model.mtp_forward(ids[:, 1:], h[:, :-1])
     sess = _session(mtp_path)
-    logits, cache = sess.run(None, {"input_ids": ids[:, 1:].numpy(), "hidden_states": h[:, :-1].numpy(),
-                                    "past_latent.mtp": np.zeros((1, 0, 40), np.float32)})
+    logits, cache = sess.run(None, buffered_feed(ids[:, 1:].numpy(), {"past_latent.mtp": np.zeros((1, 0, 40), np.float32)},
+                                                 hidden_states=h[:, :-1].numpy()))
     assert rel_max_err(ref_logits, torch.from_numpy(logits)) <= TOL
     assert cache.shape == tuple(ref_cache.shape)
 
@@ -97,14 +99,14 @@ def test_export_is_deterministic(tiny_graphs, tmp_path):
 def test_plain_polygraphy_run(tiny_graphs):
     """Any ONNX tool runs the graph through the function bodies: `polygraphy run --onnxrt`."""
     _, model_path, _ = tiny_graphs
-    shapes = ["input_ids:[1,5]"] + [f"past_latent.{i}:[1,3,40]" for i in range(3)]
+    shapes = ["input_ids:[1,5]", "cache_lengths:[1]"] + [f"past_latent.{i}:[1,8,40]" for i in range(3)]
     proc = subprocess.run([sys.executable, "-m", "polygraphy", "run", str(model_path), "--onnxrt",
-                           "--input-shapes", *shapes, "--val-range", "input_ids:[0,511]"],
+                           "--input-shapes", *shapes, "--val-range", "input_ids:[0,511]", "cache_lengths:[3,3]"],
                           capture_output=True, text=True, timeout=300)
     if proc.returncode != 0 and "No module named polygraphy.__main__" in proc.stderr:
         poly = shutil.which("polygraphy")
         proc = subprocess.run([poly, "run", str(model_path), "--onnxrt", "--input-shapes", *shapes,
-                               "--val-range", "input_ids:[0,511]"], capture_output=True, text=True, timeout=300)
+                               "--val-range", "input_ids:[0,511]", "cache_lengths:[3,3]"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "PASSED" in proc.stdout + proc.stderr
 
@@ -130,7 +132,7 @@ def test_transformers_saved_checkpoints_through_ort(tmp_path, case):
     past = [np.zeros((2, 0, cfg.latent_dim), np.float32) for _ in range(cfg.n_layers)]
     cur, tokens = ids.numpy(), []
     for _ in range(32):
-        logits, _, *past = sess.run(None, {"input_ids": cur, **{f"past_latent.{i}": p for i, p in enumerate(past)}})
+        logits, _, *past = sess.run(None, buffered_feed(cur, layer_pasts(past)))
         cur = logits[:, -1:].argmax(-1)
         tokens.append(cur)
     with torch.no_grad():

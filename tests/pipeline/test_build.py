@@ -34,7 +34,7 @@ def test_build_dir_contents_and_manifest(built):
     assert manifest["precision"] == "fp32" and manifest["backend"] == "ort" and manifest["mla"] == "absorbed"
     assert manifest["config"]["n_layers"] == 3 and manifest["source"]["kind"] == "preset"
     io = manifest["io"]["model.onnx"]
-    assert [i["name"] for i in io["inputs"]][:2] == ["input_ids", "past_latent.0"]
+    assert [i["name"] for i in io["inputs"]][:3] == ["input_ids", "cache_lengths", "past_latent.0"]
     assert io["outputs"][2]["shape"][-1] == 40
     assert {"torch", "onnx", "onnxruntime"} <= set(manifest["tools"]) | {"onnxruntime"}
     assert not [p for p in built.parent.iterdir() if p.name.startswith(".")]  # no temp dirs left

@@ -42,7 +42,8 @@ ROOT = Path(__file__).resolve().parents[2]
 # ---------------------------------------------------------------- pure logic
 
 def test_latent_attention_node_reaches_the_plugin():
-    node = la_onnx.make_node("q", "latent", "o_lat", scale=0.0625, kv_lora_rank=512)
+    node = la_onnx.make_node("q", "latent", "cache_lengths", "o_lat", scale=0.0625, kv_lora_rank=512)
+    assert list(node.input) == ["q", "latent", "cache_lengths"]
     plugin_id, version, fields = trt_common.parser_view(node, la_trt.ATTRIBUTE_TYPES)
     assert plugin_id == la_trt.PLUGIN_ID == f"{PLUGIN_NAMESPACE}::LatentAttention"
     assert version == "1"
@@ -65,7 +66,7 @@ def test_registered_attributes_are_the_exporters(trt_mod, spec_mod):
 
 
 def test_scale_is_forwarded_as_float32():
-    node = la_onnx.make_node("q", "latent", "o_lat", scale=0.1, kv_lora_rank=8)
+    node = la_onnx.make_node("q", "latent", "cache_lengths", "o_lat", scale=0.1, kv_lora_rank=8)
     _, _, fields = trt_common.parser_view(node, la_trt.ATTRIBUTE_TYPES)
     assert fields["scale"] == pytest.approx(0.1, rel=1e-7) and fields["scale"] != 0.1
 
@@ -73,12 +74,12 @@ def test_scale_is_forwarded_as_float32():
 def test_parser_view_namespace_from_domain_and_errors():
     from onnx import helper
 
-    node = helper.make_node("LatentAttention", ["q", "l"], ["o"], domain="dsv3", scale=0.5, kv_lora_rank=4)
+    node = helper.make_node("LatentAttention", ["q", "l", "n"], ["o"], domain="dsv3", scale=0.5, kv_lora_rank=4)
     assert trt_common.parser_view(node, la_trt.ATTRIBUTE_TYPES)[0] == "dsv3::LatentAttention"
-    missing = helper.make_node("LatentAttention", ["q", "l"], ["o"], domain="dsv3", scale=0.5)
+    missing = helper.make_node("LatentAttention", ["q", "l", "n"], ["o"], domain="dsv3", scale=0.5)
     with pytest.raises(ValueError, match="kv_lora_rank"):
         trt_common.parser_view(missing, la_trt.ATTRIBUTE_TYPES)
-    wrong = helper.make_node("LatentAttention", ["q", "l"], ["o"], domain="dsv3", scale=1, kv_lora_rank=4)
+    wrong = helper.make_node("LatentAttention", ["q", "l", "n"], ["o"], domain="dsv3", scale=1, kv_lora_rank=4)
     with pytest.raises(ValueError, match="FLOAT"):
         trt_common.parser_view(wrong, la_trt.ATTRIBUTE_TYPES)
 
@@ -101,6 +102,22 @@ def test_output_dims():
     assert la_trt.output_dims((2, 3, 4, 40), (2, 9, 40), 32) == (2, 3, 4, 32)
     n = Sym("N")
     assert moe_trt.output_dims((n, 7168), (n, 8), (n, 8), (256, 4096, 7168), (256, 7168, 2048)) == (n, 7168)
+
+
+def test_check_inputs():
+    b, s, t = Sym("B"), Sym("S"), Sym("T")
+    la_trt.check_inputs((b, s, 128, 576), (b, t, 576), (b,), 512, "BF16", "BF16", "INT64")  # symbolic: fine
+    la_trt.check_inputs((2, 1, 4, 40), (2, 9, 40), (2,), 32, "FLOAT", "FLOAT", "INT32")
+    with pytest.raises(ValueError, match="rank 1"):
+        la_trt.check_inputs((b, s, 4, 40), (b, t, 40), (b, 1), 32)
+    with pytest.raises(ValueError, match="cache_lengths has 3 entries but the batch is B=2"):
+        la_trt.check_inputs((2, 1, 4, 40), (2, 9, 40), (3,), 32)
+    with pytest.raises(ValueError, match="S=10.*T=9"):
+        la_trt.check_inputs((2, 10, 4, 40), (2, 9, 40), (2,), 32)
+    with pytest.raises(TypeError, match="INT64 or INT32"):
+        la_trt.check_inputs((2, 1, 4, 40), (2, 9, 40), (2,), 32, "FLOAT", "FLOAT", "FLOAT")
+    with pytest.raises(TypeError, match="same dtype"):
+        la_trt.check_inputs((2, 1, 4, 40), (2, 9, 40), (2,), 32, "FLOAT", "HALF", "INT64")
 
 
 def test_cuda_array_interface():
@@ -175,32 +192,51 @@ def test_aot_runtime_arguments_follow_tensorrts_order():
 
     plan = la_trt.aot_kernel_plan((2, 1, 4, 40), (2, 9, 40), 0.125, 32, "BF16")
     runtime = [n for n in lat_triton.AOT_KERNEL.arg_names if plan["signature"][n] != "constexpr"]
-    # TensorRT launches (input pointers..., extra int32 scalars..., output pointers...).
-    assert runtime == ["q_ptr", "lat_ptr", *lat_triton.AOT_SCALARS, "o_ptr"]
+    # TensorRT launches (input pointers..., extra int32 scalars..., output pointers...),
+    # the inputs in the node's order: q, latent, cache_lengths.
+    assert runtime == ["q_ptr", "lat_ptr", "len_ptr", *lat_triton.AOT_SCALARS, "o_ptr"]
+    assert list(lat_triton.AOT_INPUTS) == runtime[:3]
     assert [n for n, _ in plan["scalars"]] == list(lat_triton.AOT_SCALARS)
     assert plan["signature"]["q_ptr"] == "*bf16" and plan["signature"]["S"] == "i32"
+    assert plan["signature"]["len_ptr"] == "*i64" and "len_ptr" in plan["divisible_by_16"]
+    plan32 = la_trt.aot_kernel_plan((2, 1, 4, 40), (2, 9, 40), 0.125, 32, "BF16", lengths_dtype="INT32")
+    assert plan32["signature"]["len_ptr"] == "*i32"
+    with pytest.raises(TypeError, match="INT64 or INT32"):
+        la_trt.aot_kernel_plan((2, 1, 4, 40), (2, 9, 40), 0.125, 32, "BF16", lengths_dtype="FLOAT")
 
 
 @needs_triton
-@pytest.mark.parametrize("s, t, dtype", [(1, 37, torch.float32), (3, 20, torch.bfloat16), (17, 17, torch.float16)])
-def test_aot_plan_replayed_matches_reference(s, t, dtype):
+@pytest.mark.parametrize("s, t, dtype, ragged, int32", [
+    (1, 37, torch.float32, False, False), (3, 20, torch.bfloat16, False, False), (17, 17, torch.float16, False, False),
+    (1, 37, torch.float32, True, False), (3, 20, torch.bfloat16, True, True), (5, 30, torch.float16, True, False)])
+def test_aot_plan_replayed_matches_reference(s, t, dtype, ragged, int32):
     """Launch the kernel exactly as the AOT plugin would (same constexprs, scalar
-    values, grid), with the plan's shape expressions evaluated as ints."""
+    values, grid, positional arguments in TensorRT's order), with the plan's
+    shape expressions evaluated as ints. ragged: per-row lengths with NaN
+    garbage past L_b + S; else every row L_b = T - S."""
     from plugins.latent_attention import triton as lat_triton
 
-    b, h, r, dr = 2, 3, 32, 8
+    b, h, r, dr = 3, 3, 32, 8
     g = torch.Generator().manual_seed(s)
     q = torch.randn(b, s, h, r + dr, generator=g).to(dtype)
     latent = torch.randn(b, t, r + dr, generator=g).to(dtype)
+    lengths = torch.full((b,), t - s, dtype=torch.int64)
+    if ragged:
+        lengths = torch.tensor([0, (t - s) // 2, t - s - 1])
+        for i, n in enumerate(lengths.tolist()):
+            latent[i, n + s:] = float("nan")
+    if int32:
+        lengths = lengths.int()
     dev = "cuda" if _GPU else "cpu"
-    q, latent = q.to(dev), latent.to(dev)
+    q, latent, lengths = q.to(dev), latent.to(dev), lengths.to(dev)
     out = torch.full((b, s, h, r), float("nan"), dtype=dtype, device=dev)
     name = {torch.float32: "FLOAT", torch.float16: "HALF", torch.bfloat16: "BF16"}[dtype]
-    plan = la_trt.aot_kernel_plan(q.shape, latent.shape, 0.2, r, name)
-    lat_triton.AOT_KERNEL[plan["grid"]](
-        q_ptr=q, lat_ptr=latent, o_ptr=out, **dict(plan["scalars"]), **plan["constexprs"],
-        num_warps=plan["num_warps"], num_stages=plan["num_stages"])
-    want = la_reference(q.float().cpu(), latent.float().cpu(), 0.2, r)
+    plan = la_trt.aot_kernel_plan(q.shape, latent.shape, 0.2, r, name, lengths_dtype="INT32" if int32 else "INT64")
+    runtime = [n for n in lat_triton.AOT_KERNEL.arg_names if plan["signature"][n] != "constexpr"]
+    args = dict(zip(runtime, lat_triton.aot_launch_args(plan, q, latent, lengths, out)))
+    lat_triton.AOT_KERNEL[plan["grid"]](**args, **plan["constexprs"],
+                                        num_warps=plan["num_warps"], num_stages=plan["num_stages"])
+    want = la_reference(q.float().cpu(), latent.float().cpu(), 0.2, r, lengths.cpu())
     tol = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 3e-2}[dtype]
     torch.testing.assert_close(out.float().cpu(), want, atol=tol, rtol=tol)
 
@@ -229,10 +265,10 @@ def test_aot_kernel_compiles_for_sm90_without_a_gpu():
     assert done.returncode == 0, done.stderr[-2000:]
     info = json.loads(done.stdout.strip().splitlines()[-1])
     assert info["name"] == "_attn_kernel" and info["target"].startswith("sm_90")
-    # q, latent, 5 int32 scalars, o; then Triton's hidden scratch pointers
-    # (TensorRT passes null for those: scratch sizes are checked to be 0).
-    assert info["params"][:8] == ["u64", "u64", "u32", "u32", "u32", "u32", "u32", "u64"]
-    assert all(p == "u64" for p in info["params"][8:])
+    # q, latent, cache_lengths, 5 int32 scalars, o; then Triton's hidden scratch
+    # pointers (TensorRT passes null for those: scratch sizes are checked to be 0).
+    assert info["params"][:9] == ["u64", "u64", "u64", "u32", "u32", "u32", "u32", "u32", "u64"]
+    assert all(p == "u64" for p in info["params"][9:])
 
 
 # ---------------------------------------------------------------- with TensorRT
@@ -275,19 +311,24 @@ def test_tensorrt_latent_attention_engine():
     from onnx import TensorProto, helper
 
     la_trt.register()
-    b, s, t, h, r, dr = 2, 1, 40, 4, 32, 16
-    node = la_onnx.make_node("q", "latent", "o_lat", scale=0.2, kv_lora_rank=r)
+    b, s, t, h, r, dr = 3, 2, 40, 4, 32, 16
+    node = la_onnx.make_node("q", "latent", "cache_lengths", "o_lat", scale=0.2, kv_lora_rank=r)
     graph = helper.make_graph(
         [node], "la",
         [helper.make_tensor_value_info("q", TensorProto.FLOAT, [b, s, h, r + dr]),
-         helper.make_tensor_value_info("latent", TensorProto.FLOAT, [b, t, r + dr])],
+         helper.make_tensor_value_info("latent", TensorProto.FLOAT, [b, t, r + dr]),
+         helper.make_tensor_value_info("cache_lengths", TensorProto.INT64, [b])],
         [helper.make_tensor_value_info("o_lat", TensorProto.FLOAT, [b, s, h, r])])
     model = helper.make_model(graph, ir_version=11, functions=[la_onnx.function_proto()], opset_imports=[
         helper.make_opsetid("", la_onnx.OPSET), helper.make_opsetid(la_spec.OP_DOMAIN, 1)])
     q = torch.randn(b, s, h, r + dr, device="cuda")
     latent = torch.randn(b, t, r + dr, device="cuda")
-    out = _build_and_run(model.SerializeToString(), {"q": q, "latent": latent})["o_lat"]
-    torch.testing.assert_close(out.cpu(), la_reference(q.cpu(), latent.cpu(), 0.2, r), atol=1e-5, rtol=1e-5)
+    lengths = torch.tensor([0, 17, t - s], device="cuda")
+    for i, n in enumerate(lengths.tolist()):
+        latent[i, n + s:] = float("nan")  # unwritten capacity
+    out = _build_and_run(model.SerializeToString(), {"q": q, "latent": latent, "cache_lengths": lengths})["o_lat"]
+    want = la_reference(q.cpu(), latent.cpu(), 0.2, r, lengths.cpu())
+    torch.testing.assert_close(out.cpu(), want, atol=1e-5, rtol=1e-5)
 
 
 @needs_trt

@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 from cli.main import main
 from exporter import ExportError, load_reference, open_source
+from tests.helpers import buffered_feed, layer_pasts
 from verification.verify import TOLERANCES, ReferenceRunner, tolerance_for, verify
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -113,14 +114,19 @@ def test_cli_verify_not_a_build(tmp_path):
 
 
 def test_reference_runner_equals_model():
+    """The runner is the model behind graph contract v2's names: cache buffers and their lengths."""
     model = load_reference("tiny")
     cfg = model.cfg
     ids = torch.randint(0, cfg.vocab_size, (2, 5), generator=torch.Generator().manual_seed(0))
     past = [torch.randn(2, 3, cfg.latent_dim, generator=torch.Generator().manual_seed(i)) for i in range(cfg.n_layers)]
+    feed = buffered_feed(ids.numpy(), layer_pasts(past))
+    lengths = torch.from_numpy(feed["cache_lengths"])
+    buffers = [torch.from_numpy(feed[f"past_latent.{i}"]) for i in range(cfg.n_layers)]
     with torch.no_grad():
-        want = model(ids, past)
-        want_mtp = model.mtp_forward(ids, want.hidden_states, past[0])
-    feed = {"input_ids": ids.numpy(), **{f"past_latent.{i}": p.numpy() for i, p in enumerate(past)}}
+        want = model(ids, buffers, lengths)
+        want_mtp = model.mtp_forward(ids, want.hidden_states, buffers[0], cache_lengths=lengths)
+        prefix = model(ids, past)  # the prefix form: the same numbers
+    assert torch.equal(want.logits, prefix.logits) and torch.equal(want.past[0], prefix.past[0])
     with ReferenceRunner(model, "model") as runner:
         meta = runner.get_input_metadata(use_numpy_dtypes=False)
         assert list(meta) == list(feed)
@@ -131,7 +137,7 @@ def test_reference_runner_equals_model():
     for i, p in enumerate(want.past):
         assert np.array_equal(got[f"present_latent.{i}"], p.numpy())
     mtp_feed = {"input_ids": ids.numpy(), "hidden_states": want.hidden_states.numpy(),
-                "past_latent.mtp": past[0].numpy()}
+                "cache_lengths": feed["cache_lengths"], "past_latent.mtp": feed["past_latent.0"]}
     with ReferenceRunner(model, "mtp") as runner:
         got = runner.infer(mtp_feed)
     assert list(got) == ["logits", "present_latent.mtp"]

@@ -10,6 +10,7 @@ from exporter.passes.lower_ort import lower_ort
 from exporter.passes.plugin_attrs import plugin_attrs
 from plugins.latent_attention.reference import latent_attention
 from plugins.moe_dispatch.reference import moe_dispatch
+from tests.helpers import buffered_feed, layer_pasts
 
 
 def _value(name, dtype, shape, data=None):
@@ -38,18 +39,24 @@ def test_latent_attention_alone_to_matmul(s_len, t_len):
     def graph():
         q = _value("q", ir.DataType.FLOAT, ["B", "S", h, c])
         lat = _value("latent", ir.DataType.FLOAT, ["B", "T", c])
-        node = ir.Node("dsv3", "LatentAttention", [q, lat], attributes=[ir.AttrFloat32("scale", 0.3), ir.AttrInt64("kv_lora_rank", r)])
+        lengths = _value("cache_lengths", ir.DataType.INT64, ["B"])
+        node = ir.Node("dsv3", "LatentAttention", [q, lat, lengths],
+                       attributes=[ir.AttrFloat32("scale", 0.3), ir.AttrInt64("kv_lora_rank", r)])
         out = node.outputs[0]
         out.name, out.type, out.shape = "o", ir.TensorType(ir.DataType.FLOAT), ir.Shape(["B", "S", h, r])
-        return ir.Model(ir.Graph([q, lat], [out], nodes=[node], opset_imports={"": 23, "dsv3": 1}, name="g"), ir_version=10)
+        return ir.Model(ir.Graph([q, lat, lengths], [out], nodes=[node], opset_imports={"": 23, "dsv3": 1}, name="g"),
+                        ir_version=10)
 
     body, lowered = _sessions(graph)
     assert not any(n.domain == "dsv3" for n in lower_ort(plugin_attrs(graph())).graph)
     rng = np.random.default_rng(0)
+    # Row 0 fills its buffer (T - S cached rows); row 1 has fewer, the buffer's later rows hidden.
     feeds = {"q": rng.standard_normal((2, s_len, h, c), dtype=np.float32),
-             "latent": rng.standard_normal((2, t_len, c), dtype=np.float32)}
+             "latent": rng.standard_normal((2, t_len, c), dtype=np.float32),
+             "cache_lengths": np.array([t_len - s_len, max(t_len - s_len - 3, 0)], np.int64)}
     a, b = body.run(None, feeds)[0], lowered.run(None, feeds)[0]
-    ref = latent_attention(torch.from_numpy(feeds["q"]), torch.from_numpy(feeds["latent"]), 0.3, r).numpy()
+    ref = latent_attention(torch.from_numpy(feeds["q"]), torch.from_numpy(feeds["latent"]), 0.3, r,
+                           torch.from_numpy(feeds["cache_lengths"])).numpy()
     np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(b, ref, rtol=1e-5, atol=1e-5)
 
@@ -69,15 +76,16 @@ def test_mla_absorbed_decode_naive_prefill(s_len, t_len):
         q_nope = _value("q_nope", ir.DataType.FLOAT, ["B", "S", h, dn])
         q_rope = _value("q_rope", ir.DataType.FLOAT, ["B", "S", h, dr])
         lat = _value("latent", ir.DataType.FLOAT, ["B", "T", r + dr])
+        lengths = _value("cache_lengths", ir.DataType.INT64, ["B"])
         wk, wv = _value("w_uk", ir.DataType.FLOAT, [h, dn, r], w_uk), _value("w_uv", ir.DataType.FLOAT, [h, dv, r], w_uv)
         q_lat = ir.node("Einsum", [q_nope, wk], attributes={"equation": "bshd,hdc->bshc"})
         q = ir.node("Concat", [q_lat.outputs[0], q_rope], attributes={"axis": -1})
-        att = ir.Node("dsv3", "LatentAttention", [q.outputs[0], lat],
+        att = ir.Node("dsv3", "LatentAttention", [q.outputs[0], lat, lengths],
                       attributes=[ir.AttrFloat32("scale", 0.3), ir.AttrInt64("kv_lora_rank", r)])
         out = ir.node("Einsum", [att.outputs[0], wv], attributes={"equation": "bshc,hdc->bshd"})
         y = out.outputs[0]
         y.name, y.type, y.shape = "y", ir.TensorType(ir.DataType.FLOAT), ir.Shape(["B", "S", h, dv])
-        return ir.Model(ir.Graph([q_nope, q_rope, lat], [y], nodes=[q_lat, q, att, out], initializers=[wk, wv],
+        return ir.Model(ir.Graph([q_nope, q_rope, lat, lengths], [y], nodes=[q_lat, q, att, out], initializers=[wk, wv],
                                  opset_imports={"": 23, "dsv3": 1}, name="g"), ir_version=10)
 
     ops = [n.op_type for n in lower_ort(plugin_attrs(graph())).graph]
@@ -85,15 +93,16 @@ def test_mla_absorbed_decode_naive_prefill(s_len, t_len):
     body, lowered = _sessions(graph)
     feeds = {"q_nope": rng.standard_normal((2, s_len, h, dn), dtype=np.float32),
              "q_rope": rng.standard_normal((2, s_len, h, dr), dtype=np.float32),
-             "latent": rng.standard_normal((2, t_len, r + dr), dtype=np.float32)}
+             "latent": rng.standard_normal((2, t_len, r + dr), dtype=np.float32),
+             "cache_lengths": np.array([t_len - s_len, max(t_len - s_len - 3, 0)], np.int64)}
     a, b = body.run(None, feeds)[0], lowered.run(None, feeds)[0]
-    # naive MLA in float64: K/V per head from the latent, causal offset T-S
+    # naive MLA in float64: K/V per head from the latent, query s of row b at position L_b + s
     qn, qr, lat = (feeds[k].astype(np.float64) for k in ("q_nope", "q_rope", "latent"))
     k_nope = np.einsum("btc,hdc->bthd", lat[..., :r], w_uk)
     v = np.einsum("btc,hdc->bthd", lat[..., :r], w_uv)
     scores = (np.einsum("bshd,bthd->bsht", qn, k_nope) + np.einsum("bshd,btd->bsht", qr, lat[..., r:])) * 0.3
-    visible = np.arange(t_len)[None, :] <= np.arange(s_len)[:, None] + (t_len - s_len)
-    scores = np.where(visible[None, :, None, :], scores, -np.inf)
+    visible = np.arange(t_len)[None, None, :] <= np.arange(s_len)[None, :, None] + feeds["cache_lengths"][:, None, None]
+    scores = np.where(visible[:, :, None, :], scores, -np.inf)
     p = np.exp(scores - scores.max(-1, keepdims=True))
     ref = np.einsum("bsht,bthd->bshd", p / p.sum(-1, keepdims=True), v)
     scale = np.abs(ref).max()
@@ -219,7 +228,7 @@ def test_whole_model_lowered_equals_function_bodies(tmp_path):
     ref_past = None
     for width in (70, 1, 2, 1):
         ids = ids[:, -width:] if width <= ids.shape[1] else np.concatenate([ids, ids], 1)[:, :width]
-        feeds = {"input_ids": ids, **{f"past_latent.{i}": p for i, p in enumerate(past)}}
+        feeds = buffered_feed(ids, layer_pasts(past))
         a, b = s_plain.run(None, feeds), s_low.run(None, feeds)
         with torch.no_grad():
             r = model(torch.from_numpy(ids), ref_past)

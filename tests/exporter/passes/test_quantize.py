@@ -33,8 +33,8 @@ def traced():
 def inputs(traced):
     cfg = traced[1].config
     ids = np.random.default_rng(0).integers(2, cfg.vocab_size, (2, 16))
-    feed = {"input_ids": ids, **{f"past_latent.{i}": np.zeros((2, 0, cfg.latent_dim), np.float32)
-                                 for i in range(cfg.n_layers)}}
+    feed = {"input_ids": ids, "cache_lengths": np.zeros(2, np.int64),
+            **{f"past_latent.{i}": np.zeros((2, ids.shape[1], cfg.latent_dim), np.float32) for i in range(cfg.n_layers)}}
     return ids, feed
 
 

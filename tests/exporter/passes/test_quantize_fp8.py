@@ -96,8 +96,8 @@ def _run_vs_emulated(graph, source, policy):
     agree within float noise (relative max error < 1e-5), and quantizes ORT's value."""
     cfg = source.config
     ids = np.random.default_rng(0).integers(2, cfg.vocab_size, (2, 10))
-    feed = {"input_ids": ids, **{f"past_latent.{i}": np.zeros((2, 0, cfg.latent_dim), np.float32)
-                                 for i in range(cfg.n_layers)}}
+    feed = {"input_ids": ids, "cache_lengths": np.zeros(2, np.int64),
+            **{f"past_latent.{i}": np.zeros((2, ids.shape[1], cfg.latent_dim), np.float32) for i in range(cfg.n_layers)}}
     q_in = list(dict.fromkeys(n.inputs[0] for n in graph.graph if n.op_type == "QuantizeLinear"))
     extra = [v for v in q_in if not v.is_graph_output()]
     graph.graph.outputs.extend(extra)

@@ -6,6 +6,10 @@ natively (tools/gpu_check.sh). Inputs are rounded to the tested dtype and the
 reference runs on them in float32, so the tolerance only covers the kernel's
 own rounding: fp32 1e-5, fp16 3e-3, bf16 3e-2 (absolute, plus the same
 relative; outputs are convex combinations of latent rows, |o| <~ 4).
+
+Per-row cache lengths (contract v2): `ragged` gives each batch row its own
+L_b and fills the capacity past L_b + S with garbage (large values or NaN/inf)
+that must not reach the output.
 """
 
 import os
@@ -36,10 +40,29 @@ def make(b, s, t, h, r, dr, dtype, seed=0, scale_q=1.0):
     return q.to(DEVICE), latent.to(DEVICE)
 
 
-def check(q, latent, scale, r, **kw):
-    got = lat_triton.latent_attention(q, latent, scale, r, **kw)
+def ragged(latent, s, seed, garbage="random"):
+    """Random L_b in [0, T - S] per row (the first 0, the last T - S when B > 1);
+    rows t >= L_b + S overwritten with garbage."""
+    b, t, _ = latent.shape
+    g = torch.Generator().manual_seed(seed + 1)
+    lengths = torch.randint(0, t - s + 1, (b,), generator=g, dtype=torch.int64)
+    if b > 1:
+        lengths[0], lengths[-1] = 0, t - s
+    latent = latent.clone()
+    for i in range(b):
+        tail = latent[i, int(lengths[i]) + s:]
+        if garbage == "random":
+            tail.copy_((torch.randn(tail.shape, generator=g) * 50).to(tail.dtype))
+        else:
+            tail.fill_(float("nan"))
+            tail[::2] = float("inf")
+    return latent, lengths.to(latent.device)
+
+
+def check(q, latent, scale, r, lengths=None, **kw):
+    got = lat_triton.latent_attention(q, latent, scale, r, lengths, **kw)
     assert got.dtype == q.dtype and got.shape == (*q.shape[:3], r)
-    want = reference(q.float().cpu(), latent.float().cpu(), scale, r)
+    want = reference(q.float().cpu(), latent.float().cpu(), scale, r, None if lengths is None else lengths.cpu())
     tol = TOL[q.dtype]
     torch.testing.assert_close(got.float().cpu(), want, atol=tol, rtol=tol)
     return got
@@ -56,6 +79,56 @@ def test_random_shapes(b, s, extra_t, h, r, dr, dtype, scale, splits, seed):
     # tokens with the causal offset T-S, S == T (prefill) when extra == 0.
     q, latent = make(b, s, s + extra_t, h, r, dr, dtype, seed)
     check(q, latent, scale, r, num_splits=splits if s <= lat_triton.DECODE_MAX_S else None)
+
+
+@settings(max_examples=int(os.environ.get("DSV3_HYPOTHESIS_EXAMPLES", 12)), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    b=st.integers(1, 3), s=st.integers(1, 6), extra_t=st.integers(0, 40), h=st.integers(1, 5),
+    r=st.sampled_from([16, 24, 32]), dr=st.sampled_from([8, 16]), dtype=st.sampled_from(DTYPES),
+    scale=st.floats(0.05, 0.5), splits=st.one_of(st.none(), st.integers(1, 4)), seed=st.integers(0, 2**16),
+    int32=st.booleans(),
+)
+def test_random_shapes_per_row_lengths(b, s, extra_t, h, r, dr, dtype, scale, splits, seed, int32):
+    # Capacity T = S + extra; each row its own L_b <= T - S, garbage past L_b + S.
+    q, latent = make(b, s, s + extra_t, h, r, dr, dtype, seed)
+    latent, lengths = ragged(latent, s, seed)
+    check(q, latent, scale, r, lengths.int() if int32 else lengths,
+          num_splits=splits if s <= lat_triton.DECODE_MAX_S else None)
+
+
+@pytest.mark.parametrize("s, splits", [(1, 1), (1, 4), (3, 3), (9, None)])
+def test_nan_garbage_past_the_lengths_never_leaks(s, splits):
+    # The kernel never loads a row past L_b + S - 1: NaN / inf there cannot reach the output.
+    q, latent = make(3, s, 70, 4, 32, 8, torch.float32, seed=11)
+    latent, lengths = ragged(latent, s, seed=11, garbage="nan")
+    got = check(q, latent, 0.2, 32, lengths, num_splits=splits)
+    assert torch.isfinite(got).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_per_row_lengths_split_k(dtype):
+    # L = 0 (one key), mid-buffer, T - S: the splits past a short row are empty.
+    q, latent = make(3, 1, 75, 4, 32, 8, dtype, seed=12)
+    latent, lengths = ragged(latent, 1, seed=12)
+    one = check(q, latent, 0.2, 32, lengths, num_splits=1)
+    many = check(q, latent, 0.2, 32, lengths, num_splits=4)
+    tol = TOL[dtype]
+    torch.testing.assert_close(one.float(), many.float(), atol=tol, rtol=tol)
+
+
+def test_explicit_t_minus_s_lengths_equal_the_default():
+    q, latent = make(2, 3, 20, 2, 16, 8, torch.float32, seed=13)
+    lengths = torch.full((2,), 17, dtype=torch.int64, device=DEVICE)
+    torch.testing.assert_close(lat_triton.latent_attention(q, latent, 0.3, 16, lengths),
+                               lat_triton.latent_attention(q, latent, 0.3, 16), rtol=0, atol=0)
+
+
+def test_rejects_bad_lengths():
+    q, latent = make(2, 1, 8, 2, 16, 8, torch.float32)
+    with pytest.raises(ValueError, match="int64 or int32"):
+        lat_triton.latent_attention(q, latent, 0.1, 16, torch.zeros(2, device=DEVICE))
+    with pytest.raises(ValueError, match="cache_lengths has 3 entries"):
+        lat_triton.latent_attention(q, latent, 0.1, 16, torch.zeros(3, dtype=torch.int64, device=DEVICE))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
