@@ -46,10 +46,23 @@ def ranked_probs(logits: np.ndarray, *, temperature: float, top_k: int = 0,
     return cand, probs
 
 
+class NonFiniteLogits(ExportError):
+    """The model produced NaN or Inf logits: damaged weights or build, never a token to emit."""
+
+
+def check_finite(logits: np.ndarray) -> None:
+    if not np.isfinite(logits).all():
+        bad = int((~np.isfinite(logits)).sum())
+        raise NonFiniteLogits(f"the model produced {bad} non-finite logits (NaN or Inf) instead of a next-token "
+                              "distribution: its weights or the build are damaged (dsv3-export verify BUILD says where)")
+
+
 def sample(logits: np.ndarray, rng: np.random.Generator | None, *, temperature: float = 0.0, top_k: int = 0,
            top_p: float = 1.0) -> np.ndarray:
     """Next tokens [B] from last-position logits [B, V]: argmax when temperature == 0; otherwise one
-    draw per row (one uniform each, with `rng`) from `ranked_probs`."""
+    draw per row (one uniform each, with `rng`) from `ranked_probs`. Non-finite logits raise
+    NonFiniteLogits (argmax of NaN would quietly emit token 0)."""
+    check_finite(logits)
     if temperature == 0:
         return logits.argmax(-1)
     cand, probs = ranked_probs(logits.astype(np.float64, copy=False), temperature=temperature, top_k=top_k,

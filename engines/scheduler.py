@@ -265,7 +265,12 @@ class Scheduler:
         self.cache.load(slot, req._cache, len(req.prompt))
         req._cache = None
         self.running.append(req)
-        self._accept(req, self._pick(req, last_logits[None]))
+        try:
+            token = self._pick(req, last_logits[None])
+        except ExportError as e:
+            self._retire(req, "error", str(e))
+            return
+        self._accept(req, token)
 
     def _decode(self) -> None:
         n = len(self.running)
@@ -279,7 +284,12 @@ class Scheduler:
         self.stats.batch_sizes.append(n)
         self.cache.lengths[:n] += 1
         for req, row in zip(list(self.running), logits[:, -1]):
-            self._accept(req, self._pick(req, row[None]))
+            try:
+                token = self._pick(req, row[None])
+            except ExportError as e:  # this sequence's logits are unusable; the others go on
+                self._retire(req, "error", str(e))
+                continue
+            self._accept(req, token)
 
     def _pick(self, req: Request, logits: np.ndarray) -> int:
         p = req.params
@@ -292,7 +302,7 @@ class Scheduler:
         elif len(req.tokens) >= req.params.max_tokens:
             self._retire(req, "length")
 
-    def _retire(self, req: Request, reason: str) -> None:
+    def _retire(self, req: Request, reason: str, error: str | None = None) -> None:
         """Leave the batch: the last running sequence moves into the freed slot."""
         slot = self.running.index(req)
         last = len(self.running) - 1
@@ -302,7 +312,7 @@ class Scheduler:
         else:
             self.cache.lengths[slot] = 0
         self.running.pop()
-        req._finish(reason)
+        req._finish(reason, error)
 
     # ---- background thread ------------------------------------------------------------------------
     def start(self) -> None:

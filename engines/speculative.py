@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from engines.sampling import draw, processed_probs
+from engines.sampling import check_finite, draw, processed_probs
 
 
 def accept_draft(p: np.ndarray, q: np.ndarray, draft: int, rng: np.random.Generator) -> tuple[bool, int]:
@@ -78,13 +78,19 @@ class _Picker:
         return processed_probs(logits, **self.kw)
 
     def __call__(self, logits: np.ndarray) -> int:
+        check_finite(logits)
         return int(logits.argmax()) if self.greedy else draw(self.dist(logits), self.rng)
 
     def check(self, draft_logits: np.ndarray) -> tuple[int, Callable[[np.ndarray], tuple]]:
         """(draft, verdict(main logits at the draft's position) -> (accepted, token))."""
         if self.greedy:
             draft = int(draft_logits.argmax())
-            return draft, lambda main: (int(main.argmax()) == draft, int(main.argmax()))
+
+            def verdict(main):
+                check_finite(main)
+                return int(main.argmax()) == draft, int(main.argmax())
+
+            return draft, verdict
         q = self.dist(draft_logits)
         draft = draw(q, self.rng)
         return draft, lambda main: accept_draft(self.dist(main), q, draft, self.rng)

@@ -216,3 +216,22 @@ def test_cli_run_bad_input(tiny_build, args, needle):
 def test_cli_run_not_a_build(tmp_path):
     assert_clean_error(cli("run", tmp_path, "--prompt", "hi"), "manifest.json")
     assert_clean_error(cli("run", tmp_path / "nope", "--prompt", "hi"), "no such build directory")
+
+
+def test_nan_weights_give_an_error_not_token_0(copy_build):
+    """A weight file turned to NaN behind the hash check's back (check_files=False): generation stops
+    with one clear error instead of emitting token 0 forever (plain, batched and speculative)."""
+    def poison(d):
+        data = d / "model.ort.onnx.data"
+        raw = bytearray(data.read_bytes())
+        raw[: len(raw) // 4 * 4] = np.full(len(raw) // 4, np.nan, np.float32).tobytes()
+        data.write_bytes(bytes(raw))
+
+    broken = engines.load(copy_build(poison), check_files=False)
+    for kwargs in ({}, {"temperature": 1.0}):
+        with pytest.raises(ExportError, match="non-finite logits"):
+            broken.generate([0, 5, 7], max_new_tokens=4, **kwargs)
+    with pytest.raises(ExportError, match="non-finite logits"):
+        broken.generate([[0, 5, 7], [0, 9]], max_new_tokens=4)
+    with pytest.raises(ExportError, match="non-finite logits"):
+        broken.generate([0, 5, 7], max_new_tokens=4, speculative=True)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from core.errors import ExportError
-from engines.sampling import check_generation_args, draw, processed_probs, sample
+from engines.sampling import NonFiniteLogits, check_generation_args, draw, processed_probs, sample
 from tests.helpers import chi2_sf, chi_square
 
 
@@ -62,3 +62,12 @@ def test_greedy_is_argmax_and_ties_go_to_the_lower_id():
 def test_bad_settings_are_named(kwargs, match):
     with pytest.raises(ExportError, match=match):
         check_generation_args(**kwargs)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_logits_are_an_error_not_token_0(bad):
+    logits = np.zeros((2, 5))
+    logits[1, 3] = bad
+    for temperature in (0.0, 1.0):
+        with pytest.raises(NonFiniteLogits, match="non-finite logits"):
+            sample(logits, np.random.default_rng(0), temperature=temperature)
