@@ -4,7 +4,8 @@ Each system (an engine build, or the reference on the same weights) is measured 
 process, one after another, with the same thread count: peak memory is then that system's own,
 and nothing one leaves behind (caches, arenas) helps the next. Warm-up first, then medians over
 repeats, min and max kept. Decode at context c starts from a random latent cache of c rows (decode
-cost does not depend on the cache's values) and runs a chain of single-token steps, a different
+cost does not depend on the cache's values; an engine of graph contract v2 holds it in buffers
+written in place, as the scheduler does) and runs a chain of single-token steps, a different
 random token each step (an MoE step's cost depends on the experts its token routes to). With
 `rounds` > 1 the whole sequence of systems runs that many times, alternating, and each figure is the
 median over rounds (each round's figure kept): on a shared machine speed drifts within minutes, and
@@ -112,6 +113,15 @@ def _measure(kind: str, build_dir: str, params: dict[str, Any]) -> dict[str, Any
             past = start
             for tok in toks:
                 past = forward(tok, past)
+
+        if kind == "engine" and engine.buffered:  # graph contract v2: the buffers written in place
+            buffers = engine.empty_buffers(1, c + steps)
+            for buf, rows in zip(buffers, start):
+                buf[:, :c] = rows
+
+            def chain():  # noqa: F811  (the in-place form replaces the prefix form above)
+                for k, tok in enumerate(toks):
+                    engine.step_in_place(tok, np.full(1, c + k, np.int64), buffers)
 
         out["decode"][str(c)] = rate_stats(time_calls(chain, params["repeats"]), steps)
         out["decode"][str(c)]["cache_bytes"] = cfg["n_layers"] * c * int(np.prod(width)) * 4
