@@ -1,6 +1,7 @@
 """Our ONNX Runtime engine against llama.cpp on the same weights and thread count, one run.
 
     python tools/llamacpp_compare.py CHECKPOINT BUILD --llama-cpp DIR [--threads 2] [--json FILE]
+    python tools/llamacpp_compare.py CHECKPOINT BUILD --llama-cpp DIR --batch 1,4,16 [--contexts 1024]
 
 CHECKPOINT: the Hugging Face checkpoint BUILD was built from. DIR: a llama.cpp source tree with
 `build/bin/llama-bench` built (`cmake -B build -DGGML_NATIVE=ON && cmake --build build --target
@@ -125,6 +126,77 @@ def _median_bound(runs: list[dict]) -> dict:
     return {"decode": {k: {"tokens_per_s": statistics.median(v)} for k, v in per_context.items()}}
 
 
+def batched_bench(binary: Path, gguf: Path, *, threads: int, batches: list[int], context: int,
+                  decode_tokens: int) -> dict[int, float]:
+    """llama-batched-bench: B sequences of `context` prompt tokens each, then `decode_tokens` tokens
+    each decoded together; {B: aggregate generation tokens/s (its S_TG)}."""
+    ctx = max(batches) * (context + decode_tokens) + 256
+    cmd = [str(binary), "-m", str(gguf), "-t", str(threads), "-c", str(ctx), "-b", "2048", "-ub", "512",
+           "-npp", str(context), "-ntg", str(decode_tokens), "-npl", ",".join(map(str, batches)),
+           "--output-format", "jsonl"]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise SystemExit(f"{binary}: llama-batched-bench failed: {last}")
+    return parse_batched(done.stdout + "\n" + done.stderr)
+
+
+def parse_batched(text: str) -> dict[int, float]:
+    """{parallel sequences: aggregate generation tokens/s} from llama-batched-bench's JSON lines."""
+    out = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("{") and '"speed_tg"' in line:
+            rec = json.loads(line)
+            out[int(rec["pl"])] = float(rec["speed_tg"])
+    return out
+
+
+def main_batched(args, console) -> dict:
+    """--batch: aggregate decode tokens/s at depth `--contexts`' first value, ours (benchmarks.batching)
+    and llama.cpp's (llama-batched-bench), alternating for --rounds rounds, medians."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from benchmarks.batching import bench_batches
+
+    binary = args.llama_cpp / "build" / "bin" / "llama-batched-bench"
+    if not binary.is_file():
+        raise SystemExit(f"{binary}: no such file (build the llama-batched-bench target)")
+    batches = [int(x) for x in args.batch.split(",")]
+    context = int(args.contexts.split(",")[0])
+    gguf = args.build.parent / f"{args.build.name}.f32.gguf"
+    if not gguf.is_file():
+        with console.status(f"converting {args.checkpoint} to {gguf}"):
+            convert(args.llama_cpp, args.checkpoint, gguf)
+    ours_runs, theirs_runs = [], []
+    for r in range(args.rounds):
+        with console.status(f"round {r + 1}/{args.rounds}: ONNX Runtime engine (benchmarks.batching)"):
+            rep = bench_batches(str(args.build), batches, threads=args.threads, repeats=args.repeats,
+                                contexts=[context], decode_steps=args.decode_tokens)
+            ours_runs.append({b["batch"]: b["decode"][str(context)]["tokens_per_s"] for b in rep["batches"]})
+        with console.status(f"round {r + 1}/{args.rounds}: llama.cpp (llama-batched-bench)"):
+            theirs_runs.append(batched_bench(binary, gguf, threads=args.threads, batches=batches, context=context,
+                                             decode_tokens=args.decode_tokens))
+    rows = []
+    for b in batches:
+        ours = statistics.median(run[b] for run in ours_runs)
+        theirs = statistics.median(run[b] for run in theirs_runs)
+        rows.append({"batch": b, "context": context, "ours": ours, "llama_cpp": theirs, "ratio": ours / theirs,
+                     "ours_rounds": [run[b] for run in ours_runs], "llama_cpp_rounds": [run[b] for run in theirs_runs]})
+    table = Table(title=f"{args.build.name} vs llama.cpp F32, batched decode @ {context}, {args.threads} threads")
+    for col in ("batch", "ours tok/s", "llama.cpp tok/s", "ours / llama.cpp", "ours vs B=1"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(str(r["batch"]), f"{r['ours']:.1f}", f"{r['llama_cpp']:.1f}", f"{r['ratio']:.2f}×",
+                      f"{r['ours'] / rows[0]['ours']:.2f}×")
+    Console().print(table)
+    report = {"threads": args.threads, "rounds": args.rounds, "context": context, "rows": rows}
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1, default=str))
+    return report
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser()
     ap.add_argument("checkpoint", type=Path)
@@ -137,7 +209,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--rounds", type=int, default=3, help="Alternating rounds of the two (medians over rounds).")
     ap.add_argument("--decode-tokens", type=int, default=16)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--batch", default=None,
+                    help="Batch sizes (e.g. 1,4,16): batched decode against llama-batched-bench instead")
     args = ap.parse_args(argv)
+    if args.batch:
+        from rich.console import Console
+
+        return main_batched(args, Console(stderr=True))
 
     from rich.console import Console
     from rich.table import Table

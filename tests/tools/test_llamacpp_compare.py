@@ -77,3 +77,15 @@ def test_against_llama_cpp_on_tiny(tmp_path):
                            "--contexts", "16", "--repeats", "1", "--rounds", "1", "--decode-tokens", "4"])
     assert {(r["phase"], r["tokens"]) for r in report["rows"]} == {("prefill", 16), ("decode", 16)}
     assert all(r["ours"] > 0 and r["llama_cpp"] > 0 for r in report["rows"])
+
+
+def test_batched_bench_lines_are_parsed():
+    tool = load_tool("llamacpp_compare")
+    text = "\n".join([
+        "main: n_kv_max = 16896",
+        '{"n_kv_max": 16896, "n_batch": 2048, "n_ubatch": 512, "flash_attn": 0, "is_pp_shared": 0, "n_gpu_layers": 0, '
+        '"n_threads": 2, "n_threads_batch": 2, "pp": 1024, "tg": 16, "pl": 1, "n_kv": 1040, "t_pp": 2.0, '
+        '"speed_pp": 512.0, "t_tg": 0.32, "speed_tg": 50.0, "t": 2.32, "speed": 448.2}',
+        '{"pp": 1024, "tg": 16, "pl": 4, "n_kv": 4160, "t_pp": 8.0, "speed_pp": 512.0, "t_tg": 0.9, '
+        '"speed_tg": 71.1, "t": 8.9, "speed": 467.4}'])
+    assert tool.parse_batched(text) == {1: 50.0, 4: 71.1}
