@@ -115,6 +115,11 @@ class Engine:
             self.config = ModelConfig.from_dict(self.manifest["config"])
         except ExportError as e:
             raise ExportError(f"{self.build_dir / MANIFEST}: {e}") from None
+        verdict = self.manifest.get("verify")
+        if isinstance(verdict, dict) and verdict.get("passed") is False:
+            raise ExportError(f"{self.build_dir}: this build failed verification (see "
+                              f"{self.build_dir / 'verify' / 'report.md'}); rebuild it, or verify it again "
+                              "with dsv3-export verify")
         self.backend = backend or self.manifest.get("backend", "ort")
         check_backend(self.backend)
         if check_files:

@@ -235,3 +235,19 @@ def test_nan_weights_give_an_error_not_token_0(copy_build):
         broken.generate([[0, 5, 7], [0, 9]], max_new_tokens=4)
     with pytest.raises(ExportError, match="non-finite logits"):
         broken.generate([0, 5, 7], max_new_tokens=4, speculative=True)
+
+
+def test_a_build_that_failed_verification_is_refused(copy_build):
+    """The manifest's verdict (written by verify) keeps a failed build from running, with a pointer."""
+    import json
+
+    from core.build_dir import MANIFEST, write_manifest
+
+    def fail(d):
+        manifest = json.loads((d / MANIFEST).read_text())
+        manifest["verify"] = {"passed": False, "report": "verify/report.json"}
+        info = {k: v for k, v in manifest.items() if k not in ("files", "format")}
+        write_manifest(d, info)
+
+    with pytest.raises(ExportError, match="failed verification.*report.md"):
+        engines.load(copy_build(fail))
