@@ -126,6 +126,15 @@ def _median_bound(runs: list[dict]) -> dict:
     return {"decode": {k: {"tokens_per_s": statistics.median(v)} for k, v in per_context.items()}}
 
 
+def gguf_of(args, console) -> Path:
+    """The F32 GGUF of the checkpoint next to the build, converted on first use."""
+    gguf = args.build.parent / f"{args.build.name}.f32.gguf"
+    if not gguf.is_file():
+        with console.status(f"converting {args.checkpoint} to {gguf}"):
+            convert(args.llama_cpp, args.checkpoint, gguf)
+    return gguf
+
+
 def batched_bench(binary: Path, gguf: Path, *, threads: int, batches: list[int], context: int,
                   decode_tokens: int) -> dict[int, float]:
     """llama-batched-bench: B sequences of `context` prompt tokens each, then `decode_tokens` tokens
@@ -165,10 +174,7 @@ def main_batched(args, console) -> dict:
         raise SystemExit(f"{binary}: no such file (build the llama-batched-bench target)")
     batches = [int(x) for x in args.batch.split(",")]
     context = int(args.contexts.split(",")[0])
-    gguf = args.build.parent / f"{args.build.name}.f32.gguf"
-    if not gguf.is_file():
-        with console.status(f"converting {args.checkpoint} to {gguf}"):
-            convert(args.llama_cpp, args.checkpoint, gguf)
+    gguf = gguf_of(args, console)
     ours_runs, theirs_runs = [], []
     for r in range(args.rounds):
         with console.status(f"round {r + 1}/{args.rounds}: ONNX Runtime engine (benchmarks.batching)"):
@@ -230,10 +236,7 @@ def main(argv: list[str] | None = None) -> dict:
     prefill = [int(x) for x in args.prefill.split(",")]
     contexts = [int(x) for x in args.contexts.split(",")]
     console = Console(stderr=True)
-    gguf = args.build.parent / f"{args.build.name}.f32.gguf"
-    if not gguf.is_file():
-        with console.status(f"converting {args.checkpoint} to {gguf}"):
-            convert(args.llama_cpp, args.checkpoint, gguf)
+    gguf = gguf_of(args, console)
     # Alternate the two for --rounds rounds and keep each measurement's median over rounds: on a
     # shared machine the speed drifts by tens of percent within minutes, and it must hit both alike.
     ours_runs, theirs_runs = [], []

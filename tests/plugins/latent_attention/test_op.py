@@ -19,6 +19,7 @@ from onnx import TensorProto, helper
 from plugins import PLUGIN_NAMESPACE, PLUGIN_VERSION
 from plugins.latent_attention import onnx_function, spec
 from plugins.latent_attention.reference import latent_attention
+from tests.plugins.latent_attention.cases import ragged
 
 FP32_TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -33,25 +34,6 @@ def make_inputs(b, s, t, h, r, dr, dtype=torch.float32, seed=0):
 def full_lengths(q, latent):
     """The contract before v2: every row's new tokens end the buffer (L_b = T - S)."""
     return torch.full((q.shape[0],), latent.shape[1] - q.shape[1], dtype=torch.int64)
-
-
-def ragged(latent, s, seed, garbage="random"):
-    """Random per-row lengths 0 <= L_b <= T - S (first row L = 0, last row T - S
-    when B > 1) and the unwritten rows t >= L_b + S overwritten with garbage."""
-    b, t, _ = latent.shape
-    g = torch.Generator().manual_seed(seed + 1)
-    lengths = torch.randint(0, t - s + 1, (b,), generator=g, dtype=torch.int64)
-    if b > 1:
-        lengths[0], lengths[-1] = 0, t - s
-    latent = latent.clone()
-    for i in range(b):
-        tail = latent[i, int(lengths[i]) + s:]
-        if garbage == "random":
-            tail.copy_(torch.randn(tail.shape, generator=g) * 50)
-        elif garbage == "nan":
-            tail.fill_(float("nan"))
-            tail[::2] = float("inf")
-    return latent, lengths
 
 
 def build_model(scale, r, elem=TensorProto.FLOAT, *, plugin_attrs=True) -> onnx.ModelProto:

@@ -27,6 +27,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 from plugins.latent_attention import triton as lat_triton  # noqa: E402
 from plugins.latent_attention.reference import latent_attention as reference  # noqa: E402
+from tests.plugins.latent_attention.cases import ragged  # noqa: E402
 
 DEVICE = "cuda" if _GPU else "cpu"
 TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 3e-2}
@@ -38,25 +39,6 @@ def make(b, s, t, h, r, dr, dtype, seed=0, scale_q=1.0):
     q = (torch.randn(b, s, h, r + dr, generator=g) * scale_q).to(dtype)
     latent = torch.randn(b, t, r + dr, generator=g).to(dtype)
     return q.to(DEVICE), latent.to(DEVICE)
-
-
-def ragged(latent, s, seed, garbage="random"):
-    """Random L_b in [0, T - S] per row (the first 0, the last T - S when B > 1);
-    rows t >= L_b + S overwritten with garbage."""
-    b, t, _ = latent.shape
-    g = torch.Generator().manual_seed(seed + 1)
-    lengths = torch.randint(0, t - s + 1, (b,), generator=g, dtype=torch.int64)
-    if b > 1:
-        lengths[0], lengths[-1] = 0, t - s
-    latent = latent.clone()
-    for i in range(b):
-        tail = latent[i, int(lengths[i]) + s:]
-        if garbage == "random":
-            tail.copy_((torch.randn(tail.shape, generator=g) * 50).to(tail.dtype))
-        else:
-            tail.fill_(float("nan"))
-            tail[::2] = float("inf")
-    return latent, lengths.to(latent.device)
 
 
 def check(q, latent, scale, r, lengths=None, **kw):
