@@ -444,5 +444,71 @@ def _print_bench(report) -> None:
                                     f"acceptance {s['speculative']['acceptance_rate']}"))
 
 
+
+@main.command()
+@click.argument("build_dir", type=click.Path(path_type=Path), default="build")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (loopback by default).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Sequences decoding at once (cache slots).")
+@click.option("--max-waiting", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Requests queued beyond them; more answer 429.")
+@click.option("--prefill-chunk", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Prompt tokens prefilled per scheduler step.")
+@click.option("--model-name", default=None, help="The model id clients send (default: the build directory's name).")
+@click.option("--api-key", default=None, envvar="DSV3_API_KEY",
+              help="Require `Authorization: Bearer KEY` on /v1/* (env DSV3_API_KEY).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="ONNX Runtime intra-op threads.")
+@click.option("--backend", type=click.Choice(["ort", "trt"]), default=None, help="Default: the build's backend.")
+@click.option("--graceful-timeout", type=click.IntRange(min=0), default=30, show_default=True,
+              help="Seconds open requests get to finish after SIGTERM.")
+@click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
+              show_default=True)
+def serve(build_dir, host, port, max_batch, max_waiting, prefill_chunk, model_name, api_key, threads, backend,
+          graceful_timeout, log_level) -> None:
+    """Serve BUILD_DIR over the OpenAI HTTP API (/v1/completions, /v1/chat/completions, /v1/models,
+    /health, /metrics) with continuous batching. SIGTERM stops it gracefully."""
+    import engines
+    import server
+
+    engine = engines.load(build_dir, backend=backend, threads=threads)
+    name = model_name or Path(build_dir).resolve().name
+    click.echo(f"serving {build_dir} as {name!r} on http://{host}:{port}/v1 (max batch {max_batch})", err=True)
+    server.serve(engine, host=host, port=port, model_name=name, api_key=api_key, max_batch=max_batch,
+                 max_waiting=max_waiting, prefill_chunk=prefill_chunk, log_level=log_level,
+                 graceful_timeout=graceful_timeout)
+
+
+@main.command("bench-serve")
+@click.argument("url")
+@click.option("--concurrency", type=click.IntRange(min=1), default=8, show_default=True, help="Concurrent clients.")
+@click.option("--requests", "n_requests", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Requests in all.")
+@click.option("--prompt-tokens", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--max-tokens", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Completion tokens per request (EOS ignored).")
+@click.option("--model", default=None, help="Model id to send (default: the server's first in /v1/models).")
+@click.option("--api-key", default=None, envvar="DSV3_API_KEY")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the prompts' token ids.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the figures as JSON.")
+def bench_serve(url, concurrency, n_requests, prompt_tokens, max_tokens, model, api_key, seed, json_path) -> None:
+    """Load-test an OpenAI-compatible server at URL (e.g. http://127.0.0.1:8000) with streaming clients."""
+    from server import loadgen
+
+    try:
+        report = loadgen.run(url, concurrency=concurrency, requests=n_requests, prompt_tokens=prompt_tokens,
+                             max_tokens=max_tokens, model=model, api_key=api_key, seed=seed)
+    except Exception as e:  # connection refused, a bad answer to /v1/models
+        raise ExportError(f"{url}: {type(e).__name__}: {e}") from None
+    if json_path:
+        Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
+    t, i = report["ttft_ms"], report["itl_ms"]
+    click.echo(f"{report['succeeded']}/{n_requests} requests, {report['completion_tokens']} completion tokens in "
+               f"{report['wall_seconds']:.2f} s: {report['completion_tokens_per_s']} tokens/s; "
+               f"TTFT p50 {t['p50']} ms p99 {t['p99']} ms; ITL p50 {i['p50']} ms p99 {i['p99']} ms")
+    if report["failed"]:
+        _fail(f"{report['failed']} requests failed: {'; '.join(report['errors'])}")
+
+
 if __name__ == "__main__":
     main()

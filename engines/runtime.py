@@ -111,10 +111,7 @@ class Engine:
                  providers: Iterable[str] | None = None, threads: int | None = None, check_files: bool = True):
         self.build_dir = Path(build_dir)
         self.manifest = read_manifest(self.build_dir)
-        try:
-            self.config = ModelConfig.from_dict(self.manifest["config"])
-        except ExportError as e:
-            raise ExportError(f"{self.build_dir / MANIFEST}: {e}") from None
+        self.config = ModelConfig.from_dict(self.manifest["config"], origin=str(self.build_dir / MANIFEST))
         verdict = self.manifest.get("verify")
         if isinstance(verdict, dict) and verdict.get("passed") is False:
             raise ExportError(f"{self.build_dir}: this build failed verification (see "

@@ -145,16 +145,18 @@ class StepStats:
     prefill_calls: int = 0
     prefill_tokens: int = 0
     prefill_seconds: float = 0.0
-    batch_sizes: list[int] = field(default_factory=list)
+    largest_batch: int = 0
 
 
 class Scheduler:
     """Continuous batching over an engine whose graphs take cache buffers (graph contract v2).
 
     max_batch: sequences decoding at once (the cache's slots); max_waiting: requests queued beyond
-    them before `submit` answers QueueFull; prefill_chunk: prompt tokens prefilled per step."""
+    them before `submit` answers QueueFull; prefill_chunk: prompt tokens prefilled per step;
+    on_step(batch size): called after each decode call (metrics), in the stepping thread."""
 
-    def __init__(self, engine, *, max_batch: int = 8, max_waiting: int = 256, prefill_chunk: int = 256):
+    def __init__(self, engine, *, max_batch: int = 8, max_waiting: int = 256, prefill_chunk: int = 256,
+                 on_step: Callable[[int], Any] | None = None):
         if not getattr(engine, "buffered", False):
             raise ExportError(f"{engine.build_dir}: this build's graphs take no cache buffers (an older build, "
                               "or --mla naive); rebuild it with dsv3-export build to batch requests")
@@ -168,6 +170,7 @@ class Scheduler:
         self.prefilling: list[Request] = []
         self.running: list[Request] = []  # running[i] lives in cache slot i
         self.stats = StepStats()
+        self.on_step = on_step
         self._ids = itertools.count()
         self._lock = threading.Lock()  # submit() from any thread; steps hold it only to take the queue
         self._wake = threading.Condition(self._lock)
@@ -281,7 +284,9 @@ class Scheduler:
         self.stats.decode_seconds += time.perf_counter() - t0
         self.stats.decode_steps += 1
         self.stats.decode_tokens += n
-        self.stats.batch_sizes.append(n)
+        self.stats.largest_batch = max(self.stats.largest_batch, n)
+        if self.on_step is not None:
+            self.on_step(n)
         self.cache.lengths[:n] += 1
         for req, row in zip(list(self.running), logits[:, -1]):
             try:

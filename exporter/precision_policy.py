@@ -95,6 +95,16 @@ class Policy:
     def kept(self, fqn: str) -> bool:
         return any(fnmatch.fnmatchcase(fqn, p) for p in self.keep_fp)
 
+    def check_patterns(self, fqns) -> None:
+        """Every --keep-fp pattern the user gave (not the defaults, which name weights a model may
+        lack: the MTP head) matches at least one of the graph's weight names `fqns`, else one
+        ExportError naming the pattern: a typo must not pass silently."""
+        fqns = list(fqns)
+        for p in self.keep_fp:
+            if p not in DEFAULT_KEEP_FP and not any(fnmatch.fnmatchcase(f, p) for f in fqns):
+                raise ExportError(f"--keep-fp {p!r} matches no weight of this model (names are the graph's "
+                                  "parameter names, e.g. 'layers.3.attn.wq_b.weight'; docs/precision.md)")
+
     def to_dict(self) -> dict:
         scheme = self.scheme
         counts: dict[str, int] = {}

@@ -15,6 +15,7 @@ import exporter.names as names
 from core.config import ModelConfig
 from core.errors import CheckpointError
 from core.fp8 import FP8_BLOCK, FP8_DTYPE, dequantize_blocks, quantize_blocks
+from exporter.checkpoint import check_finite
 from exporter.model import Linear, Transformer, rope_inv_freq
 
 
@@ -201,10 +202,11 @@ def _tensor(source, name: str, dtype: torch.dtype, keep_fp8: bool):
 
 
 def _dense(source, name: str, dtype: torch.dtype) -> torch.Tensor:
-    w = source.get(name)
+    w = source.get(name)  # a Checkpoint refuses NaN/Inf as it reads
     if source.is_fp8(name):
-        return dequantize_blocks(w, source.get(name[: -len("weight")] + "scale"), source.block, dtype)
-    return w.to(dtype)
+        w = dequantize_blocks(w, source.get(name[: -len("weight")] + "scale"), source.block, dtype)
+        return check_finite(w, f"tensor {name!r} dequantized (weight x scale)")  # the product may overflow
+    return check_finite(w.to(dtype), f"tensor {name!r} as {str(dtype).replace('torch.', '')}")
 
 
 def load_weights(model: Transformer, source) -> Transformer:

@@ -82,8 +82,13 @@ def export_graph(kind: str, source, out_dir: Path, reporter: Reporter, *, mla: s
 
 
 def write_tokenizer(source, spec: str | Path, out_dir: Path) -> Path | None:
+    """tokenizer.json into the build, and the checkpoint's tokenizer_config.json with it when it has
+    one (its chat_template and special tokens: `dsv3-export serve` renders chats with it)."""
     dest = out_dir / "tokenizer.json"
     if isinstance(source, Checkpoint):
+        tok_config = source.path / "tokenizer_config.json"
+        if tok_config.is_file():
+            shutil.copyfile(tok_config, out_dir / "tokenizer_config.json")
         tok = source.path / "tokenizer.json"
         if not tok.is_file():
             return None

@@ -50,7 +50,7 @@ def run(engine, todo: list[list[int]], params: SamplingParams, *, max_batch: int
             reqs.append(s.submit(todo[len(reqs)], params))
         s.step()
         steps += 1
-    return [r.tokens for r in reqs], time.perf_counter() - t0, max(s.stats.batch_sizes, default=0)
+    return [r.tokens for r in reqs], time.perf_counter() - t0, s.stats.largest_batch
 
 
 def long_generation(engine, tokens: int) -> dict:

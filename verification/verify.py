@@ -36,7 +36,7 @@ import torch
 from polygraphy.comparator import Comparator
 from polygraphy.logger import G_LOGGER
 
-from core.build_dir import cache_layout, find_manifest, graph_io, update_manifest
+from core.build_dir import cache_layout, check_file_hashes, find_manifest, graph_io, update_manifest
 from core.errors import ExportError
 from core.progress import Reporter
 from exporter.checkpoint import Checkpoint
@@ -175,6 +175,16 @@ def _write_report(build_dir: Path, report_dir, report: dict, checks: list[dict])
 
 
 # ---- the entry point --------------------------------------------------------------------------------
+def _check_build(build_dir: Path) -> None:
+    """A finished build (one with manifest.json) is checked as `run` checks it before verify reads
+    or writes anything: a manifest of a newer format is refused (find_manifest), and so is an entry
+    outside the build or a file whose size or sha256 differs (check_file_hashes). A build directory
+    without a manifest (pipeline.build's temporary one) has nothing to check yet."""
+    manifest = find_manifest(build_dir)
+    if manifest is not None:
+        check_file_hashes(build_dir, manifest)
+
+
 def verify(build_dir: str | Path, source=None, *, precision: str = "fp32", reporter=None, decode_steps: int = 8,
            greedy_tokens: int = 32, backends: Sequence[str] | None = None, providers: Sequence[str] | None = None,
            batch: int = 2, prompt_len: int = 12, seed: int = 0, report_dir: str | Path | None = None,
@@ -186,6 +196,7 @@ def verify(build_dir: str | Path, source=None, *, precision: str = "fp32", repor
     report files' hashes and the "verify" verdict). Returns {"passed", "checks" (without per-step
     figures and token lists), "report", "skipped"}."""
     build_dir = Path(build_dir)
+    _check_build(build_dir)  # before any other work: what `run` refuses, verify refuses
     reporter = reporter or Reporter()
     ort.set_default_logger_severity(3)  # Polygraphy's sessions would warn of every TensorScatter not run in place
     if decode_steps < 1 or greedy_tokens < 1:

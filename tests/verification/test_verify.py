@@ -89,6 +89,9 @@ def test_unloadable_engine_fails(verified, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(build, broken)
     (broken / "model.ort.onnx").write_bytes((build / "model.ort.onnx").read_bytes()[:1000])
+    with pytest.raises(ExportError, match="model.ort.onnx"):  # the hashes are checked first, as run does
+        verify(broken, "tiny", decode_steps=1, greedy_tokens=2, backends=["ort"])
+    (broken / "manifest.json").unlink()  # bare graphs: the runner that cannot load fails its checks
     result = verify(broken, "tiny", decode_steps=1, greedy_tokens=2, backends=["ort"])
     assert not result["passed"]
     failed = {c["name"] for c in result["checks"] if not c["passed"]}

@@ -1,0 +1,82 @@
+"""`verify` refuses what `run` refuses, before any other work (issue 16, item 3), and a finished
+build that fails verification is marked so in its manifest."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+from cli.main import main
+from core.build_dir import MANIFEST
+from core.errors import ExportError
+from exporter import open_source
+from tests.helpers import assert_clean_error
+from verification.verify import verify
+
+
+@pytest.fixture
+def build(tiny_build, tmp_path):
+    out = tmp_path / "b"
+    shutil.copytree(tiny_build, out)
+    return out
+
+
+def _flip_byte(path, at=None):
+    data = bytearray(path.read_bytes())
+    i = len(data) // 2 if at is None else at
+    data[i] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def _edit_manifest(build, fn):
+    m = json.loads((build / MANIFEST).read_text())
+    fn(m)
+    (build / MANIFEST).write_text(json.dumps(m))
+
+
+def _flip(b):
+    _flip_byte(b / "model.onnx.data")
+
+
+def _newer(b):
+    _edit_manifest(b, lambda m: m.__setitem__("format", 99))
+
+
+def _outside(b):
+    (b.parent / "secret").write_text("x")
+    _edit_manifest(b, lambda m: m["files"].__setitem__("../secret", {"sha256": "0" * 64, "bytes": 1}))
+
+
+def _truncate(b):
+    (b / "model.onnx.data").write_bytes((b / "model.onnx.data").read_bytes()[:100])
+
+
+CASES = [
+    (_flip, "model.onnx.data: sha256 does not match manifest.json"),
+    (_truncate, "model.onnx.data: 100 bytes, manifest.json says"),
+    (_newer, "format 99 is newer than this dsv3-export reads"),
+    (_outside, "file entry '../secret' points outside the build directory"),
+]
+
+
+@pytest.mark.parametrize("damage, message", CASES, ids=["flipped-byte", "truncated", "newer-format", "outside"])
+def test_verify_refuses_what_run_refuses(build, damage, message):
+    damage(build)
+    before = (build / MANIFEST).read_bytes()
+    with pytest.raises(ExportError, match=message):
+        verify(build, "tiny", decode_steps=1, greedy_tokens=1)
+    assert (build / MANIFEST).read_bytes() == before  # nothing rewritten
+    r = CliRunner().invoke(main, ["verify", str(build), "--decode-steps", "1", "--greedy-tokens", "1"])
+    assert_clean_error(r, message)
+    assert (build / MANIFEST).read_bytes() == before
+
+
+def test_failed_verification_is_recorded_in_the_manifest(build):
+    result = verify(build, open_source("tiny", seed=1), decode_steps=1, greedy_tokens=2, backends=["ort"])
+    assert not result["passed"]
+    verdict = json.loads((build / MANIFEST).read_text())["verify"]
+    assert verdict["passed"] is False and verdict["report"] == "verify/report.json"
+    assert (build / "verify" / "report.md").is_file()
