@@ -15,6 +15,9 @@ import click
 from core.errors import ExportError
 
 
+SEED = click.IntRange(min=0, max=2**63 - 1)  # numpy's generators take non-negative seeds
+
+
 class _Group(click.Group):
     """Turns expected failures (bad input, missing files) into one line on stderr and exit code 1."""
 
@@ -23,6 +26,9 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except ExportError as e:
             _fail(str(e))
+        except click.UsageError as e:  # a bad flag value: one line naming the flag, as for bad input
+            click.echo(f"error: {e.format_message()}", err=True)
+            sys.exit(e.exit_code)
         except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
             _fail(f"{e.filename}: {e.strerror}" if e.filename else str(e))
         except OSError as e:
@@ -97,9 +103,9 @@ def inspect(source: str, as_json: bool) -> None:
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Output directory.")
 @click.option("--fp8", is_flag=True, help="FP8 E4M3 weights with 128x128 block scales (DeepSeek's format).")
 @click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", help="Dtype of unquantized weights.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--layout", type=click.Choice(["hf", "deepseek"]), default="hf", show_default=True)
-@click.option("--mp", type=int, default=1, show_default=True, help="Model-parallel shards (deepseek layout).")
+@click.option("--mp", type=click.IntRange(min=1), default=1, show_default=True, help="Model-parallel shards (deepseek layout).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 def make_checkpoint(preset_name, config_path, out, fp8, dtype, seed, layout, mp, force) -> None:
     """Write a seeded random checkpoint (with MTP layer and tokenizer) for a preset or config."""
@@ -157,7 +163,7 @@ class _RichReporter:
 @click.option("--no-verify", is_flag=True, help="Skip verification against the PyTorch reference.")
 @click.option("--no-lower", is_flag=True, help="Keep the portable function-body graph (no ORT-native Attention/MoE).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of a preset's random weights.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of a preset's random weights.")
 @click.option("--max-batch", type=int, default=None, help="TensorRT: largest batch the engine takes (default 8).")
 @click.option("--max-seq-len", type=int, default=None,
               help="TensorRT: longest context (past + new tokens) the engine takes (default: the model's, at most 4096).")
@@ -207,6 +213,9 @@ def _parse_ids(text: str) -> list[int]:
         raise ExportError(f"--ids: expected comma-separated integers, got {text!r}") from None
     if not ids:
         raise ExportError("empty prompt (--ids has no token ids)")
+    big = next((i for i in ids if not -2**63 <= i < 2**63), None)
+    if big is not None:
+        raise ExportError(f"--ids: {big} is not a token id (token ids are 0..vocab_size-1)")
     return ids
 
 
@@ -214,11 +223,11 @@ def _parse_ids(text: str) -> list[int]:
 @click.argument("build_dir", type=click.Path(path_type=Path), default="build")
 @click.option("--prompt", default=None, help="Text to continue (needs the build's tokenizer.json).")
 @click.option("--ids", "ids_text", default=None, metavar="1,2,3", help="Token ids to continue, comma-separated.")
-@click.option("--max-new-tokens", type=int, default=64, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
 @click.option("--top-k", type=int, default=0, show_default=True, help="Sample from the K most likely (0 = all).")
 @click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling mass.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--backend", type=click.Choice(["ort", "trt"]), default=None, help="Default: the build's backend.")
 @click.option("--speculative", is_flag=True,
               help="MTP self-speculative decoding (batch 1): the MTP graph drafts one token, one main step checks "
@@ -259,7 +268,7 @@ def run(build_dir, prompt, ids_text, max_new_tokens, temperature, top_k, top_p, 
 @click.argument("build_dir", type=click.Path(file_okay=False))
 @click.option("--source", default=None,
               help="Checkpoint dir or preset to compare against (default: the one the manifest names).")
-@click.option("--seed", type=int, default=None, help="Seed of a preset source (default: the manifest's, else 0).")
+@click.option("--seed", type=SEED, default=None, help="Seed of a preset source (default: the manifest's, else 0).")
 @click.option("--decode-steps", type=click.IntRange(min=1), default=8, show_default=True,
               help="Decode steps after the prefill, fed the reference's latent cache.")
 @click.option("--greedy-tokens", type=click.IntRange(min=1), default=32, show_default=True,
@@ -328,12 +337,12 @@ def _int_list(ctx, param, value):
 @main.command("bench")
 @click.argument("builds", nargs=-1, required=True, type=click.Path(file_okay=False))
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write all figures as JSON.")
-@click.option("--threads", type=int, default=2, show_default=True, help="Threads for every system measured.")
-@click.option("--repeats", type=int, default=5, show_default=True, help="Timed repeats (after one warm-up).")
+@click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True, help="Threads for every system measured.")
+@click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True, help="Timed repeats (after one warm-up).")
 @click.option("--prefill", default="128,1024", show_default=True, callback=_int_list, help="Prompt lengths.")
 @click.option("--contexts", default="128,1024,4096", show_default=True, callback=_int_list,
               help="Cache lengths for decode.")
-@click.option("--decode-steps", type=int, default=8, show_default=True, help="Single-token steps per decode timing.")
+@click.option("--decode-steps", type=click.IntRange(min=1), default=8, show_default=True, help="Single-token steps per decode timing.")
 @click.option("--no-reference", is_flag=True, help="Skip the PyTorch reference.")
 @click.option("--speculative", is_flag=True, help="Also time generation with MTP speculation (needs mtp.onnx).")
 @click.option("--rounds", type=click.IntRange(min=1), default=1, show_default=True,
@@ -489,7 +498,7 @@ def serve(build_dir, host, port, max_batch, max_waiting, prefill_chunk, model_na
               help="Completion tokens per request (EOS ignored).")
 @click.option("--model", default=None, help="Model id to send (default: the server's first in /v1/models).")
 @click.option("--api-key", default=None, envvar="DSV3_API_KEY")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the prompts' token ids.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the prompts' token ids.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the figures as JSON.")
 def bench_serve(url, concurrency, n_requests, prompt_tokens, max_tokens, model, api_key, seed, json_path) -> None:
     """Load-test an OpenAI-compatible server at URL (e.g. http://127.0.0.1:8000) with streaming clients."""

@@ -24,6 +24,8 @@ MANIFEST = "manifest.json"
 FORMAT_VERSION = 1  # the newest manifest format written and read
 BACKENDS = ("ort", "trt")  # the engines a build can hold
 HASH_CHUNK = 16 * 2**20
+# Marks a build's temporary folder as ours while it is written (pipeline/output_dir.py); never listed.
+TMP_MARK = ".dsv3-export-tmp"
 
 
 def sha256_file(path: Path) -> str:
@@ -57,7 +59,7 @@ def _dump(path: Path, manifest: dict[str, Any]) -> None:
 def write_manifest(out_dir: Path, info: dict[str, Any]) -> dict[str, Any]:
     """manifest.json for a finished build: `info` plus every file's size and sha256."""
     files = {f.relative_to(out_dir).as_posix(): file_entry(f)
-             for f in sorted(p for p in out_dir.rglob("*") if p.is_file() and p.name != MANIFEST)}
+             for f in sorted(p for p in out_dir.rglob("*") if p.is_file() and p.name not in (MANIFEST, TMP_MARK))}
     manifest = {"format": FORMAT_VERSION, **info, "files": files}
     _dump(out_dir / MANIFEST, manifest)
     return manifest

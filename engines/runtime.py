@@ -180,6 +180,10 @@ class Engine:
         post-processor did not)."""
         if self.tokenizer is None:
             raise ExportError(f"{self.build_dir}: this build has no tokenizer.json; give token ids (--ids) instead of text")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # lone surrogates: bytes that were not UTF-8 (argv, a file read with errors)
+            raise ExportError("the prompt is not valid UTF-8 text") from None
         ids = self.tokenizer.encode(text).ids
         bos = self.config.bos_token_id
         if add_bos and bos is not None and (not ids or ids[0] != bos):

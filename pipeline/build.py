@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import time
-from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import onnx_ir as ir
+from tokenizers import Tokenizer
 
 import engines.ort as ort_engine
 import engines.trt as trt_engine
@@ -35,6 +34,7 @@ from exporter.passes.quantize import quantize
 from exporter.precision_policy import Policy
 from exporter.source import has_gate_bias, open_source
 from exporter.tokenizer_training import train_tokenizer
+from pipeline.output_dir import atomic_dir
 from verification.verify import verify as run_verify
 
 __all__ = ["build"]
@@ -81,47 +81,32 @@ def export_graph(kind: str, source, out_dir: Path, reporter: Reporter, *, mla: s
     return path
 
 
+def check_tokenizer(path: Path, vocab_size: int) -> None:
+    """A tokenizer.json that `run` will be able to load, and whose ids fit the model."""
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises its own exception types
+        raise ExportError(f"{path}: not a tokenizers JSON file ({str(e).splitlines()[0] if str(e) else e!r})") from None
+    if tok.get_vocab_size() > vocab_size:
+        raise ExportError(f"{path}: {tok.get_vocab_size()} tokens, more than the model's vocab_size ({vocab_size})")
+
+
 def write_tokenizer(source, spec: str | Path, out_dir: Path) -> Path | None:
     """tokenizer.json into the build, and the checkpoint's tokenizer_config.json with it when it has
     one (its chat_template and special tokens: `dsv3-export serve` renders chats with it)."""
     dest = out_dir / "tokenizer.json"
-    if isinstance(source, Checkpoint):
-        tok_config = source.path / "tokenizer_config.json"
-        if tok_config.is_file():
+    if isinstance(source, Checkpoint):  # both under the checkpoint's path rule (docs/reliability.md)
+        tok_config = source.file("tokenizer_config.json", required=False)
+        if tok_config is not None:
             shutil.copyfile(tok_config, out_dir / "tokenizer_config.json")
-        tok = source.path / "tokenizer.json"
-        if not tok.is_file():
+        tok = source.file("tokenizer.json", required=False)
+        if tok is None:
             return None
+        check_tokenizer(tok, source.config.vocab_size)
         shutil.copyfile(tok, dest)
     else:
         train_tokenizer(source.config.vocab_size).save(str(dest))
     return dest
-
-
-@contextmanager
-def atomic_dir(out: Path, force: bool):
-    """Yield a fresh temporary sibling of `out`; rename it onto `out` only when the block succeeds."""
-    out = Path(out)
-    if out.exists() and not force:
-        raise ExportError(f"{out}: already exists (use --force to replace it)")
-    parent = out.resolve().parent
-    if not parent.is_dir():
-        raise ExportError(f"{parent}: output directory's parent does not exist")
-    tmp = parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-        if out.exists():
-            old = parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def build(source_spec: str | Path = "demo", out: str | Path = "build", *, precision: str = "fp32",
@@ -141,10 +126,11 @@ def build(source_spec: str | Path = "demo", out: str | Path = "build", *, precis
     if backend == "trt":
         trt_engine.require_tensorrt()  # before any work: one line when TensorRT, a GPU or Triton is missing
     source = open_source(source_spec, seed=seed)
+    policy.check_patterns(n for n, _ in meta_model(source.config, mla=mla, mtp=mtp).named_parameters())
     if backend == "trt":  # bad options fail before the export, not after
         resolved_trt = trt_engine.TrtOptions.from_dict(trt_options).resolve(source.config.max_seq_len)
     started = time.time()
-    with atomic_dir(Path(out), force) as tmp:
+    with atomic_dir(Path(out), force, source.path if isinstance(source, Checkpoint) else None) as tmp:
         lower = lower and backend == "ort"
         target = "ort" if backend == "ort" else "qdq"  # TensorRT takes the Q/DQ form
         graphs = {"model.onnx": export_graph("model", source, tmp, reporter, mla=mla, lower=lower, policy=policy,
