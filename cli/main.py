@@ -14,7 +14,6 @@ import click
 
 from core.errors import ExportError
 
-
 SEED = click.IntRange(min=0, max=2**63 - 1)  # numpy's generators take non-negative seeds
 
 
