@@ -303,6 +303,28 @@ def _check_hf_fields(hf: dict[str, Any], origin: str) -> None:
         check_value(quant["weight_block_size"], "block", origin, "quantization_config.weight_block_size")
 
 
+def _hf_rope(hf: dict[str, Any], origin: str, max_pos: int) -> tuple[float, dict[str, Any]]:
+    """(rope_theta, the YaRN fields) from `rope_scaling` or `rope_parameters`."""
+    rope_key = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
+    rope = hf.get(rope_key) or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    theta = float(rope.get("rope_theta", hf.get("rope_theta") or 10000.0))
+    if rope_type == "yarn":
+        factor = rope.get("factor")
+        orig = rope.get("original_max_position_embeddings") or max_pos
+        return theta, dict(
+            rope_factor=float(factor if factor is not None else max_pos / orig),
+            original_seq_len=orig,
+            beta_fast=float(rope.get("beta_fast") or 32),
+            beta_slow=float(rope.get("beta_slow") or 1),
+            # HF scales the softmax by mscale_all_dim; DeepSeek's ModelArgs.mscale is that same number.
+            mscale=float(rope.get("mscale_all_dim") or 0.0),
+        )
+    if rope_type not in ("default", None):
+        raise ConfigError(f"{origin}: {rope_key} type {rope_type!r} is not supported (only yarn or default)")
+    return theta, dict(rope_factor=1.0, original_seq_len=max_pos)
+
+
 def from_hf_dict(hf: dict[str, Any], origin: str = "config.json") -> ModelConfig:
     if not isinstance(hf, dict):
         raise ConfigError(f"{origin}: expected a JSON object, got {_show(hf)}")
@@ -314,27 +336,8 @@ def from_hf_dict(hf: dict[str, Any], origin: str = "config.json") -> ModelConfig
     n_layers = req("num_hidden_layers")
     v3 = model_type == "deepseek_v3"
     score_func = hf.get("scoring_func", "sigmoid" if v3 else "softmax")
-    rope_key = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
-    rope = hf.get(rope_key) or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
     max_pos = hf.get("max_position_embeddings") or 4096
-    theta = float(rope.get("rope_theta", hf.get("rope_theta") or 10000.0))
-    yarn = {}
-    if rope_type == "yarn":
-        factor = rope.get("factor")
-        orig = rope.get("original_max_position_embeddings") or max_pos
-        yarn = dict(
-            rope_factor=float(factor if factor is not None else max_pos / orig),
-            original_seq_len=orig,
-            beta_fast=float(rope.get("beta_fast") or 32),
-            beta_slow=float(rope.get("beta_slow") or 1),
-            # HF scales the softmax by mscale_all_dim; DeepSeek's ModelArgs.mscale is that same number.
-            mscale=float(rope.get("mscale_all_dim") or 0.0),
-        )
-    elif rope_type not in ("default", None):
-        raise ConfigError(f"{origin}: {rope_key} type {rope_type!r} is not supported (only yarn or default)")
-    else:
-        yarn = dict(rope_factor=1.0, original_seq_len=max_pos)
+    theta, yarn = _hf_rope(hf, origin, max_pos)
     quant = hf.get("quantization_config") or {}
     fp8_block = None
     weight_dtype = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(

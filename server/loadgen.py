@@ -41,7 +41,7 @@ def percentile(values: list[float], q: float) -> float | None:
 async def _one(client: httpx.AsyncClient, url: str, body: dict, headers: dict) -> _One:
     out = _One()
     t0 = time.perf_counter()
-    last = None
+    last = usage = None
     try:
         async with client.stream("POST", url, json=body, headers=headers) as r:
             if r.status_code != 200:
@@ -57,11 +57,16 @@ async def _one(client: httpx.AsyncClient, url: str, body: dict, headers: dict) -
                 if "error" in msg:
                     out.error = msg["error"].get("message")
                     break
+                if isinstance(msg.get("usage"), dict) and msg["usage"].get("completion_tokens") is not None:
+                    usage = int(msg["usage"]["completion_tokens"])  # the server's own count wins
                 choices = msg.get("choices") or []
                 if not choices:
                     continue  # the usage chunk
                 c = choices[0]
-                n = len(c["token_ids"]) if isinstance(c.get("token_ids"), list) else 1 if c.get("text") else 0
+                if isinstance(c.get("token_ids"), list):
+                    n = len(c["token_ids"])
+                else:  # a token whose text is not complete yet streams as "" (split UTF-8): still a token
+                    n = 1 if c.get("finish_reason") is None or c.get("text") else 0
                 if n == 0:
                     continue  # a chunk that carries no token (the final one)
                 now = time.perf_counter()
@@ -73,6 +78,8 @@ async def _one(client: httpx.AsyncClient, url: str, body: dict, headers: dict) -
                 out.tokens += n
     except httpx.HTTPError as e:
         out.error = f"{type(e).__name__}: {e}"
+    if usage is not None:
+        out.tokens = usage
     out.seconds = time.perf_counter() - t0
     return out
 
@@ -103,7 +110,7 @@ async def _run(base_url: str, *, concurrency: int, requests: int, prompt_tokens:
                 except asyncio.QueueEmpty:
                     return
                 body = {"model": model, "prompt": p, "max_tokens": max_tokens, "temperature": 0.0,
-                        "stream": True, "ignore_eos": True}
+                        "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
                 results.append(await _one(client, f"{base}/completions", body, headers))
 
         t0 = time.perf_counter()

@@ -42,7 +42,8 @@ DECODE_MAX_S = 4
 
 
 # S, T change every decode step; specialising on them (== 1, % 16) would
-# recompile the kernel as the cache grows.
+# recompile the kernel as the cache grows. Over 80 lines: one kernel body is one
+# program (its loop state lives in registers), and the AOT plugin embeds it whole.
 @triton.jit(do_not_specialize=["S", "T", "split_len"])
 def _attn_kernel(
     q_ptr, lat_ptr, len_ptr,

@@ -220,6 +220,8 @@ def _check_fp8(w, scale, rows, cols, name):
 
 # ---------------------------------------------------------------- wrapper
 
+# Over 80 lines: the checks of every input, the routing sort and the two launches read best as one
+# sequence; each piece is a few lines.
 def moe_dispatch(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor,
                  w_gate_up: torch.Tensor, w_down: torch.Tensor,
                  w_gate_up_scale: torch.Tensor | None = None, w_down_scale: torch.Tensor | None = None,
