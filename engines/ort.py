@@ -1,9 +1,12 @@
 """The ONNX Runtime engine: the exported graphs, optimized once at build time and saved.
 
 `prepare` runs ONNX Runtime's graph optimizer over each graph (model.onnx, mtp.onnx) and saves the
-result next to it (model.ort.onnx with its weights in model.ort.onnx.data), so every later load
-skips optimization: `session` loads that file with optimizations off. Without it, the raw graph is
-loaded and optimized online, as usual.
+result next to it (model.ort.onnx), so every later load skips optimization: `session` loads that
+file with optimizations off. Without it, the raw graph is loaded and optimized online, as usual.
+The optimized graph keeps one copy of the weights on disk: each of its external tensors whose bytes
+equal one of the exported graph's references model.onnx.data (same folder) directly; only the
+tensors the optimizer changed (folded, fused) stay in model.ort.onnx.data, which is left out when
+empty (`share_weights`).
 
 Why ORT_ENABLE_EXTENDED and not ORT_ENABLE_ALL: "all" adds layout optimizations (NCHWc blocking)
 whose block size comes from the vector width of the CPU that runs the optimizer (AVX2 vs AVX-512),
@@ -19,7 +22,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import io
+import mmap
 import os
 import sys
 import time
@@ -27,8 +32,10 @@ from pathlib import Path
 from typing import Iterable
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
+from onnx.external_data_helper import _get_all_tensors, uses_external_data
 
 from core.errors import ExportError
 
@@ -42,6 +49,9 @@ OPTIMIZED_SUFFIX = ".ort.onnx"
 EXTERNAL_MIN_BYTES = 1024
 # The providers the saved (offline-optimized) graphs were optimized for.
 PREPARED_PROVIDERS = (CPU,)
+# Offsets of the tensors kept in the optimized graph's own data file are aligned like ONNX Runtime
+# aligns them when it writes that file (so they can be memory-mapped).
+DATA_ALIGNMENT = 4096
 
 
 def optimized_name(graph: str) -> str:
@@ -139,9 +149,11 @@ def _graph_path(build_dir: Path, graph: str) -> Path:
     return build_dir / (graph if graph.endswith(".onnx") else f"{graph}.onnx")
 
 
-def prepare(build_dir: str | Path, graphs: dict[str, Path]) -> dict:
+def prepare(build_dir: str | Path, graphs: dict[str, Path], share: bool = True) -> dict:
     """Optimize each graph with ONNX Runtime (extended level, CPU provider) and save the result next
-    to it, weights in external data. Returns the manifest's "engine" entry."""
+    to it, weights in external data: those equal to the exported graph's are referenced in its data
+    file (`share_weights`; `share=False`: the optimized graph keeps its own copy of every weight, as
+    builds before it did). Returns the manifest's "engine" entry, with the bytes deduplicated."""
     build_dir = Path(build_dir)
     started = time.time()
     saved = {}
@@ -162,16 +174,149 @@ def prepare(build_dir: str | Path, graphs: dict[str, Path]) -> dict:
         except Exception as e:  # ORT raises its own exception types with a multi-line message
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ExportError(f"{path.name}: ONNX Runtime cannot load it: {first}") from e
+        shared = share_weights(out, path) if share else {"shared_tensors": 0, "deduplicated_bytes": 0}
         files = [out.name] + ([out.name + ".data"] if (build_dir / (out.name + ".data")).is_file() else [])
-        saved[name] = {"optimized": out.name, "files": files, "seconds": round(time.time() - t0, 2)}
+        saved[name] = {"optimized": out.name, "files": files, "shared": shared,
+                       "seconds": round(time.time() - t0, 2)}
     return {
         "kind": "onnxruntime",
         "onnxruntime": ort.__version__,
         "graph_optimization_level": OPTIMIZATION_LEVEL,
         "providers": list(PREPARED_PROVIDERS),
         "graphs": saved,
+        "deduplicated_bytes": sum(g["shared"]["deduplicated_bytes"] for g in saved.values()),
         "seconds": round(time.time() - started, 2),
     }
+
+
+def _external_info(tensor: TensorProto) -> dict[str, str]:
+    return {e.key: e.value for e in tensor.external_data}
+
+
+def _set_external(tensor: TensorProto, location: str, offset: int, length: int) -> None:
+    del tensor.external_data[:]
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    tensor.data_location = TensorProto.EXTERNAL
+
+
+def _key(tensor: TensorProto, length: int) -> tuple:
+    # Not the dims: a folded Reshape of a weight is the same bytes under other dims, and external
+    # data is bytes only, so it shares them as well.
+    return tensor.data_type, length
+
+
+@contextlib.contextmanager
+def _mapped(path: Path):
+    """A read-only memory map of a file (an empty bytes object for an empty file)."""
+    if path.stat().st_size == 0:
+        yield b""
+        return
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        yield m
+
+
+def _slice(data, info: dict[str, str], path: Path) -> memoryview:
+    offset = int(info.get("offset", 0))
+    length = int(info["length"]) if "length" in info else len(data) - offset
+    if offset < 0 or length < 0 or offset + length > len(data):
+        raise ExportError(f"{path.name}: an external tensor lies outside the file "
+                          f"(offset {offset}, length {length}, file {len(data)} bytes)")
+    return memoryview(data)[offset:offset + length]
+
+
+def share_weights(optimized: Path, source: Path) -> dict:
+    """Make the optimized graph `optimized` (model.ort.onnx) reference the weights it has in common
+    with the exported graph `source` (model.onnx) in the source's data file (model.onnx.data)
+    instead of its own copy, so the build directory holds each weight once. A tensor is shared when
+    its dtype, dims and bytes (sha256) equal one of the source's external tensors; the others are
+    rewritten, in order, into a new (smaller) optimized data file, which is deleted when nothing is
+    left in it. One tensor is read at a time (memory maps, no copy of the weights in memory).
+    Returns counts: tensors and bytes shared (deduplicated) and kept in the optimized data file."""
+    optimized, source = Path(optimized), Path(source)
+    folder = optimized.parent
+    report = {"shared_tensors": 0, "deduplicated_bytes": 0, "own_tensors": 0, "own_bytes": 0}
+    model = onnx.load(str(optimized), load_external_data=False)
+    ext = [t for t in _get_all_tensors(model) if uses_external_data(t)]
+    if not ext:
+        return report
+    locations = {_external_info(t).get("location") for t in ext}
+    if len(locations) != 1:
+        raise ExportError(f"{optimized.name}: external data in several files: {sorted(map(str, locations))}")
+    own_name = locations.pop()
+    own_path = folder / own_name
+    src_model = onnx.load(str(source), load_external_data=False)
+    src_ext = [t for t in _get_all_tensors(src_model) if uses_external_data(t)]
+    # Candidates by (dtype, dims, length); only those are hashed.
+    src_by_key: dict[tuple, list[tuple[str, int, int]]] = {}
+    for t in src_ext:
+        info = _external_info(t)
+        if "length" not in info:
+            continue
+        loc, offset, length = info["location"], int(info.get("offset", 0)), int(info["length"])
+        src_by_key.setdefault(_key(t, length), []).append((loc, offset, length))
+    src_files = {loc for entries in src_by_key.values() for loc, _, _ in entries}
+    if len(src_files) > 1 or (src_files and Path(next(iter(src_files))).name != next(iter(src_files))):
+        src_by_key = {}  # only a single data file next to the source graph is shared
+    new_path = folder / (own_name + ".tmp")
+    tmp_graph = folder / (optimized.name + ".tmp")
+    try:
+        _rewrite(model, ext, own_path, source, src_by_key, src_files, new_path, report)
+        onnx.save_model(model, str(tmp_graph))
+    except BaseException:
+        for p in (new_path, tmp_graph):
+            with contextlib.suppress(OSError):
+                p.unlink()
+        raise
+    if report["own_tensors"]:
+        os.replace(new_path, own_path)
+    else:
+        new_path.unlink()
+        own_path.unlink()
+    os.replace(tmp_graph, optimized)
+    return report
+
+
+def _rewrite(model, ext, own_path, source, src_by_key, src_files, new_path, report) -> None:
+    """share_weights' loop: point each tensor at its match in the source's data file or copy it
+    into `new_path`, one tensor at a time."""
+    own_name = own_path.name
+    src_hashes: dict[tuple[int, int], str] = {}
+    with contextlib.ExitStack() as stack:
+        own = stack.enter_context(_mapped(own_path))
+        src = stack.enter_context(_mapped(source.parent / next(iter(src_files)))) if src_by_key else b""
+        out = stack.enter_context(open(new_path, "wb"))
+        for t in ext:
+            data = _slice(own, _external_info(t), own_path)
+            try:
+                length = len(data)
+                match = None
+                candidates = src_by_key.get(_key(t, length), [])
+                if candidates:
+                    digest = hashlib.sha256(data).hexdigest()
+                    for loc, offset, clen in candidates:
+                        if (offset, clen) not in src_hashes:
+                            src_hashes[(offset, clen)] = hashlib.sha256(
+                                _slice(src, {"offset": str(offset), "length": str(clen)}, source)).hexdigest()
+                        if src_hashes[(offset, clen)] == digest:
+                            match = (loc, offset, clen)
+                            break
+                if match is not None:
+                    _set_external(t, *match)
+                    report["shared_tensors"] += 1
+                    report["deduplicated_bytes"] += length
+                else:
+                    pad = -out.tell() % DATA_ALIGNMENT
+                    if pad:
+                        out.write(b"\0" * pad)
+                    offset = out.tell()
+                    out.write(data)
+                    _set_external(t, own_name, offset, length)
+                    report["own_tensors"] += 1
+                    report["own_bytes"] += length
+            finally:
+                data.release()
 
 
 def session(build_dir: str | Path, graph: str = "model", providers: Iterable[str] | None = None,
