@@ -62,6 +62,7 @@ def _measure(kind: str, build_dir: str, params: dict[str, Any]) -> dict[str, Any
     started = time.time()
     if kind == "engine":
         import engines
+        from engines.runtime import prefix_in_buffer
 
         engine = engines.load(build_dir, threads=threads)
 
@@ -109,19 +110,17 @@ def _measure(kind: str, build_dir: str, params: dict[str, Any]) -> dict[str, Any
         # A different token each step: an MoE step's cost depends on which experts it routes to.
         toks = [as_ids(t) for t in rng.integers(0, cfg["vocab_size"], (steps, 1, 1))]
 
-        def chain():
-            past = start
-            for tok in toks:
-                past = forward(tok, past)
-
         if kind == "engine" and engine.buffered:  # graph contract v2: the buffers written in place
-            buffers = engine.empty_buffers(1, c + steps)
-            for buf, rows in zip(buffers, start):
-                buf[:, :c] = rows
+            buffers = [prefix_in_buffer(rows, steps)[0] for rows in start]
 
-            def chain():  # noqa: F811  (the in-place form replaces the prefix form above)
+            def chain():
                 for k, tok in enumerate(toks):
                     engine.step_in_place(tok, np.full(1, c + k, np.int64), buffers)
+        else:
+            def chain():
+                past = start
+                for tok in toks:
+                    past = forward(tok, past)
 
         out["decode"][str(c)] = rate_stats(time_calls(chain, params["repeats"]), steps)
         out["decode"][str(c)]["cache_bytes"] = cfg["n_layers"] * c * int(np.prod(width)) * 4

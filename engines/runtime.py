@@ -27,6 +27,16 @@ from engines.sampling import check_generation_args, sample
 from engines.scheduler import SamplingParams, Scheduler
 
 
+def prefix_in_buffer(prefix: np.ndarray, new: int) -> tuple[np.ndarray, np.ndarray]:
+    """A cache prefix [B, T, ...] copied into a zeroed buffer with room for `new` rows, and its
+    lengths (T per row): the prefix form over graph contract v2. The graph's present is then exactly
+    the prefix grown by the new rows."""
+    t = prefix.shape[1]
+    buffer = np.zeros((prefix.shape[0], t + new, *prefix.shape[2:]), prefix.dtype)
+    buffer[:, :t] = prefix
+    return buffer, np.full(prefix.shape[0], t, np.int64)
+
+
 # ---- results ----------------------------------------------------------------------------------------
 @dataclass
 class GenerationStats:
@@ -242,12 +252,9 @@ class Engine:
         the prefixes grown by S rows. Over a buffered build the prefixes are copied into fresh
         buffers first (the convenience form; the scheduler's `step_in_place` copies nothing)."""
         if self.buffered:
-            t = past[0].shape[1]
-            buffers = self.empty_buffers(ids.shape[0], t + ids.shape[1])
-            for buf, p in zip(buffers, past):
-                buf[:, :t] = p
-            logits, hidden = self.step_in_place(ids, np.full(ids.shape[0], t, np.int64), buffers)
-            return logits, hidden, [b[:, :t + ids.shape[1]] for b in buffers]
+            buffers, lengths = zip(*(prefix_in_buffer(p, ids.shape[1]) for p in past))
+            logits, hidden = self.step_in_place(ids, lengths[0], buffers)
+            return logits, hidden, list(buffers)
         feeds = {"input_ids": ids, **{f"past_latent.{i}": p for i, p in enumerate(past)}}
         out = dict(zip(self._outputs, self.session.run(None, feeds)))
         return out["logits"], out["hidden_states"], [out[f"present_latent.{i}"] for i in range(self.n_layers)]
@@ -416,11 +423,8 @@ class Engine:
         if self._mtp_outputs is None:
             self._mtp_outputs = [o.name for o in sess.get_outputs()]
         feeds = {"input_ids": input_ids.astype(np.int64, copy=False), "hidden_states": hidden, "past_latent.mtp": past}
-        if self.buffered:  # the prefix in a buffer with room for the new rows (the convenience form)
-            t, n = past.shape[1], input_ids.shape[1]
-            feeds["past_latent.mtp"] = np.zeros((past.shape[0], t + n, *past.shape[2:]), past.dtype)
-            feeds["past_latent.mtp"][:, :t] = past
-            feeds["cache_lengths"] = np.full(past.shape[0], t, np.int64)
+        if self.buffered:  # the convenience form, as in `step`
+            feeds["past_latent.mtp"], feeds["cache_lengths"] = prefix_in_buffer(past, input_ids.shape[1])
         out = dict(zip(self._mtp_outputs, sess.run(None, feeds)))
         return out["logits"], out["present_latent.mtp"]
 

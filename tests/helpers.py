@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from engines.runtime import prefix_in_buffer
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -94,13 +96,9 @@ def buffered_feed(input_ids: np.ndarray, pasts: dict, **inputs) -> dict:
     """A graph-contract v2 feed for a call in prefix form: each cache prefix [B,T,...] (by input name)
     copied into a zeroed buffer with room for the S new tokens, cache_lengths T. The graph's presents
     are then the prefixes grown by S rows, as in the prefix form."""
-    b, s = input_ids.shape
-    t = next(iter(pasts.values())).shape[1]
-    feed = {"input_ids": input_ids, "cache_lengths": np.full(b, t, np.int64), **inputs}
+    feed = {"input_ids": input_ids, **inputs}
     for name, p in pasts.items():
-        buf = np.zeros((b, t + s, *p.shape[2:]), p.dtype)
-        buf[:, :t] = p
-        feed[name] = buf
+        feed[name], feed["cache_lengths"] = prefix_in_buffer(p, input_ids.shape[1])
     return feed
 
 

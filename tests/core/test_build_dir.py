@@ -9,8 +9,19 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from core.build_dir import (FORMAT_VERSION, MANIFEST, cache_layout, check_backend, check_file_hashes, find_manifest,
-                            graph_io, read_manifest, sha256_file, update_manifest, write_manifest)
+from core.build_dir import (
+    FORMAT_VERSION,
+    MANIFEST,
+    cache_layout,
+    check_backend,
+    check_file_hashes,
+    find_manifest,
+    graph_io,
+    read_manifest,
+    sha256_file,
+    update_manifest,
+    write_manifest,
+)
 from core.errors import ExportError
 
 
