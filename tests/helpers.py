@@ -96,10 +96,9 @@ def buffered_feed(input_ids: np.ndarray, pasts: dict, **inputs) -> dict:
     """A graph-contract v2 feed for a call in prefix form: each cache prefix [B,T,...] (by input name)
     copied into a zeroed buffer with room for the S new tokens, cache_lengths T. The graph's presents
     are then the prefixes grown by S rows, as in the prefix form."""
-    feed = {"input_ids": input_ids, **inputs}
-    for name, p in pasts.items():
-        feed[name], feed["cache_lengths"] = prefix_in_buffer(p, input_ids.shape[1])
-    return feed
+    buffers = {name: prefix_in_buffer(p, input_ids.shape[1]) for name, p in pasts.items()}
+    lengths = next(iter(buffers.values()))[1]
+    return {"input_ids": input_ids, "cache_lengths": lengths, **inputs, **{n: b for n, (b, _) in buffers.items()}}
 
 
 def layer_pasts(past) -> dict:
