@@ -160,3 +160,31 @@ def cache_layout(io: dict[str, list[dict]], default_width: int) -> tuple[tuple[i
     if spec is None:
         return (default_width,), np.dtype(np.float32)
     return tuple(int(d) for d in spec["shape"][2:]), np.dtype(spec.get("dtype", "float32"))
+
+
+# ---- pipeline stages --------------------------------------------------------------------------------
+def stage_graphs(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """The main model's graphs in call order, each {"file", "layers": [first, end]}: the stages of a
+    `--stages N` build (manifest "stages"), or model.onnx over every layer. Stage k takes input_ids
+    (k = 0) or hidden_in [B, S, D] (k > 0), cache_lengths and its layers' past_latent.{i} (global
+    layer numbers); it returns hidden_out [B, S, D] (not last) or logits and hidden_states (last),
+    and its layers' present_latent.{i} (docs/design.md, "Pipeline stages")."""
+    stages = manifest.get("stages")
+    if not stages:
+        return [{"file": "model.onnx", "layers": [0, int(manifest["config"]["n_layers"])]}]
+    return [{"file": s["file"], "layers": list(s["layers"])} for s in stages]
+
+
+def main_io(manifest: dict[str, Any]) -> dict[str, list[dict]]:
+    """The main model's contract as one graph: model.onnx's I/O, or for a staged build the chain's
+    (stage 0's token inputs and the last stage's outputs, every layer's cache in layer order)."""
+    io = manifest["io"]
+    stages = stage_graphs(manifest)
+    if len(stages) == 1:
+        return io[stages[0]["file"]]
+    ios = [io[s["file"]] for s in stages]
+    inputs = [i for i in ios[0]["inputs"] if not i["name"].startswith("past_latent.")]
+    outputs = [o for o in ios[-1]["outputs"] if not o["name"].startswith("present_latent.")]
+    inputs += [i for g in ios for i in g["inputs"] if i["name"].startswith("past_latent.")]
+    outputs += [o for g in ios for o in g["outputs"] if o["name"].startswith("present_latent.")]
+    return {"inputs": inputs, "outputs": outputs}
