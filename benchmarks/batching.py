@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.bench import in_child, rate_stats, time_calls
-from benchmarks.memory_bound import read_bandwidth, step_bytes
+from benchmarks.memory_bound import main_step_bytes, read_bandwidth
 from core.build_dir import read_manifest
 
 MIXED_PREFILL = 128  # prompt tokens in the mixed step
@@ -104,7 +104,7 @@ def bench_batches(build: str, batches: list[int], *, threads: int = 2, repeats: 
     if progress:
         progress("read bandwidth")
     bandwidth = in_child(read_bandwidth, threads, 256)
-    weights = step_bytes(f"{build}/model.onnx", manifest["config"])
+    weights = main_step_bytes(build, manifest)
     results = []
     for b in batches:
         if progress:

@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.memory_bound import decode_bound, read_bandwidth, step_bytes
+from benchmarks.memory_bound import decode_bound, main_step_bytes, read_bandwidth
 from benchmarks.speculative import measure as measure_speculative
-from core.build_dir import cache_layout, read_manifest
+from core.build_dir import cache_layout, main_io, read_manifest, stage_graphs
 from core.errors import ExportError
 
 PREFILL = (128, 1024)
@@ -57,7 +57,7 @@ def _measure(kind: str, build_dir: str, params: dict[str, Any]) -> dict[str, Any
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     manifest = read_manifest(build_dir)
     cfg = manifest["config"]
-    width, _ = cache_layout(manifest["io"]["model.onnx"], 0)
+    width, _ = cache_layout(main_io(manifest), 0)
     rng = np.random.default_rng(0)
     started = time.time()
     if kind == "engine":
@@ -144,10 +144,12 @@ def _speculative(engine, cfg, params) -> dict[str, Any]:
 
 def _disk(build_dir: Path, manifest: dict) -> dict[str, int]:
     files = manifest["files"]
-    engine_files = [f for f in files if f.startswith(("model.ort.", "mtp.ort.")) or f.endswith((".plan",))]
+    main_stems = tuple(Path(s["file"]).stem for s in stage_graphs(manifest))  # model, or stage0, stage1, ...
+    engine_files = [f for f in files if f.startswith(tuple(f"{m}.ort." for m in (*main_stems, "mtp")))
+                    or f.endswith((".plan",))]
     if not engine_files:
-        engine_files = [f for f in files if f.startswith(("model.onnx", "mtp.onnx"))]
-    main = [f for f in engine_files if f.startswith("model")]
+        engine_files = [f for f in files if f.startswith(tuple(f"{m}.onnx" for m in (*main_stems, "mtp")))]
+    main = [f for f in engine_files if f.startswith(main_stems)]
     return {"build_bytes": sum(f["bytes"] for f in files.values()),
             "engine_bytes": sum(files[f]["bytes"] for f in engine_files),
             "main_graph_bytes": sum(files[f]["bytes"] for f in main)}
@@ -190,9 +192,9 @@ def bench(builds: list[str | Path], *, threads: int = 2, repeats: int = 5, prefi
     bandwidth = statistics.median(bandwidths)
     for r, b, m in zip(results, builds, manifests):
         r.update(_disk(b, m), precision=m["precision"], mla=m["mla"], lowered=m.get("lowered", False))
-        if not (b / "model.onnx").is_file():
+        if not all((b / s["file"]).is_file() for s in stage_graphs(m)):
             continue
-        weights = step_bytes(b / "model.onnx", m["config"])
+        weights = main_step_bytes(b, m)
         measured = {c: f["tokens_per_s"] for c, f in r["decode"].items()}
         r["memory_bound"] = {"weights": weights, "decode": decode_bound(
             weights, {c: f["cache_bytes"] for c, f in r["decode"].items()}, bandwidth, measured)}

@@ -19,6 +19,8 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
+from core.build_dir import stage_graphs
+
 # Ops that run only the experts each token is routed to: ours (docs/design.md, "Custom ops") and ONNX Runtime's.
 EXPERT_OPS = {"MoEDispatch", "MoEDispatchFP8", "MoE", "QMoE"}
 # Ops a weight may pass through on its way to an expert op (quantized forms).
@@ -86,6 +88,15 @@ def step_bytes(graph_path: str | Path, cfg: dict) -> dict[str, int]:
                 out["other"] += tensor.nbytes
     out["weights"] = sum(out.values())
     return out
+
+
+def main_step_bytes(build_dir: str | Path, manifest: dict) -> dict[str, int]:
+    """step_bytes of a build's main model: model.onnx, or summed over a staged build's stages."""
+    total: dict[str, int] = {}
+    for stage in stage_graphs(manifest):
+        for k, v in step_bytes(Path(build_dir) / stage["file"], manifest["config"]).items():
+            total[k] = total.get(k, 0) + v
+    return total
 
 
 def read_bandwidth(threads: int, megabytes: int = 256, repeats: int = 15) -> float:

@@ -57,9 +57,26 @@ def main() -> None:
 
 @main.command()
 @click.argument("source", default="demo")
-@click.option("--json", "as_json", is_flag=True, help="Print the description as JSON.")
-def inspect(source: str, as_json: bool) -> None:
-    """Describe a checkpoint dir or preset: shape, parameters, cache cost, MTP, stored precision."""
+@click.option("--json", "as_json", is_flag=True, help="Print the description (or the plan) as JSON.")
+@click.option("--plan", "plan", default=None, metavar="NxDEVICE",
+              help="Size the model over N GPUs instead: 8xH200, 4xH100, 8x80GB, 2x141GiB (docs/deploy.md).")
+@click.option("--precision", default=None, help="With --plan: the build's precision (default fp32; see build).")
+@click.option("--batch", type=click.IntRange(min=1), default=None,
+              help="With --plan: sequences decoding at once (default 32).")
+@click.option("--context", type=click.IntRange(min=1), default=None,
+              help="With --plan: tokens each sequence must hold (default: report what fits).")
+@click.option("--prefill", type=click.IntRange(min=1), default=None,
+              help="With --plan: prompt tokens in one call (default 2048).")
+def inspect(source: str, as_json: bool, plan, precision, batch, context, prefill) -> None:
+    """Describe a checkpoint dir or preset: shape, parameters, cache cost, MTP, stored precision.
+    With --plan: the stage plan over N GPUs, each stage's memory and the cache it holds."""
+    if plan is not None:
+        _inspect_plan(source, plan, as_json, precision or "fp32", batch, context, prefill)
+        return
+    given = [f for f, v in (("--precision", precision), ("--batch", batch), ("--context", context),
+                            ("--prefill", prefill)) if v is not None]
+    if given:
+        raise click.UsageError(f"{', '.join(given)}: only with --plan (e.g. --plan 8xH200)")
     from rich.table import Table
 
     from exporter.describe import describe, human_bytes, human_count
@@ -93,6 +110,51 @@ def inspect(source: str, as_json: bool) -> None:
     for k, v in rows:
         t.add_row(k, v)
     _console().print(t)
+
+
+def _inspect_plan(source, plan_text, as_json, precision, batch, context, prefill) -> None:
+    """`inspect --plan`: sized from the config alone, so a config.json (or a preset) suffices."""
+    from core.config import load_config
+    from exporter import deploy_plan
+
+    devices = deploy_plan.parse_plan(plan_text)
+    if source == "demo":
+        from exporter.source import demo_path
+
+        source_path = demo_path()
+    else:
+        source_path = source
+    cfg = load_config(source_path)
+    options = {k: v for k, v in (("batch", batch), ("context", context), ("prefill", prefill)) if v is not None}
+    plan = deploy_plan.size_plan(cfg, devices.count, devices.memory, precision, **options)
+    if as_json:
+        click.echo(json.dumps({"source": source, "device": devices.to_dict(), **plan}, indent=2))
+    else:
+        _print_plan(source, devices, plan)
+    if not plan["fits"]:
+        sys.exit(1)
+
+
+def _print_plan(source, devices, plan) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    from exporter.deploy_plan import COLUMNS, summary_lines, table_rows
+
+    console = _console()
+    *lines, verdict = summary_lines(plan, devices, source)
+    for line in lines:
+        console.print(escape(line))
+    console.print(f"[bold {'green' if plan['fits'] else 'red'}]{escape(verdict)}[/]")
+    t = Table(title=f"{devices.count} x {devices.name}, {plan['precision']}")
+    for col in COLUMNS:
+        t.add_column(col, justify="left" if col in ("stage", "layers") else "right")
+    rows = table_rows(plan)
+    for i, row in enumerate(rows):
+        if i == len(rows) - 1:
+            t.add_section()  # the totals row
+        t.add_row(*row[:-1], f"[red]{row[-1]}[/red]" if row[-1].startswith("-") else row[-1])
+    console.print(t)
 
 
 @main.command("make-checkpoint")
@@ -168,8 +230,10 @@ class _RichReporter:
               help="TensorRT: longest context (past + new tokens) the engine takes (default: the model's, at most 4096).")
 @click.option("--max-prefill", type=int, default=None,
               help="TensorRT: longest prompt in one call (default: --max-seq-len, at most 2048).")
+@click.option("--stages", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Cut the model into N pipeline-stage graphs (layer ranges balanced by bytes), one per device.")
 def build(source, out, precision, keep_fp, backend, mla, no_mtp, no_verify, no_lower, force, seed, max_batch,
-          max_seq_len, max_prefill) -> None:
+          max_seq_len, max_prefill, stages) -> None:
     """Build a verified engine directory from a checkpoint dir or preset (default: demo, the embedded
     trained model)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -180,7 +244,8 @@ def build(source, out, precision, keep_fp, backend, mla, no_mtp, no_verify, no_l
     with Progress(*columns, transient=False) as progress:
         manifest = run_build(source, out, precision=precision, backend=backend, mla=mla, mtp=not no_mtp,
                              verify=not no_verify, force=force, reporter=_RichReporter(progress), seed=seed,
-                             lower=not no_lower, keep_fp=list(keep_fp) or None, trt_options=dict(max_batch=max_batch, max_seq_len=max_seq_len, max_prefill=max_prefill))
+                             lower=not no_lower, keep_fp=list(keep_fp) or None, stages=stages,
+                             trt_options=dict(max_batch=max_batch, max_seq_len=max_seq_len, max_prefill=max_prefill))
     _print_build_summary(out, manifest)
     verdict = manifest.get("verify")
     if verdict is not None and not verdict.get("passed"):
@@ -198,6 +263,15 @@ def _print_build_summary(out, manifest) -> None:
     for name, f in manifest["files"].items():
         t.add_row(name, human_bytes(f["bytes"]))
     _console().print(t)
+    if manifest.get("stages"):
+        st = Table(title="pipeline stages")
+        for col in ("stage", "graph", "layers", "weights"):
+            st.add_column(col, justify="right" if col == "weights" else "left")
+        for s in manifest["stages"]:
+            extra = (["embed"] if s["embed"] else []) + (["head"] if s["head"] else [])
+            st.add_row(str(s["index"]), s["file"], f"{s['layers'][0]}-{s['layers'][1] - 1}"
+                       + (f" + {', '.join(extra)}" if extra else ""), human_bytes(s["weight_bytes"]))
+        _console().print(st)
     cache = manifest["cache_bytes_per_token"]
     verdict = manifest.get("verify")
     state = "skipped" if verdict is None else ("[green]passed[/]" if verdict["passed"] else "[red]FAILED[/]")
@@ -516,6 +590,56 @@ def bench_serve(url, concurrency, n_requests, prompt_tokens, max_tokens, model, 
                f"TTFT p50 {t['p50']} ms p99 {t['p99']} ms; ITL p50 {i['p50']} ms p99 {i['p99']} ms")
     if report["failed"]:
         _fail(f"{report['failed']} requests failed: {'; '.join(report['errors'])}")
+
+
+def _gpu_list(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        gpus = [int(t) for t in value.split(",") if t.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated GPU indices, got {value!r}") from None
+    if not gpus:
+        raise click.BadParameter("no GPU index given")
+    return gpus
+
+
+@main.command()
+@click.argument("build_dir", type=click.Path(path_type=Path))
+@click.option("-o", "--out", "repo", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="The model repository to write.")
+@click.option("--device", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True,
+              help="cpu: python-backend stage models on ONNX Runtime; gpu: onnxruntime / tensorrt_plan models.")
+@click.option("--gpus", default=None, metavar="0,1,...", callback=_gpu_list,
+              help="--device gpu: the GPU of each stage, in stage order (default 0..N-1).")
+@click.option("--instances", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Instances of each stage model.")
+@click.option("--threads", type=click.IntRange(min=0), default=None,
+              help="--device cpu: ONNX Runtime intra-op threads per stage instance (0 = its default).")
+@click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Sequences the dsv3 model decodes at once.")
+@click.option("--force", is_flag=True, help="Replace REPO if dsv3-export wrote it.")
+@click.option("--serve", is_flag=True, help="Then run tritonserver over it until Ctrl-C / SIGTERM.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="--serve: address to listen on.")
+@click.option("--http-port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option("--grpc-port", type=click.IntRange(1, 65535), default=8001, show_default=True)
+@click.option("--metrics-port", type=click.IntRange(1, 65535), default=None, help="--serve: metrics (default: off).")
+def triton(build_dir, repo, device, gpus, instances, threads, max_batch, force, serve, host, http_port, grpc_port,
+           metrics_port) -> None:
+    """Write BUILD_DIR as a Triton Inference Server model repository (docs/triton.md): one model per
+    pipeline stage and the decoupled `dsv3` text model (generate / generate_stream, gRPC streaming)."""
+    from deploy.triton_repo import write_repository
+
+    done = write_repository(build_dir, repo, device=device, gpus=gpus, instances=instances, threads=threads,
+                            max_batch=max_batch, force=force)
+    kinds = sorted(set(done["links"].values()) - {"copy"})
+    click.echo(f"wrote {repo}: models {', '.join(done['models'])} ({device}"
+               f"{'; files linked: ' + ', '.join(kinds) if kinds else ''})", err=True)
+    if serve:
+        from deploy.tritonserver import serve as run_server
+
+        sys.exit(run_server(repo, http_port, grpc_port, host, metrics_port=metrics_port,
+                            log=lambda m: click.echo(m, err=True)))
 
 
 if __name__ == "__main__":

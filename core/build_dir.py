@@ -175,16 +175,38 @@ def stage_graphs(manifest: dict[str, Any]) -> list[dict[str, Any]]:
     return [{"file": s["file"], "layers": list(s["layers"])} for s in stages]
 
 
-def main_io(manifest: dict[str, Any]) -> dict[str, list[dict]]:
-    """The main model's contract as one graph: model.onnx's I/O, or for a staged build the chain's
-    (stage 0's token inputs and the last stage's outputs, every layer's cache in layer order)."""
-    io = manifest["io"]
-    stages = stage_graphs(manifest)
-    if len(stages) == 1:
-        return io[stages[0]["file"]]
-    ios = [io[s["file"]] for s in stages]
+def find_stages(build_dir: str | Path) -> list[dict[str, Any]]:
+    """stage_graphs of a build's manifest or, in a build directory without one (a build being
+    written, before its manifest), of the graphs it holds: its stage{k}.onnx files (each one's layers
+    read from its cache inputs), else model.onnx."""
+    build_dir = Path(build_dir)
+    manifest = find_manifest(build_dir)
+    if manifest is not None:
+        return stage_graphs(manifest)
+    files = sorted(build_dir.glob("stage*.onnx"), key=lambda p: int(p.stem[5:]) if p.stem[5:].isdigit() else -1)
+    files = [f for f in files if f.stem[5:].isdigit()]
+    if not files:
+        io = graph_io(build_dir / "model.onnx") if (build_dir / "model.onnx").is_file() else {"inputs": []}
+        return [{"file": "model.onnx", "layers": [0, sum(i["name"].startswith("past_latent.") for i in io["inputs"])]}]
+    out = []
+    for f in files:
+        layers = [int(i["name"].rsplit(".", 1)[1]) for i in graph_io(f)["inputs"] if i["name"].startswith("past_latent.")]
+        out.append({"file": f.name, "layers": [min(layers), max(layers) + 1] if layers else [0, 0]})
+    return out
+
+
+def chain_io(ios: list[dict[str, list[dict]]]) -> dict[str, list[dict]]:
+    """The I/O of graphs called in a chain as one graph's: the first one's token inputs, the last
+    one's outputs, and every graph's caches in order (the stages of a `--stages N` build)."""
+    if len(ios) == 1:
+        return ios[0]
     inputs = [i for i in ios[0]["inputs"] if not i["name"].startswith("past_latent.")]
     outputs = [o for o in ios[-1]["outputs"] if not o["name"].startswith("present_latent.")]
     inputs += [i for g in ios for i in g["inputs"] if i["name"].startswith("past_latent.")]
     outputs += [o for g in ios for o in g["outputs"] if o["name"].startswith("present_latent.")]
     return {"inputs": inputs, "outputs": outputs}
+
+
+def main_io(manifest: dict[str, Any]) -> dict[str, list[dict]]:
+    """The main model's contract as one graph: model.onnx's I/O, or for a staged build the chain's."""
+    return chain_io([manifest["io"][s["file"]] for s in stage_graphs(manifest)])

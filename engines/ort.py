@@ -29,7 +29,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 import onnx
@@ -364,3 +364,29 @@ def shared_value(array: np.ndarray) -> "ort.OrtValue":
     if not array.flags.c_contiguous:
         raise ValueError("shared_value needs a C-contiguous array")
     return ort.OrtValue.ortvalue_from_numpy(array)
+
+
+def run_in_place(session, inputs: dict[str, np.ndarray], buffers: dict[str, np.ndarray],
+                 outputs: Sequence[str]) -> list[np.ndarray]:
+    """One run of `session` with each cache buffer (past name -> array) bound as both its past
+    input and its present output (past_latent.X -> present_latent.X), so the graph's TensorScatter
+    writes the new rows into the array itself; `inputs` are bound as they are, `outputs` come back
+    as new arrays, in order. A session without I/O binding (TensorRT) runs normally and the presents
+    are copied back into the buffers."""
+    if not hasattr(session, "io_binding"):
+        names = [o.name for o in session.get_outputs()]
+        out = dict(zip(names, session.run(None, {**inputs, **buffers})))
+        for past, b in buffers.items():
+            b[...] = out[past.replace("past_", "present_", 1)]
+        return [out[n] for n in outputs]
+    binding = session.io_binding()
+    for name, value in inputs.items():
+        binding.bind_cpu_input(name, value)
+    values = {name: shared_value(b) for name, b in buffers.items()}  # kept alive until the run returns
+    for name, v in values.items():
+        binding.bind_ortvalue_input(name, v)
+        binding.bind_ortvalue_output(name.replace("past_", "present_", 1), v)
+    for name in outputs:
+        binding.bind_output(name)
+    session.run_with_iobinding(binding)
+    return [o.numpy() for o in binding.get_outputs()[-len(outputs):]]

@@ -20,7 +20,8 @@ from tokenizers import Tokenizer
 
 import engines.ort as ort_engine
 import engines.speculative as mtp_speculation
-from core.build_dir import MANIFEST, cache_layout, check_backend, check_file_hashes, read_manifest
+from engines.stages import StagedSession
+from core.build_dir import MANIFEST, cache_layout, check_backend, check_file_hashes, main_io, read_manifest, stage_graphs
 from core.config import ModelConfig
 from core.errors import ExportError
 from engines.sampling import check_generation_args, sample
@@ -135,8 +136,14 @@ class Engine:
             raise ExportError("execution providers apply to --backend ort only")
         self._providers = None if providers is None else list(providers)
         self._threads = threads
-        self.session = self._open_session("model")
-        self.model_file: Path = self.session.dsv3_model_path
+        self.stages = stage_graphs(self.manifest)
+        if len(self.stages) == 1:
+            self.session = self._open_session("model")
+            self.model_file: Path = self.session.dsv3_model_path
+        else:  # a `--stages N` build: the stages chained behind the one-graph interface
+            stage_sessions = [self._open_session(Path(s["file"]).stem) for s in self.stages]
+            self.session = StagedSession(stage_sessions, [s["layers"] for s in self.stages])
+            self.model_file = stage_sessions[0].dsv3_model_path
         self._mtp_session = None
         self._mtp_outputs: list[str] | None = None
         self._outputs = [o.name for o in self.session.get_outputs()]
@@ -144,9 +151,10 @@ class Engine:
         self.n_layers = cfg.n_layers
         self.latent_dim = cfg.latent_dim
         # One layer's cache as the graph declares it: the latent row, or per-head K|V (`--mla naive`).
-        self.cache_shape, self.cache_dtype = cache_layout(self.manifest["io"]["model.onnx"], self.latent_dim)
+        io = main_io(self.manifest)
+        self.cache_shape, self.cache_dtype = cache_layout(io, self.latent_dim)
         # Graph contract v2: the graphs take cache buffers and their lengths, written in place.
-        self.buffered = any(i["name"] == "cache_lengths" for i in self.manifest["io"]["model.onnx"]["inputs"])
+        self.buffered = any(i["name"] == "cache_lengths" for i in io["inputs"])
         self.tokenizer = self._load_tokenizer()
 
     # ---- pieces ---------------------------------------------------------------------------------
@@ -168,7 +176,8 @@ class Engine:
         return self._mtp_session
 
     def _open_session(self, graph: str):
-        """The backend's session for "model" or "mtp": both have onnxruntime's run(names, feeds)."""
+        """The backend's session for "model", "mtp" or a stage ("stage0"): each has onnxruntime's
+        run(names, feeds)."""
         if self.backend == "trt":
             import engines.trt as trt_engine  # lazy: TensorRT sessions are for GPU hosts only
 
@@ -273,24 +282,11 @@ class Engine:
         if ids.shape[1] + int(lengths.max(initial=0)) > buffers[0].shape[1]:
             raise ExportError(f"cache buffers hold {buffers[0].shape[1]} positions; rows up to "
                               f"{int(lengths.max()) + ids.shape[1]} were asked for")
-        if not hasattr(self.session, "io_binding"):  # TensorRT: a session.run, then the rows copied back
-            feeds = {"input_ids": ids, "cache_lengths": lengths,
-                     **{f"past_latent.{i}": b for i, b in enumerate(buffers)}}
-            out = dict(zip(self._outputs, self.session.run(None, feeds)))
-            for i, b in enumerate(buffers):
-                b[...] = out[f"present_latent.{i}"]
-            return out["logits"], out["hidden_states"]
-        binding = self.session.io_binding()
-        binding.bind_cpu_input("input_ids", ids)
-        binding.bind_cpu_input("cache_lengths", lengths)
-        values = [ort_engine.shared_value(b) for b in buffers]  # kept alive until the run returns
-        for i, v in enumerate(values):
-            binding.bind_ortvalue_input(f"past_latent.{i}", v)
-            binding.bind_ortvalue_output(f"present_latent.{i}", v)
-        binding.bind_output("logits")
-        binding.bind_output("hidden_states")
-        self.session.run_with_iobinding(binding)
-        logits, hidden = (o.numpy() for o in binding.get_outputs()[-2:])
+        if isinstance(self.session, StagedSession):
+            return self.session.run_in_place(ids, lengths, buffers)
+        logits, hidden = ort_engine.run_in_place(self.session, {"input_ids": ids, "cache_lengths": lengths},
+                                                 {f"past_latent.{i}": b for i, b in enumerate(buffers)},
+                                                 ["logits", "hidden_states"])
         return logits, hidden
 
     # ---- generation -------------------------------------------------------------------------------

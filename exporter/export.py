@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from core.config import ModelConfig
+from core.errors import ExportError
 from exporter.model import Transformer
 from plugins.cache_write import op as cache_write
 from plugins.latent_attention import onnx_function as la
@@ -58,6 +59,31 @@ class MTPGraph(nn.Module):
         if self.model.mla == "absorbed":
             return self.model.mtp_forward(input_ids, hidden_states, inputs[1], cache_lengths=inputs[0])
         return self.model.mtp_forward(input_ids, hidden_states, inputs[0])
+
+
+class StageGraph(nn.Module):
+    """Layers first..end-1 of the main graph (docs/design.md, "Pipeline stages"): stage 0 takes
+    input_ids, later stages hidden_in (the previous stage's hidden_out); the last stage ends with the
+    final norm and head (logits, hidden_states), the others return hidden_out. cache_lengths and the
+    stage's own cache buffers as in MainGraph (absorbed only)."""
+
+    def __init__(self, model: Transformer, first: int, end: int):
+        super().__init__()
+        self.model, self.first, self.end = model, first, end
+
+    def forward(self, x, cache_lengths, *buffers):
+        m = self.model
+        cos, sin = m._angles(None, x.shape[1], x.device, cache_lengths)
+        if self.first == 0:
+            x = m.embed(x)
+        presents = []
+        for i, buffer in zip(range(self.first, self.end), buffers):
+            x, cache = m.layers[i](x, cos, sin, buffer, cache_lengths)
+            presents.append(cache)
+        if self.end < m.cfg.n_layers:
+            return (x, *presents)
+        hidden = m.norm(x)
+        return (m.head(hidden), hidden, *presents)
 
 
 def meta_model(cfg: ModelConfig, *, mla: str = "absorbed", has_gate_bias: bool = True, mtp: bool = True) -> Transformer:
@@ -109,6 +135,33 @@ def export_main(model: Transformer):
         return _export(MainGraph(model), (ids, lengths, *pasts), inputs[:1] + ["cache_lengths"] + inputs[1:],
                        outputs, ({0: batch, 1: seq}, ({0: batch}, *dynamic[1])))
     return _export(MainGraph(model), (ids, *pasts), inputs, outputs, dynamic)
+
+
+def stage_io(cfg: ModelConfig, first: int, end: int) -> tuple[list[str], list[str]]:
+    """Input and output names of the stage over layers first..end-1 (core.build_dir.stage_graphs)."""
+    inputs = ["input_ids" if first == 0 else "hidden_in", "cache_lengths"] + [f"past_latent.{i}" for i in range(first, end)]
+    outputs = (["logits", "hidden_states"] if end == cfg.n_layers else ["hidden_out"]) + \
+        [f"present_latent.{i}" for i in range(first, end)]
+    return inputs, outputs
+
+
+def export_stage(model: Transformer, first: int, end: int):
+    """One pipeline stage of a (meta, absorbed) Transformer as an onnx_ir.Model, weightless."""
+    cfg = model.cfg
+    if model.mla != "absorbed":
+        raise ExportError("--stages needs --mla absorbed (the stages pass cache buffers, graph contract v2)")
+    batch, seq, past = (torch.export.Dim("batch"), torch.export.Dim("seq"),
+                        torch.export.Dim("past", min=0, max=cfg.max_seq_len))
+    if first == 0:
+        x = torch.zeros(_EXAMPLE_BATCH, _EXAMPLE_SEQ, dtype=torch.int64, device="meta")
+    else:
+        x = torch.zeros(_EXAMPLE_BATCH, _EXAMPLE_SEQ, cfg.dim, device="meta")
+    lengths = torch.zeros(_EXAMPLE_BATCH, dtype=torch.int64, device="meta")
+    buffers = tuple(torch.zeros(_EXAMPLE_BATCH, _EXAMPLE_PAST, *cache_width(cfg, "absorbed"), device="meta")
+                    for _ in range(first, end))
+    dynamic = ({0: batch, 1: seq}, {0: batch}, tuple({0: batch, 1: past} for _ in buffers))
+    inputs, outputs = stage_io(cfg, first, end)
+    return _export(StageGraph(model, first, end), (x, lengths, *buffers), inputs, outputs, dynamic)
 
 
 def export_mtp(model: Transformer):

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import exporter.names as names
 from core.config import ModelConfig
 from core.errors import ExportError
-from exporter.precision_policy import SCHEMES, Policy
+from exporter.precision_policy import Policy
 
 FLOAT_BYTES = 4  # what a build keeps unquantized is float32
 

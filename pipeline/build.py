@@ -25,7 +25,7 @@ from core.errors import ExportError
 from core.progress import Reporter
 from exporter.checkpoint import Checkpoint
 from exporter.describe import cache_bytes_per_token
-from exporter.export import export_main, export_mtp, meta_model
+from exporter.export import export_main, export_mtp, export_stage, meta_model
 from exporter.passes.attach_weights import attach_weights
 from exporter.passes.cleanup import cleanup
 from exporter.passes.lower_ort import lower_ort
@@ -33,6 +33,7 @@ from exporter.passes.plugin_attrs import plugin_attrs
 from exporter.passes.quantize import quantize
 from exporter.precision_policy import Policy
 from exporter.source import has_gate_bias, open_source
+from exporter.stage_plan import plan_stages
 from exporter.tokenizer_training import train_tokenizer
 from pipeline.output_dir import atomic_dir
 from verification.verify import verify as run_verify
@@ -53,7 +54,8 @@ def tool_versions() -> dict[str, str]:
 
 def source_info(source, spec: str | Path) -> dict[str, Any]:
     if isinstance(source, Checkpoint):
-        return {"kind": "checkpoint", "path": str(Path(spec).resolve()), "layout": source.layout,
+        # The checkpoint's own folder: a preset name like "demo" opens an embedded checkpoint.
+        return {"kind": "checkpoint", "path": str(Path(source.path).resolve()), "layout": source.layout,
                 "fingerprint": source.fingerprint()}
     blob = json.dumps({"preset": str(spec), "seed": source.seed, "config": source.config.to_dict()}, sort_keys=True)
     return {"kind": "preset", "name": str(spec), "seed": source.seed,
@@ -61,11 +63,15 @@ def source_info(source, spec: str | Path) -> dict[str, Any]:
 
 
 def export_graph(kind: str, source, out_dir: Path, reporter: Reporter, *, mla: str = "absorbed",
-                 lower: bool = False, policy=None, quant_target: str = "ort") -> Path:
-    """Trace one graph ("model" or "mtp"), run the passes, save it with its weights streamed out."""
+                 lower: bool = False, policy=None, quant_target: str = "ort", layers: range | None = None) -> Path:
+    """Trace one graph ("model", "mtp", or "stage{k}" over `layers`), run the passes, save it with its
+    weights streamed out."""
     model = meta_model(source.config, mla=mla, has_gate_bias=has_gate_bias(source), mtp=kind == "mtp")
     reporter.stage(f"tracing {kind}.onnx")
-    graph = export_main(model) if kind == "model" else export_mtp(model)
+    if layers is not None:
+        graph = export_stage(model, layers.start, layers.stop)
+    else:
+        graph = export_main(model) if kind == "model" else export_mtp(model)
     reporter.done(f"tracing {kind}.onnx")
     graph = attach_weights(plugin_attrs(graph), source)
     if policy is not None and policy.scheme is not None:  # before cleanup: it needs the traced MatMul forms
@@ -79,6 +85,21 @@ def export_graph(kind: str, source, out_dir: Path, reporter: Reporter, *, mla: s
     ir.save(graph, path, external_data=f"{kind}.onnx.data", callback=lambda tensor, info: advance(1))
     reporter.done(f"writing {kind}.onnx weights")
     return path
+
+
+def export_main_graphs(source, out_dir: Path, reporter: Reporter, stages: int, precision: str, keep_fp=None,
+                       **options) -> tuple[dict[str, Path], list[dict] | None]:
+    """model.onnx, or with stages > 1 one graph per stage (exporter.stage_plan: layer ranges
+    balanced by stored bytes). Returns the graphs and the manifest's "stages" entry (None unstaged)."""
+    if stages == 1:
+        return {"model.onnx": export_graph("model", source, out_dir, reporter, **options)}, None
+    plan = plan_stages(source.config, stages, precision, keep_fp)
+    graphs, entries = {}, []
+    for stage in plan:
+        name = f"stage{stage.index}"
+        graphs[f"{name}.onnx"] = export_graph(name, source, out_dir, reporter, layers=stage.layers, **options)
+        entries.append({"file": f"{name}.onnx", **stage.to_dict()})
+    return graphs, entries
 
 
 def check_tokenizer(path: Path, vocab_size: int) -> None:
@@ -112,10 +133,12 @@ def write_tokenizer(source, spec: str | Path, out_dir: Path) -> Path | None:
 def build(source_spec: str | Path = "demo", out: str | Path = "build", *, precision: str = "fp32",
           backend: str = "ort", mla: str = "absorbed", mtp: bool = True, verify: bool = True,
           force: bool = False, reporter: Reporter | None = None, seed: int = 0,
-          trt_options: dict[str, Any] | None = None, lower: bool = True, keep_fp=None) -> dict[str, Any]:
+          trt_options: dict[str, Any] | None = None, lower: bool = True, keep_fp=None,
+          stages: int = 1) -> dict[str, Any]:
     """Export, pass, build the engine, verify, write the manifest. Returns the manifest (plus the
     verify verdict under "verify"). `trt_options`: engines.trt.TrtOptions fields (max_batch,
-    max_seq_len, max_prefill, ...) for backend "trt". `keep_fp`: --keep-fp patterns (exporter/precision_policy.py)."""
+    max_seq_len, max_prefill, ...) for backend "trt". `keep_fp`: --keep-fp patterns (exporter/precision_policy.py).
+    `stages`: the main model cut into that many pipeline-stage graphs (exporter/stage_plan.py)."""
     reporter = reporter or Reporter()
     policy = Policy.make(precision, keep_fp)  # an unknown precision or bad pattern fails here
     check_backend(backend)
@@ -125,7 +148,14 @@ def build(source_spec: str | Path = "demo", out: str | Path = "build", *, precis
                           "for --backend trt only")
     if backend == "trt":
         trt_engine.require_tensorrt()  # before any work: one line when TensorRT, a GPU or Triton is missing
+    if not isinstance(stages, int) or isinstance(stages, bool) or stages < 1:
+        raise ExportError(f"--stages must be a positive integer, got {stages!r}")
+    if stages > 1 and mla != "absorbed":
+        raise ExportError("--stages needs --mla absorbed (the stages pass cache buffers, graph contract v2)")
     source = open_source(source_spec, seed=seed)
+    if stages > source.config.n_layers:
+        raise ExportError(f"--stages {stages}: the model has only {source.config.n_layers} layers "
+                          "(at most one stage per layer)")
     policy.check_patterns(n for n, _ in meta_model(source.config, mla=mla, mtp=mtp).named_parameters())
     if backend == "trt":  # bad options fail before the export, not after
         resolved_trt = trt_engine.TrtOptions.from_dict(trt_options).resolve(source.config.max_seq_len)
@@ -133,15 +163,15 @@ def build(source_spec: str | Path = "demo", out: str | Path = "build", *, precis
     with atomic_dir(Path(out), force, source.path if isinstance(source, Checkpoint) else None) as tmp:
         lower = lower and backend == "ort"
         target = "ort" if backend == "ort" else "qdq"  # TensorRT takes the Q/DQ form
-        graphs = {"model.onnx": export_graph("model", source, tmp, reporter, mla=mla, lower=lower, policy=policy,
-                                             quant_target=target)}
+        graphs, stage_entries = export_main_graphs(source, tmp, reporter, stages, precision, keep_fp, mla=mla,
+                                                   lower=lower, policy=policy, quant_target=target)
         if mtp and source.has_mtp:
             graphs["mtp.onnx"] = export_graph("mtp", source, tmp, reporter, mla=mla, lower=lower, policy=policy,
                                               quant_target=target)
         write_tokenizer(source, source_spec, tmp)
         info: dict[str, Any] = {
             "config": source.config.to_dict(), "precision": precision, "backend": backend, "mla": mla,
-            "lowered": lower,
+            "lowered": lower, **({"stages": stage_entries} if stage_entries else {}),
             "quantization": {**policy.to_dict(), "form": target} if policy.scheme is not None else None,
             "source": source_info(source, source_spec), "tools": tool_versions(),
             "io": {name: graph_io(path) for name, path in graphs.items()},

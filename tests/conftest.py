@@ -38,3 +38,13 @@ def demo_build(tmp_path_factory):
     out = tmp_path_factory.getbasetemp() / "demo-build"
     build("demo", out, verify=False, force=True)
     return out
+
+
+@pytest.fixture(scope="session")
+def staged_demo_build(tmp_path_factory):
+    """The demo model built as 2 pipeline stages (`--stages 2`), verified, once per session."""
+    from pipeline.build import build
+
+    out = tmp_path_factory.getbasetemp() / "demo-build-2-stages"
+    build("demo", out, stages=2, force=True)
+    return out

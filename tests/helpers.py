@@ -23,8 +23,12 @@ def load_tool(name: str):
     return module
 
 
-def rel_max_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """max |a - b| / max |a|: the figure every parity test states its tolerance in."""
+def rel_max_err(a, b) -> float:
+    """max |a - b| / max |a| (torch tensors or numpy arrays): the figure every parity test states its
+    tolerance in."""
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        return float(np.abs(a - b).max() / np.abs(a).max())
     return ((a - b).abs().max() / a.abs().max()).item()
 
 

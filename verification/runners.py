@@ -17,7 +17,9 @@ from polygraphy.common import TensorMetadata
 
 import engines.ort as ort_engine
 import engines.trt as trt_engine
+from core.build_dir import find_stages
 from core.errors import ExportError
+from engines.stages import StagedSession
 from exporter.export import cache_width
 
 RUNNERS = ("ort", "graph", "trt")  # what `verify --runner` takes: engines and the raw graph
@@ -128,8 +130,24 @@ def _ort_engine_loader(build_dir: Path, graph: str, providers: list[str]):
     return lambda: ort_engine.session(build_dir, graph[: -len(".onnx")], providers=providers)
 
 
+def _staged_runner(build_dir: Path, stages: list[dict], backend: str, providers: list[str], name: str):
+    """A staged build's main model as one runner: the stages' sessions chained (engines.stages)."""
+    def open_one(file: str):
+        if backend == "ort":
+            return ort_engine.session(build_dir, Path(file).stem, providers=providers)
+        if backend == "graph":
+            return SessionFromOnnx(str(build_dir / file), providers=providers)()
+        return trt_engine.session(build_dir, Path(file).stem)
+
+    return OnnxrtRunner(lambda: StagedSession([open_one(s["file"]) for s in stages], [s["layers"] for s in stages]),
+                        name=name)
+
+
 def runners_for(build_dir: Path, graph: str, backends: list[str], providers: list[str], feeds: list[dict]):
     runners = []
+    stages = find_stages(build_dir) if graph == "model.onnx" else []
+    if len(stages) > 1:  # a `--stages N` build: every runner chains the stages
+        return [(b, _staged_runner(build_dir, stages, b, providers, f"{b}:{graph}")) for b in backends]
     for backend in backends:
         name = f"{backend}:{graph}"
         if backend == "ort":

@@ -36,7 +36,15 @@ import torch
 from polygraphy.comparator import Comparator
 from polygraphy.logger import G_LOGGER
 
-from core.build_dir import cache_layout, check_file_hashes, find_manifest, graph_io, update_manifest
+from core.build_dir import (
+    cache_layout,
+    chain_io,
+    check_file_hashes,
+    find_manifest,
+    find_stages,
+    graph_io,
+    update_manifest,
+)
 from core.errors import ExportError
 from core.progress import Reporter
 from exporter.checkpoint import Checkpoint
@@ -202,9 +210,10 @@ def verify(build_dir: str | Path, source=None, *, precision: str = "fp32", repor
     if decode_steps < 1 or greedy_tokens < 1:
         raise ExportError("decode_steps and greedy_tokens must be >= 1")
     tolerance_for(precision, "logits")  # unknown precision: fail now
-    model_path = build_dir / "model.onnx"
-    if not model_path.is_file():
-        raise ExportError(f"{model_path}: no such graph (not a build directory?)")
+    stages = find_stages(build_dir)  # model.onnx, or the stages of a `--stages N` build
+    for stage in stages:
+        if not (build_dir / stage["file"]).is_file():
+            raise ExportError(f"{build_dir / stage['file']}: no such graph (not a build directory?)")
     if source is None:
         source, _ = source_from_manifest(build_dir)
     elif isinstance(source, (str, Path)):
@@ -212,7 +221,7 @@ def verify(build_dir: str | Path, source=None, *, precision: str = "fp32", repor
     providers = list(providers or [CPU])
     runners, skipped = _choose_runners(build_dir, backends)
 
-    io = graph_io(model_path)
+    io = chain_io([graph_io(build_dir / s["file"]) for s in stages])
     mtp_io = graph_io(build_dir / "mtp.onnx") if (build_dir / "mtp.onnx").is_file() else None
     mla = "naive" if len(cache_layout(io, 0)[0]) == 2 else "absorbed"  # per-head K|V, or the latent row
     dtype = getattr(torch, REFERENCE_DTYPE.get(precision, "float32"))
