@@ -57,3 +57,20 @@ def test_scheduler_over_stages_gives_each_prompt_its_solo_tokens(staged_demo_bui
     for p, r in zip(prompts, reqs):
         solo = whole.generate(p, max_new_tokens=12, add_bos=False)
         assert r.tokens == solo.ids and r.finish_reason == solo.finish_reason
+
+
+def test_tensorrt_profiles_cover_every_stage(staged_demo_build):
+    # TensorRT builds one plan per stage (engines.trt.prepare over the stage graphs); the profile
+    # logic is pure Python and runs here: hidden_in has a fixed width, the rest the usual roles.
+    from engines.trt import TrtOptions, make_profiles
+
+    m = read_manifest(staged_demo_build)
+    options = TrtOptions(max_batch=4, max_seq_len=256).resolve(m["config"]["max_seq_len"])
+    for stage in m["stages"]:
+        profiles = make_profiles(m["io"][stage["file"]]["inputs"], options)
+        assert [p["name"] for p in profiles] == [p["name"] for p in make_profiles(
+            m["io"]["mtp.onnx"]["inputs"], options)]
+        for p in profiles:
+            if "hidden_in" in p["inputs"]:
+                assert p["inputs"]["hidden_in"]["max"][2] == p["inputs"]["hidden_in"]["min"][2] == m["config"]["dim"]
+            assert set(p["inputs"]) == {i["name"] for i in m["io"][stage["file"]]["inputs"]}
