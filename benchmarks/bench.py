@@ -51,6 +51,35 @@ def time_calls(fn, repeats: int, warmup: int = 1) -> list[float]:
     return out
 
 
+def evict_from_page_cache(build_dir: str | Path) -> None:
+    """Ask the kernel to drop the build's files from the page cache (POSIX_FADV_DONTNEED), so the
+    next load reads them from disk, as the first load after a reboot does. Advice only: pages
+    another process maps stay."""
+    for f in Path(build_dir).iterdir():
+        if f.is_file():
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def session_start(build_dir: str, threads: int) -> dict[str, float]:
+    """Seconds from nothing to a ready engine (sessions open, files' hashes not checked): cold, the
+    build's files evicted from the page cache first, then warm, right after."""
+    import engines
+
+    out = {}
+    for label in ("cold_seconds", "warm_seconds"):
+        if label == "cold_seconds":
+            evict_from_page_cache(build_dir)
+        t0 = time.perf_counter()
+        engine = engines.load(build_dir, threads=threads, check_files=False)
+        out[label] = round(time.perf_counter() - t0, 3)
+        del engine
+    return out
+
+
 def _measure(kind: str, build_dir: str, params: dict[str, Any]) -> dict[str, Any]:
     """Runs in a child process: measure one system and return its figures."""
     threads = params["threads"]
@@ -188,6 +217,8 @@ def bench(builds: list[str | Path], *, threads: int = 2, repeats: int = 5, prefi
             if progress:
                 progress(f"{kind}: {b}" + (f" (round {r + 1}/{rounds})" if rounds > 1 else ""))
             runs[j].append(in_child(_measure, kind, b, params))
+            if kind == "engine":  # in a process of its own: its loads do not count in the peak RSS
+                runs[j][-1]["session_start"] = in_child(session_start, b, threads)
     results = [merge_rounds(system_runs) for system_runs in runs]
     bandwidth = statistics.median(bandwidths)
     for r, b, m in zip(results, builds, manifests):
@@ -224,6 +255,9 @@ def merge_rounds(runs: list[dict]) -> dict[str, Any]:
                                "repeats": sum(f["repeats"] for f in figures), "rounds": per_round}
     out["peak_rss_bytes"] = max(run["peak_rss_bytes"] for run in runs)
     out["load_seconds"] = statistics.median(run["load_seconds"] for run in runs)
+    if "session_start" in runs[0]:
+        out["session_start"] = {k: statistics.median(run["session_start"][k] for run in runs)
+                                for k in runs[0]["session_start"]}
     specs = [run["speculative"] for run in runs if "speculative" in run]
     if specs:
         spec = {mode: {**specs[0][mode], "tokens_per_s": statistics.median(s[mode]["tokens_per_s"] for s in specs)}

@@ -275,6 +275,10 @@ def _print_build_summary(out, manifest) -> None:
     cache = manifest["cache_bytes_per_token"]
     verdict = manifest.get("verify")
     state = "skipped" if verdict is None else ("[green]passed[/]" if verdict["passed"] else "[red]FAILED[/]")
+    disk = manifest.get("disk")
+    if disk and disk.get("ratio"):
+        _console().print(f"on disk: {human_bytes(disk['build_bytes'])} for {human_bytes(disk['weight_bytes'])} of "
+                         f"weights ({disk['ratio']:.2f}x)")
     _console().print(f"verify: {state}   cache per token (fp32): latent {human_bytes(cache['latent_fp32'])}, "
                      f"naive would be {human_bytes(cache['naive_fp32'])}   built in {manifest['build_seconds']} s")
 
@@ -318,6 +322,8 @@ def run(build_dir, prompt, ids_text, max_new_tokens, temperature, top_k, top_p, 
         raise ExportError("empty prompt")
     check_generation_args(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
     engine = engines.load(build_dir, backend=backend)
+    for hint in engine.hints:
+        click.echo(f"hint: {hint}", err=True)
     stops = engine.stop_ids()
     stream = TextStream(engine.tokenizer) if engine.tokenizer is not None else None
     first = [True]
@@ -519,6 +525,11 @@ def _print_bench(report) -> None:
                                     f" of weights a token + the cache, at {bandwidth / 1e9:.1f} GB/s read: decode "
                                     + ", ".join(parts)))
     for r in report["results"]:
+        if "session_start" in r:
+            st = r["session_start"]
+            _console().print(escape(f"session start [{Path(r['build']).name}]: cold {st['cold_seconds']:.2f} s "
+                                    f"(files evicted from the page cache), warm {st['warm_seconds']:.2f} s"))
+    for r in report["results"]:
         if "speculative" in r:
             s = r["speculative"]
             _console().print(escape(f"speculative [{Path(r['build']).name}]: {s['speculative']['tokens_per_s']:.1f} vs "
@@ -554,6 +565,8 @@ def serve(build_dir, host, port, max_batch, max_waiting, prefill_chunk, model_na
     import server
 
     engine = engines.load(build_dir, backend=backend, threads=threads)
+    for hint in engine.hints:
+        click.echo(f"hint: {hint}", err=True)
     name = model_name or Path(build_dir).resolve().name
     click.echo(f"serving {build_dir} as {name!r} on http://{host}:{port}/v1 (max batch {max_batch})", err=True)
     server.serve(engine, host=host, port=port, model_name=name, api_key=api_key, max_batch=max_batch,

@@ -56,6 +56,15 @@ def _dump(path: Path, manifest: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
+def disk_usage(out_dir: Path, graphs: list[str]) -> dict[str, Any]:
+    """What the build directory holds against what it must: the exported graphs' weights (their
+    external data files) and every file of the build; their ratio is the cost of the layout."""
+    files = [p for p in out_dir.rglob("*") if p.is_file() and p.name not in (MANIFEST, TMP_MARK)]
+    weights = sum((out_dir / f"{g}.data").stat().st_size for g in graphs if (out_dir / f"{g}.data").is_file())
+    total = sum(p.stat().st_size for p in files)
+    return {"weight_bytes": weights, "build_bytes": total, "ratio": round(total / weights, 3) if weights else None}
+
+
 def write_manifest(out_dir: Path, info: dict[str, Any]) -> dict[str, Any]:
     """manifest.json for a finished build: `info` plus every file's size and sha256."""
     files = {f.relative_to(out_dir).as_posix(): file_entry(f)

@@ -38,6 +38,16 @@ def prefix_in_buffer(prefix: np.ndarray, new: int) -> tuple[np.ndarray, np.ndarr
     return buffer, np.full(prefix.shape[0], t, np.int64)
 
 
+def layout_hints(manifest: dict) -> list[str]:
+    """One line each for what an older build's layout costs and a rebuild fixes (it still runs)."""
+    hints = []
+    graphs = (manifest.get("engine") or {}).get("graphs") or {}
+    if manifest.get("backend", "ort") == "ort" and graphs and not all("shared" in g for g in graphs.values()):
+        hints.append("this build keeps a second copy of its weights in its optimized graphs (made before "
+                     "dsv3-export shared them); rebuild it to store each weight once")
+    return hints
+
+
 # ---- results ----------------------------------------------------------------------------------------
 @dataclass
 class GenerationStats:
@@ -156,6 +166,7 @@ class Engine:
         # Graph contract v2: the graphs take cache buffers and their lengths, written in place.
         self.buffered = any(i["name"] == "cache_lengths" for i in io["inputs"])
         self.tokenizer = self._load_tokenizer()
+        self.hints = layout_hints(self.manifest)
 
     # ---- pieces ---------------------------------------------------------------------------------
     def _load_tokenizer(self):

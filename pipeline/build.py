@@ -20,7 +20,7 @@ from tokenizers import Tokenizer
 
 import engines.ort as ort_engine
 import engines.trt as trt_engine
-from core.build_dir import check_backend, graph_io, write_manifest
+from core.build_dir import check_backend, disk_usage, graph_io, write_manifest
 from core.errors import ExportError
 from core.progress import Reporter
 from exporter.checkpoint import Checkpoint
@@ -30,6 +30,7 @@ from exporter.passes.attach_weights import attach_weights
 from exporter.passes.cleanup import cleanup
 from exporter.passes.lower_ort import lower_ort
 from exporter.passes.plugin_attrs import plugin_attrs
+from exporter.passes.pretranspose import pretranspose
 from exporter.passes.quantize import quantize
 from exporter.precision_policy import Policy
 from exporter.source import has_gate_bias, open_source
@@ -79,6 +80,7 @@ def export_graph(kind: str, source, out_dir: Path, reporter: Reporter, *, mla: s
     graph = cleanup(graph)
     if lower:  # ONNX Runtime's native Attention / MoE kernels in place of the portable bodies
         graph = lower_ort(graph)
+    graph = pretranspose(graph)  # Wᵀ stored once: ONNX Runtime then has no transposed copy to fold
     graph.producer_name, graph.producer_version = "dsv3-export", tool_versions().get("dsv3-export", "")
     path = out_dir / f"{kind}.onnx"
     advance = reporter.stage(f"writing {kind}.onnx weights", total=len(graph.graph.initializers))
@@ -189,6 +191,7 @@ def build(source_spec: str | Path = "demo", out: str | Path = "build", *, precis
         if verify:
             info["verify"] = run_verify(tmp, source, precision=precision, reporter=reporter,
                                         quantization=info["quantization"])
+        info["disk"] = disk_usage(tmp, list(graphs))
         info["build_seconds"] = round(time.time() - started, 1)
         manifest = write_manifest(tmp, info)
     return manifest

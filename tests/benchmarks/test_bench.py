@@ -35,6 +35,9 @@ def test_bench_reports_engine_and_reference(tiny_build):
         assert b["reached"] == pytest.approx(engine["decode"][c]["tokens_per_s"] / b["tokens_per_s"])
         assert b["vs_reference"] == pytest.approx(b["tokens_per_s"] / ref["decode"][c]["tokens_per_s"])
     assert "memory_bound" not in ref
+    # Session start, cold (files evicted from the page cache) and warm: figures, not asserted speeds.
+    assert set(engine["session_start"]) == {"cold_seconds", "warm_seconds"} and "session_start" not in ref
+    assert all(v > 0 for v in engine["session_start"].values())
 
 
 def test_bench_cli_json(tiny_build, tmp_path):

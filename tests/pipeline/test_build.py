@@ -88,3 +88,13 @@ def test_write_failure_mid_build_leaves_nothing(tmp_path, monkeypatch):
     assert_clean_error(run("build", "tiny", "-o", out, "--no-verify", "--no-mtp"), "No space left on device")
     assert not out.exists()
     assert os.listdir(tmp_path) == []  # no temporary sibling either
+
+
+def test_manifest_says_what_the_directory_holds(tiny_build):
+    import json
+
+    m = json.loads((tiny_build / "manifest.json").read_text())
+    files, disk = m["files"], m["disk"]
+    assert disk["weight_bytes"] == files["model.onnx.data"]["bytes"] + files["mtp.onnx.data"]["bytes"]
+    assert disk["build_bytes"] == sum(f["bytes"] for f in files.values())  # verify off: no report files
+    assert disk["ratio"] == round(disk["build_bytes"] / disk["weight_bytes"], 3)
