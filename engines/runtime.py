@@ -20,12 +20,20 @@ from tokenizers import Tokenizer
 
 import engines.ort as ort_engine
 import engines.speculative as mtp_speculation
-from engines.stages import StagedSession
-from core.build_dir import MANIFEST, cache_layout, check_backend, check_file_hashes, main_io, read_manifest, stage_graphs
+from core.build_dir import (
+    MANIFEST,
+    cache_layout,
+    check_backend,
+    check_file_hashes,
+    main_io,
+    read_manifest,
+    stage_graphs,
+)
 from core.config import ModelConfig
 from core.errors import ExportError
 from engines.sampling import check_generation_args, sample
 from engines.scheduler import SamplingParams, Scheduler
+from engines.stages import StagedSession
 
 
 def prefix_in_buffer(prefix: np.ndarray, new: int) -> tuple[np.ndarray, np.ndarray]:

@@ -4,8 +4,9 @@ any step (docs/design.md, "Continuous batching").
 `submit(prompt ids, SamplingParams) -> Request`; `step()` runs one iteration:
 1. cancelled requests leave, their slots free at once;
 2. waiting requests are admitted while slots are free (FIFO), and prompt tokens are prefilled, at
-   most `prefill_chunk` of them a step, so that a long prompt does not stall everyone's decode: a
-   prompt is prefilled in its own buffer, chunk by chunk, and joins the batch with its first token;
+   most `prefill_chunk` of them a step (several prompts in one call, a row each), so that a long
+   prompt does not stall everyone's decode: a prompt is prefilled chunk by chunk and joins the
+   batch with its first token;
 3. one decode call over every running sequence, each at its own position (engines.kv_cache writes
    the step's rows in place), each sampled with its own settings and generator;
 4. finished sequences leave.
@@ -233,31 +234,59 @@ class Scheduler:
                 self.prefilling.append(self.waiting.popleft())
 
     def _prefill(self) -> None:
-        """Up to prefill_chunk prompt tokens, oldest request first; a finished prompt samples its first
-        token and joins the batch."""
-        budget = self.prefill_chunk
-        for req in list(self.prefilling):
-            if budget <= 0:
-                break
-            chunk = req.prompt[req._prefilled:req._prefilled + budget]
-            if req._cache is None:
-                req._cache = self.engine.empty_buffers(1, len(req.prompt))
-            t0 = time.perf_counter()
-            try:
-                logits, _ = self.engine.step_in_place(np.asarray([chunk], np.int64),
-                                                      np.asarray([req._prefilled], np.int64), req._cache)
-            except ExportError as e:  # this request fails; the others go on
+        """One prefill call of up to prefill_chunk (padded) prompt tokens: the oldest prefilling
+        request's next chunk, and with it, one row each, the next requests' chunks while the rows
+        still fit the budget at that width (one call over several prompts reads the weights once:
+        `small`, 2 threads, four 150-token prompts in one call prefill 1.5x faster than one by one).
+        A finished prompt samples its first token and joins the batch."""
+        group = self._prefill_group()
+        if not group:
+            return
+        width = group[0][1]
+        ids = np.zeros((len(group), width), np.int64)  # shorter rows are padded: their rows stay hidden
+        for i, (req, n) in enumerate(group):
+            ids[i, :n] = req.prompt[req._prefilled:req._prefilled + n]
+        lengths = np.asarray([req._prefilled for req, _ in group], np.int64)
+        buffers = self.engine.empty_buffers(len(group), int(lengths.max()) + width)
+        for i, (req, _) in enumerate(group):  # a prompt prefilled over several steps brings its rows
+            if req._cache is not None:
+                for buf, own in zip(buffers, req._cache):
+                    buf[i, :req._prefilled] = own[0, :req._prefilled]
+        t0 = time.perf_counter()
+        try:
+            logits, _ = self.engine.step_in_place(ids, lengths, buffers)
+        except ExportError as e:  # these requests fail; the others go on
+            for req, _ in group:
                 self.prefilling.remove(req)
                 req._finish("error", str(e))
-                continue
-            self.stats.prefill_calls += 1
-            self.stats.prefill_tokens += len(chunk)
-            self.stats.prefill_seconds += time.perf_counter() - t0
-            req._prefilled += len(chunk)
-            budget -= len(chunk)
+            return
+        self.stats.prefill_calls += 1
+        self.stats.prefill_tokens += sum(n for _, n in group)
+        self.stats.prefill_seconds += time.perf_counter() - t0
+        for i, (req, n) in enumerate(group):
+            req._prefilled += n
+            req._cache = [b[i:i + 1, :req._prefilled] for b in buffers]
             if req._prefilled == len(req.prompt):
                 self.prefilling.remove(req)
-                self._join(req, logits[0, len(chunk) - 1])
+                self._join(req, logits[i, n - 1])
+
+    def _prefill_group(self) -> list[tuple[Request, int]]:
+        """(request, tokens) of the next prefill call: the first request's chunk sets the width; a
+        later request joins while (rows + 1) x width fits prefill_chunk and its padded positions
+        stay within the context."""
+        group: list[tuple[Request, int]] = []
+        limit = self.engine.config.max_seq_len
+        for req in self.prefilling:
+            remaining = len(req.prompt) - req._prefilled
+            if not group:
+                group.append((req, min(remaining, self.prefill_chunk)))
+                continue
+            width = group[0][1]
+            if (len(group) + 1) * width > self.prefill_chunk:
+                break
+            if req._prefilled + width <= limit:
+                group.append((req, min(remaining, width)))
+        return group
 
     def _join(self, req: Request, last_logits: np.ndarray) -> None:
         """The prefilled request takes the next slot and emits its first token."""

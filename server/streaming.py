@@ -17,7 +17,8 @@ from fastapi.responses import Response, StreamingResponse
 from core.errors import ExportError
 from engines.runtime import TextStream
 from engines.scheduler import QueueFull, SamplingParams
-from server.generation import StopStrings, TokenSink
+from engines.stop_strings import StopStrings
+from server.generation import TokenSink
 from server.protocol import APIError, Generation, bad
 from server.responses import chunk, delta, logprobs_of, sse
 from server.state import State

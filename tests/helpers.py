@@ -7,7 +7,6 @@ import math
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from engines.runtime import prefix_in_buffer
 
@@ -108,3 +107,28 @@ def buffered_feed(input_ids: np.ndarray, pasts: dict, **inputs) -> dict:
 def layer_pasts(past) -> dict:
     """{past_latent.i: array} of a list of per-layer caches (numpy or torch)."""
     return {f"past_latent.{i}": np.asarray(p) for i, p in enumerate(past)}
+
+
+def run_together(fn, n: int, timeout: float = 120.0) -> list:
+    """fn(0) .. fn(n-1) in n threads released at once (a barrier: the requests overlap), each joined
+    within `timeout`; their results in order. An exception in any is raised here, listed."""
+    import threading
+
+    results: dict[int, object] = {}
+    errors: list[str] = []
+    barrier = threading.Barrier(n)
+
+    def one(i):
+        try:
+            barrier.wait(30)
+            results[i] = fn(i)
+        except Exception as e:  # reported below, from the test's thread
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    assert not errors, errors
+    return [results.get(i) for i in range(n)]

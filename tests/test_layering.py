@@ -10,8 +10,10 @@ from pathlib import Path
 from tests.helpers import ROOT
 
 # Bottom to top. Packages in one tuple are siblings: neither imports the other. `server` (the HTTP
-# server) sits just below `cli`: only the CLI's `serve` / `bench-serve` import it.
-LAYERS = (("core",), ("plugins",), ("exporter", "engines"), ("verification", "benchmarks"), ("pipeline",), ("server",), ("cli",))
+# server) and `deploy` (the Triton repository and server) sit just below `cli`: only the CLI's
+# `serve` / `bench-serve` / `triton` import them.
+LAYERS = (("core",), ("plugins",), ("exporter", "engines"), ("verification", "benchmarks"), ("pipeline",),
+          ("server", "deploy"), ("cli",))
 # The public API facade (exporter/__init__.py: build, load_reference, open_source) sits above every layer.
 FACADES = {"exporter"}
 # Modules whose function-level imports of our modules are lazy on purpose, and why.

@@ -9,7 +9,6 @@ import pytest
 
 from exporter.source import demo_path
 from server.chat import ChatTemplate, TemplateError
-from server.generation import StopStrings
 from server.loadgen import percentile
 
 # Data: the `chat_template` of deepseek-ai/DeepSeek-V3's tokenizer_config.json (the current revision,
@@ -82,25 +81,6 @@ def test_template_is_sandboxed():
     t = ChatTemplate("{{ messages.__class__.__mro__ }}")
     with pytest.raises(TemplateError):
         t.render([{"role": "user", "content": "x"}])
-
-
-@pytest.mark.parametrize("pieces, stops, sent, stopped", [
-    (["hel", "lo wor", "ld"], ["wor"], "hello ", True),
-    (["ab", "c", "d"], ["cx"], "abcd", False),  # a held-back prefix that did not become a stop is released
-    (["a", "b", "STO", "P", "c"], ["STOP"], "ab", True),
-    (["x\ny", "z"], ["\n"], "x", True),
-    (["abc"], [], "abc", False),
-])
-def test_stop_strings(pieces, stops, sent, stopped):
-    s = StopStrings(stops)
-    out = []
-    for p in pieces:
-        text, done = s.push(p)
-        out.append(text)
-        if done:
-            break
-    out.append(s.finish())
-    assert "".join(out) == sent and s.stopped == stopped
 
 
 def test_percentile():

@@ -10,6 +10,8 @@ import time
 import httpx
 import pytest
 
+from tests.helpers import run_together
+
 openai = pytest.importorskip("openai")
 
 MODEL = "demo-build"  # the model id: the build directory's name (tests/conftest.py: demo_build)
@@ -105,25 +107,11 @@ def test_eight_concurrent_greedy_requests_match_generate_alone(server, engine):
              "# Copyright", "x = [1, 2,", "while True:\n    if", "from collections import"]
     prompts = [engine.tokenize(t) for t in texts]
     expected = [engine.generate(p, max_new_tokens=20).ids for p in prompts]
-    got: dict[int, list[int]] = {}
-    errors = []
-    barrier = threading.Barrier(len(prompts))
-
     def one(i):
-        try:
-            barrier.wait(30)
-            r = client(server).completions.create(model=MODEL, prompt=prompts[i], max_tokens=20, temperature=0)
-            got[i] = r.choices[0].model_extra["token_ids"]
-        except Exception as e:  # reported below
-            errors.append(repr(e))
+        r = client(server).completions.create(model=MODEL, prompt=prompts[i], max_tokens=20, temperature=0)
+        return r.choices[0].model_extra["token_ids"]
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert not errors, errors
-    assert [got[i] for i in range(len(prompts))] == expected
+    assert run_together(one, len(prompts)) == expected
     assert server.metric("dsv3_batch_size_bucket", 'le="8.0"') > server.metric("dsv3_batch_size_bucket", 'le="1.0"')
 
 
