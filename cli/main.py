@@ -508,7 +508,7 @@ def _print_bench(report) -> None:
         for phase, k in phases:
             f = r[phase].get(str(k))
             cells.append(escape(f"{f['tokens_per_s']:.1f} [{f['min']:.0f}-{f['max']:.0f}]") if f else "-")
-        t.add_row(name, *cells, human_bytes(r["peak_rss_bytes"]), human_bytes(r["engine_bytes"]) if "engine_bytes" in r else "-")
+        t.add_row(name, *cells, human_bytes(r["peak_rss_bytes"]), human_bytes(r["build_bytes"]) if "build_bytes" in r else "-")
     _console().print(t)
     for label, table in report["ratios"].items():
         for build, ratios in table.items():
