@@ -1,6 +1,6 @@
 """Our ONNX Runtime engine against llama.cpp on the same weights and thread count, one run.
 
-    python tools/llamacpp_compare.py CHECKPOINT BUILD --llama-cpp DIR [--threads 2] [--json FILE]
+    python tools/llamacpp_compare.py CHECKPOINT BUILD [BUILD ...] --llama-cpp DIR [--threads 2] [--json FILE] [--markdown FILE]
     python tools/llamacpp_compare.py CHECKPOINT BUILD --llama-cpp DIR --batch 1,4,16 [--contexts 1024]
 
 CHECKPOINT: the Hugging Face checkpoint BUILD was built from. DIR: a llama.cpp source tree with
@@ -8,6 +8,11 @@ CHECKPOINT: the Hugging Face checkpoint BUILD was built from. DIR: a llama.cpp s
 llama-bench`); its `convert_hf_to_gguf.py` turns the checkpoint into an F32 GGUF next to BUILD
 (kept for the next run). llama.cpp runs DeepSeek-V3 as `deepseek2` with the same absorbed-MLA
 latent cache we use, so the two run the same computation on the same weights.
+
+Each build is set against the llama.cpp types of its precision (PAIRS: fp32 / F32, int8 and int8-wo
+/ Q8_0, int4-wo / Q4_0 and Q4_K), made from the F32 GGUF by `build/bin/llama-quantize` (kept next
+to it). llama.cpp has no FP8 type: an fp8 build gets no pair. `--markdown FILE` writes the one table
+of every pair (docs/performance.md, "Against llama.cpp, every precision").
 
 The GGUF is for speed only: llama.cpp refuses a BPE tokenizer whose pre-tokenizer it does not
 know (our test checkpoints' tokenizers are not in its table), so the conversion records GPT-2's;
@@ -126,13 +131,52 @@ def _median_bound(runs: list[dict]) -> dict:
     return {"decode": {k: {"tokens_per_s": statistics.median(v)} for k, v in per_context.items()}}
 
 
+# Our precision -> the llama.cpp types that store the same kind of weights (8-bit, 4-bit blocks).
+PAIRS = {"fp32": ("f32",), "fp8": (), "int8": ("q8_0",), "int8-wo": ("q8_0",), "int4-wo": ("q4_0", "q4_K")}
+
+
 def gguf_of(args, console) -> Path:
-    """The F32 GGUF of the checkpoint next to the build, converted on first use."""
-    gguf = args.build.parent / f"{args.build.name}.f32.gguf"
+    """The F32 GGUF of the checkpoint (--gguf, or next to the first build), converted on first use."""
+    gguf = args.gguf or args.builds[0].parent / f"{args.builds[0].name}.f32.gguf"
     if not gguf.is_file():
         with console.status(f"converting {args.checkpoint} to {gguf}"):
             convert(args.llama_cpp, args.checkpoint, gguf)
     return gguf
+
+
+def quantized(llama_cpp: Path, f32: Path, kind: str, console) -> Path:
+    """The F32 GGUF quantized to `kind` (q8_0, q4_0, q4_K) by llama-quantize, next to it, made once."""
+    if kind == "f32":
+        return f32
+    out = f32.with_name(f32.name.replace(".f32.gguf", "") + f".{kind}.gguf")
+    if out.is_file():
+        return out
+    binary = llama_cpp / "build" / "bin" / "llama-quantize"
+    if not binary.is_file():
+        raise SystemExit(f"{binary}: no such file (build the llama-quantize target for the {kind} pair)")
+    tmp = out.with_name(out.name + ".partial")
+    with console.status(f"quantizing {f32.name} to {kind.upper()}"):
+        done = subprocess.run([str(binary), str(f32), str(tmp), kind.upper()], capture_output=True, text=True,
+                              errors="replace")  # its log is not always UTF-8
+    if done.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise SystemExit(f"{binary}: llama-quantize failed: {last}")
+    tmp.rename(out)
+    return out
+
+
+def markdown(rows: list[dict], threads: int, rounds: int) -> str:
+    """The one table of every pair: ours, llama.cpp's and the ratio, per measurement."""
+    lines = ["| ours | llama.cpp | measurement | ours tok/s | llama.cpp tok/s | ours / llama.cpp |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        what = f"prefill {r['tokens']}" if r["phase"] == "prefill" else f"decode @ {r['tokens']}"
+        lines.append(f"| {r['precision']} | {r['gguf_type'].upper()} | {what} | {r['ours']:.1f} | "
+                     f"{r['llama_cpp']:.1f} | {r['ratio']:.2f}× |")
+    lines.append("")
+    lines.append(f"{threads} threads, medians over {rounds} alternating rounds (tools/llamacpp_compare.py).")
+    return "\n".join(lines) + "\n"
 
 
 def batched_bench(binary: Path, gguf: Path, *, threads: int, batches: list[int], context: int,
@@ -206,8 +250,9 @@ def main_batched(args, console) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser()
     ap.add_argument("checkpoint", type=Path)
-    ap.add_argument("build", type=Path)
+    ap.add_argument("builds", type=Path, nargs="+", metavar="build")
     ap.add_argument("--llama-cpp", type=Path, required=True, help="llama.cpp source tree with build/bin/llama-bench")
+    ap.add_argument("--gguf", type=Path, default=None, help="The checkpoint's F32 GGUF (default: next to the first build)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prefill", default="128,1024")
     ap.add_argument("--contexts", default="128,1024,4096")
@@ -215,55 +260,90 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--rounds", type=int, default=3, help="Alternating rounds of the two (medians over rounds).")
     ap.add_argument("--decode-tokens", type=int, default=16)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--markdown", type=Path, default=None, help="Write the table of every pair as Markdown")
     ap.add_argument("--batch", default=None,
                     help="Batch sizes (e.g. 1,4,16): batched decode against llama-batched-bench instead")
     args = ap.parse_args(argv)
+    args.build = args.builds[0]
     if args.batch:
         from rich.console import Console
 
         return main_batched(args, Console(stderr=True))
 
     from rich.console import Console
-    from rich.table import Table
-
-    from benchmarks.bench import bench, merge_rounds
 
     binary = args.llama_cpp / "build" / "bin" / "llama-bench"
     for path, what in ((binary, "llama-bench binary"), (args.llama_cpp / "convert_hf_to_gguf.py", "converter"),
-                       (args.checkpoint / "config.json", "checkpoint config"), (args.build / "manifest.json", "build manifest")):
+                       (args.checkpoint / "config.json", "checkpoint config"),
+                       *((b / "manifest.json", "build manifest") for b in args.builds)):
         if not path.is_file():
             raise SystemExit(f"{path}: no such file (the {what})")
+    console = Console(stderr=True)
+    f32 = gguf_of(args, console)
+    rows, runs = [], {}
+    for build in args.builds:
+        precision = json.loads((build / "manifest.json").read_text())["precision"]
+        ggufs = {kind: quantized(args.llama_cpp, f32, kind, console) for kind in PAIRS.get(precision, ())}
+        if not ggufs:
+            console.print(f"{build}: llama.cpp has no {precision} type; no pair")
+            continue
+        report = compare_build(args, build, ggufs, binary, console)
+        for kind, pair_rows in report["rows"].items():
+            rows += [{**r, "build": str(build), "precision": precision, "gguf_type": kind} for r in pair_rows]
+        runs[str(build)] = report
+    print_rows(rows, args.threads)
+    result = {"threads": args.threads, "rounds": args.rounds, "gguf": str(f32), "rows": rows, "runs": runs}
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1, default=str))
+    if args.markdown:
+        args.markdown.write_text(markdown(rows, args.threads, args.rounds))
+    return result
+
+
+def compare_build(args, build: Path, ggufs: dict[str, Path], binary: Path, console) -> dict:
+    """One build against each of its GGUFs: all of them alternating for --rounds rounds (on a shared
+    machine the speed drifts by tens of percent within minutes, and it must hit every side alike),
+    each measurement's median over rounds."""
+    from benchmarks.bench import bench, merge_rounds
+
     prefill = [int(x) for x in args.prefill.split(",")]
     contexts = [int(x) for x in args.contexts.split(",")]
-    console = Console(stderr=True)
-    gguf = gguf_of(args, console)
-    # Alternate the two for --rounds rounds and keep each measurement's median over rounds: on a
-    # shared machine the speed drifts by tens of percent within minutes, and it must hit both alike.
-    ours_runs, theirs_runs = [], []
+    ours_runs: list[dict] = []
+    theirs_runs: dict[str, list[dict]] = {kind: [] for kind in ggufs}
     for r in range(args.rounds):
-        with console.status(f"round {r + 1}/{args.rounds}: ONNX Runtime engine (benchmarks.bench)"):
-            ours_runs.append(bench([args.build], threads=args.threads, repeats=args.repeats, prefill=prefill,
+        with console.status(f"{build.name}, round {r + 1}/{args.rounds}: ONNX Runtime engine (benchmarks.bench)"):
+            ours_runs.append(bench([build], threads=args.threads, repeats=args.repeats, prefill=prefill,
                                    contexts=contexts, reference=False)["results"][0])
-        with console.status(f"round {r + 1}/{args.rounds}: llama.cpp (llama-bench)"):
-            theirs_runs.append(llama_rows(llama_bench(binary, gguf, threads=args.threads, prefill=prefill,
-                                                      contexts=contexts, repeats=args.repeats,
-                                                      decode_tokens=args.decode_tokens)))
-    ours, theirs = merge_rounds(ours_runs), median_over_rounds(theirs_runs)
+        for kind, gguf in ggufs.items():
+            with console.status(f"{build.name}, round {r + 1}/{args.rounds}: llama.cpp {kind.upper()} (llama-bench)"):
+                theirs_runs[kind].append(llama_rows(llama_bench(binary, gguf, threads=args.threads, prefill=prefill,
+                                                                contexts=contexts, repeats=args.repeats,
+                                                                decode_tokens=args.decode_tokens)))
+    ours = merge_rounds(ours_runs)
     ours["memory_bound"] = _median_bound(ours_runs)
-    rows = compare(ours, theirs)
-    table = Table(title=f"{args.build.name} vs llama.cpp F32, {args.threads} threads (tokens/s)")
-    for col in ("measurement", "ours", "llama.cpp", "ours / llama.cpp", "memory bound (ours / llama.cpp reach)"):
+    rows = {kind: compare(ours, median_over_rounds(t)) for kind, t in theirs_runs.items()}
+    if "f32" not in rows:  # the bound holds for the same weights in the same format only
+        for pair_rows in rows.values():
+            for row in pair_rows:
+                for key in ("bound", "ours_reached", "llama_cpp_reached"):
+                    row.pop(key, None)
+    return {"ours": ours, "rows": rows, "ours_runs": ours_runs, "llama_cpp_runs": theirs_runs}
+
+
+def print_rows(rows: list[dict], threads: int) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"ours vs llama.cpp on the same weights, {threads} threads (tokens/s)")
+    for col in ("ours", "llama.cpp", "measurement", "ours tok/s", "llama.cpp tok/s", "ours / llama.cpp",
+                "memory bound (ours / llama.cpp reach)"):
         table.add_column(col, justify="right")
     for r in rows:
         what = f"prefill {r['tokens']}" if r["phase"] == "prefill" else f"decode @ {r['tokens']}"
         bound = f"{r['bound']:.1f} ({r['ours_reached']:.0%} / {r['llama_cpp_reached']:.0%})" if "bound" in r else "-"
-        table.add_row(what, f"{r['ours']:.1f}", f"{r['llama_cpp']:.1f}", f"{r['ratio']:.2f}×", bound)
+        table.add_row(r["precision"], r["gguf_type"].upper(), what, f"{r['ours']:.1f}", f"{r['llama_cpp']:.1f}",
+                      f"{r['ratio']:.2f}×", bound)
     Console().print(table)
-    report = {"threads": args.threads, "rounds": args.rounds, "gguf": str(gguf), "ours": ours, "llama_cpp": theirs,
-              "rows": rows, "ours_runs": ours_runs, "llama_cpp_runs": theirs_runs}
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=1, default=str))
-    return report
 
 
 if __name__ == "__main__":

@@ -89,3 +89,25 @@ def test_batched_bench_lines_are_parsed():
         '{"pp": 1024, "tg": 16, "pl": 4, "n_kv": 4160, "t_pp": 8.0, "speed_pp": 512.0, "t_tg": 0.9, '
         '"speed_tg": 71.1, "t": 8.9, "speed": 467.4}'])
     assert tool.parse_batched(text) == {1: 50.0, 4: 71.1}
+
+
+def test_every_precision_has_its_llama_cpp_pairs():
+    tool = _tool()
+    assert tool.PAIRS["fp32"] == ("f32",) and tool.PAIRS["int8"] == tool.PAIRS["int8-wo"] == ("q8_0",)
+    assert tool.PAIRS["int4-wo"] == ("q4_0", "q4_K") and tool.PAIRS["fp8"] == ()  # llama.cpp has no FP8 type
+
+
+def test_markdown_table_has_a_row_per_pair_and_measurement():
+    rows = [{"precision": "int4-wo", "gguf_type": kind, "phase": "decode", "tokens": 1024, "ours": 84.2,
+             "llama_cpp": theirs, "ratio": 84.2 / theirs} for kind, theirs in (("q4_0", 103.9), ("q4_K", 90.0))]
+    text = _tool().markdown(rows, threads=2, rounds=3)
+    assert "| int4-wo | Q4_0 | decode @ 1024 | 84.2 | 103.9 | 0.81× |" in text
+    assert "| int4-wo | Q4_K | decode @ 1024 | 84.2 | 90.0 | 0.94× |" in text and "medians over 3" in text
+
+
+def test_a_missing_llama_quantize_is_a_one_line_error(tmp_path):
+    from rich.console import Console
+
+    (tmp_path / "x.f32.gguf").write_bytes(b"")
+    with pytest.raises(SystemExit, match="llama-quantize"):
+        _tool().quantized(tmp_path, tmp_path / "x.f32.gguf", "q8_0", Console(stderr=True))
