@@ -59,6 +59,22 @@ def test_demo_16_prompts_together_equal_each_alone(demo):
     assert all(r.finish_reason in ("stop", "length") for r in reqs)
 
 
+def test_several_prompts_prefill_in_one_call_as_they_would_alone(demo):
+    # Prompts of 40, 30 and 12 tokens with room for all: one call of width 40 (two rows padded),
+    # then nothing left to prefill; a budget of 64 fits one row of 40, so the next go one by one.
+    prompts = [p[:n] for p, n in zip(_prompts(demo, 3, 40, 40), (40, 30, 12))]
+    together = Scheduler(demo, max_batch=3, prefill_chunk=256)
+    reqs = [together.submit(p, GREEDY) for p in prompts]
+    together.run()
+    assert together.stats.prefill_calls == 1 and together.stats.prefill_tokens == 82
+    assert [r.tokens for r in reqs] == _alone(demo, prompts, GREEDY)
+    narrow = Scheduler(demo, max_batch=3, prefill_chunk=64)
+    for p in prompts:
+        narrow.submit(p, GREEDY)
+    narrow.run()
+    assert narrow.stats.prefill_calls == 2  # 40 alone (2 x 40 > 64), then 30 and 12 at width 30
+
+
 def test_demo_staggered_arrivals_equal_each_alone(demo):
     """One new request every 3 steps, 8 slots for 16 requests: sequences join and leave mid-batch,
     prompts are prefilled in chunks of 64 tokens while others decode."""
