@@ -161,6 +161,12 @@ def graph_io(path: Path) -> dict[str, list[dict]]:
     return {"inputs": describe(model.graph.input), "outputs": describe(model.graph.output)}
 
 
+def takes_buffers(io: dict[str, list[dict]]) -> bool:
+    """Whether a graph's I/O is graph contract v2: cache buffers written in place and their lengths
+    (`cache_lengths`), not cached prefixes (version 1: `--mla naive`, older builds)."""
+    return any(i["name"] == "cache_lengths" for i in io.get("inputs", []))
+
+
 def cache_layout(io: dict[str, list[dict]], default_width: int) -> tuple[tuple[int, ...], np.dtype]:
     """(trailing dims, dtype) of one layer's cache as a graph's I/O declares it (`past_latent.0`, or
     `past_latent.mtp` for the MTP graph): the latent row [C], or per-head K|V [H, K+V] for a

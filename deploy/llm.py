@@ -30,8 +30,9 @@ from tokenizers import Tokenizer
 
 from core.config import ModelConfig
 from core.errors import ExportError
-from engines.runtime import TextStream
+from engines.runtime import TextStream, check_token_ids
 from engines.scheduler import QueueFull, SamplingParams, Scheduler
+from engines.stages import StagedSession
 from engines.stop_strings import StopStrings
 
 PIPELINE_FILE = "pipeline.json"  # what the dsv3 model needs of the build, next to its model.py
@@ -121,17 +122,38 @@ def parse_request(inputs: Mapping[str, np.ndarray], eos: int | None) -> Generate
 
 # ---- the stage chain ------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class Stage:
-    model: str  # the Triton model that runs it
-    layers: tuple[int, int]  # [first, end) global layer numbers
-    first_input: str  # input_ids (stage 0) or hidden_in
-    outputs: tuple[str, ...]
+class _Name:
+    name: str
+
+
+class StageModel:
+    """One stage model behind onnxruntime's session interface (`get_inputs`, `get_outputs`,
+    `run`), one Triton inference per run through `call`, so engines.stages.StagedSession chains the
+    stage models as it chains ONNX Runtime sessions."""
+
+    def __init__(self, model: str, layers: Sequence[int], first_input: str, outputs: Sequence[str], call: StageCall):
+        self.model, self.call = model, call
+        first, end = layers
+        self._inputs = [_Name(n) for n in (first_input, "cache_lengths", *(f"past_latent.{i}" for i in range(first, end)))]
+        self._outputs = [_Name(n) for n in outputs]
+
+    def get_inputs(self) -> list[_Name]:
+        return list(self._inputs)
+
+    def get_outputs(self) -> list[_Name]:
+        return list(self._outputs)
+
+    def run(self, output_names, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        names = list(output_names or [o.name for o in self._outputs])
+        out = self.call(self.model, feeds, names)
+        return [out[n] for n in names]
 
 
 class StageChain:
     """What engines.scheduler.Scheduler needs of an engine, over the stage models: `step_in_place`
-    calls each stage in order (one inference each, through `call`), passing the hidden states on
-    and that stage's cache buffers, and writes the presents it returns back into the buffers."""
+    calls each stage in order (StagedSession over StageModel: one inference each), passing the
+    hidden states on and that stage's cache buffers, and writes the presents it returns back into
+    the buffers."""
 
     buffered = True
 
@@ -141,36 +163,20 @@ class StageChain:
         self.n_layers = self.config.n_layers
         self.cache_shape = tuple(int(d) for d in pipeline["cache"]["shape"])
         self.cache_dtype = np.dtype(pipeline["cache"]["dtype"])
-        self.stages = [Stage(s["model"], tuple(s["layers"]), s["first_input"], tuple(s["outputs"]))
-                       for s in pipeline["stages"]]
-        self.call = call
+        stages = pipeline["stages"]
+        self._chain = StagedSession([StageModel(s["model"], s["layers"], s["first_input"], s["outputs"], call)
+                                     for s in stages], [s["layers"] for s in stages])
 
     def check_ids(self, ids: np.ndarray) -> None:
-        vocab = self.config.vocab_size
-        if ids.size and (ids.min() < 0 or ids.max() >= vocab):
-            bad = int(ids.min()) if ids.min() < 0 else int(ids.max())
-            raise ExportError(f"token id {bad} is out of range for this model (vocab size {vocab})")
+        check_token_ids(ids, self.config.vocab_size)
 
     def empty_buffers(self, batch: int, positions: int) -> list[np.ndarray]:
         return [np.zeros((batch, positions, *self.cache_shape), self.cache_dtype) for _ in range(self.n_layers)]
 
     def step_in_place(self, ids: np.ndarray, cache_lengths: np.ndarray,
                       buffers: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        ids = np.ascontiguousarray(ids, np.int64)
-        lengths = np.ascontiguousarray(cache_lengths, np.int64)
-        if ids.shape[1] + int(lengths.max(initial=0)) > buffers[0].shape[1]:
-            raise ExportError(f"cache buffers hold {buffers[0].shape[1]} positions; rows up to "
-                              f"{int(lengths.max()) + ids.shape[1]} were asked for")
-        x = ids
-        for stage in self.stages:
-            first, end = stage.layers
-            feeds = {stage.first_input: x, "cache_lengths": lengths,
-                     **{f"past_latent.{i}": np.ascontiguousarray(buffers[i]) for i in range(first, end)}}
-            out = self.call(stage.model, feeds, stage.outputs)
-            for i in range(first, end):
-                np.copyto(buffers[i], out[f"present_latent.{i}"])
-            x = out.get("hidden_out")
-        return out["logits"], out["hidden_states"]
+        return self._chain.run_in_place(np.ascontiguousarray(ids, np.int64),
+                                        np.ascontiguousarray(cache_lengths, np.int64), buffers)
 
 
 # ---- the model ------------------------------------------------------------------------------------

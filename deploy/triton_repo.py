@@ -36,7 +36,7 @@ from typing import Any
 import onnx
 from onnx.external_data_helper import _get_all_tensors, uses_external_data
 
-from core.build_dir import cache_layout, check_file_hashes, main_io, read_manifest, stage_graphs
+from core.build_dir import cache_layout, check_file_hashes, main_io, read_manifest, stage_graphs, takes_buffers
 from core.errors import ExportError
 from deploy import model_config as mc
 from deploy.llm import PIPELINE_FILE, PIPELINE_FORMAT
@@ -75,7 +75,7 @@ def _check_options(device: str, gpus: Sequence[int] | None, n_stages: int, insta
 
 def _check_build(build: Path, manifest: dict[str, Any], check_files: bool) -> None:
     first = manifest["io"][stage_graphs(manifest)[0]["file"]]
-    if not any(i["name"] == "cache_lengths" for i in first["inputs"]):
+    if not takes_buffers(first):
         raise ExportError(f"{build}: this build's graphs take no cache buffers (an older build, or --mla naive); "
                           "rebuild it with dsv3-export build to serve it with Triton")
     if not (build / "tokenizer.json").is_file():

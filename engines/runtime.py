@@ -28,6 +28,7 @@ from core.build_dir import (
     main_io,
     read_manifest,
     stage_graphs,
+    takes_buffers,
 )
 from core.config import ModelConfig
 from core.errors import ExportError
@@ -44,6 +45,13 @@ def prefix_in_buffer(prefix: np.ndarray, new: int) -> tuple[np.ndarray, np.ndarr
     buffer = np.zeros((prefix.shape[0], t + new, *prefix.shape[2:]), prefix.dtype)
     buffer[:, :t] = prefix
     return buffer, np.full(prefix.shape[0], t, np.int64)
+
+
+def check_token_ids(ids: np.ndarray, vocab: int) -> None:
+    """Every id in 0..vocab-1, else one ExportError naming the first bad one."""
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab):
+        bad = int(ids.min()) if ids.min() < 0 else int(ids.max())
+        raise ExportError(f"token id {bad} is out of range for this model (vocab size {vocab}: ids 0..{vocab - 1})")
 
 
 def layout_hints(manifest: dict) -> list[str]:
@@ -154,14 +162,12 @@ class Engine:
             raise ExportError("execution providers apply to --backend ort only")
         self._providers = None if providers is None else list(providers)
         self._threads = threads
-        self.stages = stage_graphs(self.manifest)
-        if len(self.stages) == 1:
-            self.session = self._open_session("model")
-            self.model_file: Path = self.session.dsv3_model_path
-        else:  # a `--stages N` build: the stages chained behind the one-graph interface
-            stage_sessions = [self._open_session(Path(s["file"]).stem) for s in self.stages]
-            self.session = StagedSession(stage_sessions, [s["layers"] for s in self.stages])
-            self.model_file = stage_sessions[0].dsv3_model_path
+        self.stages = stage_graphs(self.manifest)  # model.onnx alone, or a `--stages N` build's stages
+        stage_sessions = [self._open_session(Path(s["file"]).stem) for s in self.stages]
+        self._chain = StagedSession(stage_sessions, [s["layers"] for s in self.stages])
+        # The session of the main model: the graph's own, or the stages chained behind its interface.
+        self.session = stage_sessions[0] if len(stage_sessions) == 1 else self._chain
+        self.model_file: Path = stage_sessions[0].dsv3_model_path
         self._mtp_session = None
         self._mtp_outputs: list[str] | None = None
         self._outputs = [o.name for o in self.session.get_outputs()]
@@ -172,7 +178,7 @@ class Engine:
         io = main_io(self.manifest)
         self.cache_shape, self.cache_dtype = cache_layout(io, self.latent_dim)
         # Graph contract v2: the graphs take cache buffers and their lengths, written in place.
-        self.buffered = any(i["name"] == "cache_lengths" for i in io["inputs"])
+        self.buffered = takes_buffers(io)
         self.tokenizer = self._load_tokenizer()
         self.hints = layout_hints(self.manifest)
 
@@ -239,10 +245,7 @@ class Engine:
         return out
 
     def check_ids(self, ids: np.ndarray) -> None:
-        vocab = self.config.vocab_size
-        if ids.size and (ids.min() < 0 or ids.max() >= vocab):
-            bad = int(ids.min()) if ids.min() < 0 else int(ids.max())
-            raise ExportError(f"token id {bad} is out of range for this model (vocab size {vocab}: ids 0..{vocab - 1})")
+        check_token_ids(ids, self.config.vocab_size)
 
     # ---- one graph call ---------------------------------------------------------------------------
     def forward(self, input_ids, past: Sequence[np.ndarray] | None = None
@@ -296,17 +299,8 @@ class Engine:
         """One call over cache buffers (graph contract v2): row b's S new tokens at positions
         cache_lengths[b]..+S-1, their latent rows written into buffers[i][b] in place (ONNX Runtime
         binds each buffer as both past and present). Returns (logits, hidden_states)."""
-        ids = np.ascontiguousarray(ids, np.int64)
-        lengths = np.ascontiguousarray(cache_lengths, np.int64)
-        if ids.shape[1] + int(lengths.max(initial=0)) > buffers[0].shape[1]:
-            raise ExportError(f"cache buffers hold {buffers[0].shape[1]} positions; rows up to "
-                              f"{int(lengths.max()) + ids.shape[1]} were asked for")
-        if isinstance(self.session, StagedSession):
-            return self.session.run_in_place(ids, lengths, buffers)
-        logits, hidden = ort_engine.run_in_place(self.session, {"input_ids": ids, "cache_lengths": lengths},
-                                                 {f"past_latent.{i}": b for i, b in enumerate(buffers)},
-                                                 ["logits", "hidden_states"])
-        return logits, hidden
+        return self._chain.run_in_place(np.ascontiguousarray(ids, np.int64),
+                                        np.ascontiguousarray(cache_lengths, np.int64), buffers)
 
     # ---- generation -------------------------------------------------------------------------------
     def _prompt_rows(self, prompt, add_bos: bool) -> tuple[list[list[int]], bool]:

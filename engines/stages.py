@@ -4,7 +4,8 @@
 stage k hands its hidden states to stage k+1 and owns its layers' caches. `StagedSession` chains the
 stages' sessions (ONNX Runtime or TensorRT, one per stage, each where its stage is placed) behind
 the one-graph interface the rest of the engine uses: `get_inputs` / `get_outputs` / `run` (what
-Polygraphy's runners call), and `run_in_place` over the cache buffers. The chain is exact: a stage's
+Polygraphy's runners call), and `run_in_place` over the cache buffers. A one-graph build is a chain
+of one, and any session with onnxruntime's `run` can be a stage (TensorRT's, or a Triton model's). The chain is exact: a stage's
 output is the next one's input, bit for bit, so a staged engine computes what the one-graph engine
 computes, up to the kernels' own choices for the shapes they see.
 """
@@ -16,6 +17,7 @@ from typing import Sequence
 import numpy as np
 
 import engines.ort as ort_engine
+from core.errors import ExportError
 
 
 class StagedSession:
@@ -54,7 +56,11 @@ class StagedSession:
 
     def run_in_place(self, ids: np.ndarray, cache_lengths: np.ndarray,
                      buffers: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """engines.ort.run_in_place through the chain: each stage writes its own layers' buffers."""
+        """engines.ort.run_in_place through the chain: each stage writes its own layers' buffers.
+        ids [B, S] and cache_lengths [B] int64; returns (logits, hidden_states)."""
+        if ids.shape[1] + int(cache_lengths.max(initial=0)) > buffers[0].shape[1]:
+            raise ExportError(f"cache buffers hold {buffers[0].shape[1]} positions; rows up to "
+                              f"{int(cache_lengths.max()) + ids.shape[1]} were asked for")
         hidden = None
         for k, (sess, layers) in enumerate(zip(self.sessions, self.layers)):
             inputs = {"input_ids": ids} if k == 0 else {"hidden_in": hidden}

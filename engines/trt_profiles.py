@@ -17,6 +17,7 @@ from typing import Any, Mapping, Sequence
 
 import onnx
 
+from core.build_dir import takes_buffers
 from core.errors import ExportError
 from plugins import DOMAIN
 
@@ -122,7 +123,7 @@ def make_profiles(inputs: Sequence[Mapping[str, Any]], options: TrtOptions) -> l
     """The optimization profiles of one graph from its inputs ({"name", "shape"} as
     core.build_dir.graph_io gives them: ints or the dim names batch / seq / past)."""
     out = []
-    buffered = any(inp["name"] == "cache_lengths" for inp in inputs)
+    buffered = takes_buffers({"inputs": inputs})
     for profile, ranges in dim_ranges(options, buffered).items():
         shapes = {}
         for inp in inputs:

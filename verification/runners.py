@@ -17,7 +17,7 @@ from polygraphy.common import TensorMetadata
 
 import engines.ort as ort_engine
 import engines.trt as trt_engine
-from core.build_dir import find_stages
+from core.build_dir import find_stages, takes_buffers
 from core.errors import ExportError
 from engines.stages import StagedSession
 from exporter.export import cache_width
@@ -33,7 +33,7 @@ def present_to_past(name: str) -> str:
 def empty_past(io: dict, batch: int, capacity: int = 0) -> dict:
     """The cache inputs of a first call, shaped from the graph's own I/O description: zero-length
     prefixes, or (graph contract v2) zeroed buffers of `capacity` positions and cache_lengths 0."""
-    buffered = any(i["name"] == "cache_lengths" for i in io["inputs"])
+    buffered = takes_buffers(io)
     out = {"cache_lengths": np.zeros(batch, np.int64)} if buffered else {}
     for inp in io["inputs"]:
         if inp["name"].startswith("past_latent"):
