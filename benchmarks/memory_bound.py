@@ -20,6 +20,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from core.build_dir import stage_graphs
+from exporter.passes.lower_ort_moe import ROUTED_EXPERT_WEIGHT
 
 # Ops that run only the experts each token is routed to: ours (docs/design.md, "Custom ops") and ONNX Runtime's.
 EXPERT_OPS = {"MoEDispatch", "MoEDispatchFP8", "MoE", "QMoE"}
@@ -80,7 +81,10 @@ def step_bytes(graph_path: str | Path, cfg: dict) -> dict[str, int]:
             tensor, kinds = value.const_value, _kinds(value)
             if tensor is None or not kinds:
                 continue
-            if kinds == {"embedding"} and len(tensor.shape) == 2:
+            if ROUTED_EXPERT_WEIGHT.search(value.name):  # one routed expert's own weight (lowered fp32)
+                share = cfg["n_activated_experts"] / cfg["n_routed_experts"]
+                out["experts"] += round(tensor.nbytes * share)
+            elif kinds == {"embedding"} and len(tensor.shape) == 2:
                 out["embedding"] += tensor.nbytes // tensor.shape[0]
             elif kinds == {"experts"} and len(tensor.shape) >= 1:
                 out["experts"] += round(tensor.nbytes * _expert_share(tensor.shape[0], cfg))

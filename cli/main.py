@@ -232,8 +232,11 @@ class _RichReporter:
               help="TensorRT: longest prompt in one call (default: --max-seq-len, at most 2048).")
 @click.option("--stages", type=click.IntRange(min=1), default=1, show_default=True,
               help="Cut the model into N pipeline-stage graphs (layer ranges balanced by bytes), one per device.")
+@click.option("--moe", "moe_form", default="fused", show_default=True, type=click.Choice(["fused", "per-expert"]),
+              help="fp32 ORT experts: fused (ORT's MoE kernel; best one sequence at a time) or per-expert "
+                   "(MatMuls per expert; faster batched decode and prefill, slower session start).")
 def build(source, out, precision, keep_fp, backend, mla, no_mtp, no_verify, no_lower, force, seed, max_batch,
-          max_seq_len, max_prefill, stages) -> None:
+          max_seq_len, max_prefill, stages, moe_form) -> None:
     """Build a verified engine directory from a checkpoint dir or preset (default: demo, the embedded
     trained model)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -244,7 +247,7 @@ def build(source, out, precision, keep_fp, backend, mla, no_mtp, no_verify, no_l
     with Progress(*columns, transient=False) as progress:
         manifest = run_build(source, out, precision=precision, backend=backend, mla=mla, mtp=not no_mtp,
                              verify=not no_verify, force=force, reporter=_RichReporter(progress), seed=seed,
-                             lower=not no_lower, keep_fp=list(keep_fp) or None, stages=stages,
+                             lower=not no_lower, keep_fp=list(keep_fp) or None, stages=stages, moe_form=moe_form,
                              trt_options=dict(max_batch=max_batch, max_seq_len=max_seq_len, max_prefill=max_prefill))
     _print_build_summary(out, manifest)
     verdict = manifest.get("verify")

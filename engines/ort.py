@@ -37,6 +37,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 from onnx.external_data_helper import _get_all_tensors, uses_external_data
 
+from core.build_dir import find_manifest
 from core.errors import ExportError
 
 CPU = "CPUExecutionProvider"
@@ -339,6 +340,12 @@ def session(build_dir: str | Path, graph: str = "model", providers: Iterable[str
             raise ExportError(f"threads must be >= 0 (0 = ONNX Runtime's default), got {threads}")
         so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
+    manifest = find_manifest(build_dir)
+    if manifest is not None and manifest.get("moe_form") == "per-expert":
+        # ONNX Runtime's static memory-reuse plan is quadratic in a graph's values: 2.9 s of session
+        # start for `small`'s per-expert graph, 0.16 s without it (its arena still recycles memory
+        # at run time; decode measured no slower, docs/performance.md).
+        so.enable_mem_reuse = False
     if not spin:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if optimized.is_file() and tuple(providers) == PREPARED_PROVIDERS:

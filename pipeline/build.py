@@ -29,6 +29,7 @@ from exporter.export import export_main, export_mtp, export_stage, meta_model
 from exporter.passes.attach_weights import attach_weights
 from exporter.passes.cleanup import cleanup
 from exporter.passes.lower_ort import lower_ort
+from exporter.passes.lower_ort_moe import FORMS as MOE_FORMS
 from exporter.passes.plugin_attrs import plugin_attrs
 from exporter.passes.pretranspose import pretranspose
 from exporter.passes.quantize import quantize
@@ -64,7 +65,8 @@ def source_info(source, spec: str | Path) -> dict[str, Any]:
 
 
 def export_graph(kind: str, source, out_dir: Path, reporter: Reporter, *, mla: str = "absorbed",
-                 lower: bool = False, policy=None, quant_target: str = "ort", layers: range | None = None) -> Path:
+                 lower: bool = False, moe_form: str = "fused", policy=None, quant_target: str = "ort",
+                 layers: range | None = None) -> Path:
     """Trace one graph ("model", "mtp", or "stage{k}" over `layers`), run the passes, save it with its
     weights streamed out."""
     model = meta_model(source.config, mla=mla, has_gate_bias=has_gate_bias(source), mtp=kind == "mtp")
@@ -79,7 +81,7 @@ def export_graph(kind: str, source, out_dir: Path, reporter: Reporter, *, mla: s
         graph = quantize(graph, source, policy, target=quant_target)
     graph = cleanup(graph)
     if lower:  # ONNX Runtime's native Attention / MoE kernels in place of the portable bodies
-        graph = lower_ort(graph)
+        graph = lower_ort(graph, moe_form)
     graph = pretranspose(graph)  # Wᵀ stored once: ONNX Runtime then has no transposed copy to fold
     graph.producer_name, graph.producer_version = "dsv3-export", tool_versions().get("dsv3-export", "")
     path = out_dir / f"{kind}.onnx"
@@ -136,11 +138,12 @@ def build(source_spec: str | Path = "demo", out: str | Path = "build", *, precis
           backend: str = "ort", mla: str = "absorbed", mtp: bool = True, verify: bool = True,
           force: bool = False, reporter: Reporter | None = None, seed: int = 0,
           trt_options: dict[str, Any] | None = None, lower: bool = True, keep_fp=None,
-          stages: int = 1) -> dict[str, Any]:
+          stages: int = 1, moe_form: str = "fused") -> dict[str, Any]:
     """Export, pass, build the engine, verify, write the manifest. Returns the manifest (plus the
     verify verdict under "verify"). `trt_options`: engines.trt.TrtOptions fields (max_batch,
     max_seq_len, max_prefill, ...) for backend "trt". `keep_fp`: --keep-fp patterns (exporter/precision_policy.py).
-    `stages`: the main model cut into that many pipeline-stage graphs (exporter/stage_plan.py)."""
+    `stages`: the main model cut into that many pipeline-stage graphs (exporter/stage_plan.py).
+    `moe_form`: how a lowered fp32 graph runs its experts (exporter/passes/lower_ort_moe.py)."""
     reporter = reporter or Reporter()
     policy = Policy.make(precision, keep_fp)  # an unknown precision or bad pattern fails here
     check_backend(backend)
@@ -150,6 +153,8 @@ def build(source_spec: str | Path = "demo", out: str | Path = "build", *, precis
                           "for --backend trt only")
     if backend == "trt":
         trt_engine.require_tensorrt()  # before any work: one line when TensorRT, a GPU or Triton is missing
+    if moe_form not in MOE_FORMS:
+        raise ExportError(f"--moe must be one of {', '.join(MOE_FORMS)}, got {moe_form!r}")
     if not isinstance(stages, int) or isinstance(stages, bool) or stages < 1:
         raise ExportError(f"--stages must be a positive integer, got {stages!r}")
     if stages > 1 and mla != "absorbed":
@@ -166,14 +171,16 @@ def build(source_spec: str | Path = "demo", out: str | Path = "build", *, precis
         lower = lower and backend == "ort"
         target = "ort" if backend == "ort" else "qdq"  # TensorRT takes the Q/DQ form
         graphs, stage_entries = export_main_graphs(source, tmp, reporter, stages, precision, keep_fp, mla=mla,
-                                                   lower=lower, policy=policy, quant_target=target)
+                                                   lower=lower, moe_form=moe_form, policy=policy,
+                                                   quant_target=target)
         if mtp and source.has_mtp:
-            graphs["mtp.onnx"] = export_graph("mtp", source, tmp, reporter, mla=mla, lower=lower, policy=policy,
-                                              quant_target=target)
+            graphs["mtp.onnx"] = export_graph("mtp", source, tmp, reporter, mla=mla, lower=lower, moe_form=moe_form,
+                                              policy=policy, quant_target=target)
         write_tokenizer(source, source_spec, tmp)
         info: dict[str, Any] = {
             "config": source.config.to_dict(), "precision": precision, "backend": backend, "mla": mla,
-            "lowered": lower, **({"stages": stage_entries} if stage_entries else {}),
+            "lowered": lower, **({"moe_form": moe_form} if lower else {}),
+            **({"stages": stage_entries} if stage_entries else {}),
             "quantization": {**policy.to_dict(), "form": target} if policy.scheme is not None else None,
             "source": source_info(source, source_spec), "tools": tool_versions(),
             "io": {name: graph_io(path) for name, path in graphs.items()},

@@ -43,6 +43,23 @@ def test_step_bytes_of_a_build_match_the_reference_parameters(tiny_build):
     assert got["weights"] == got["embedding"] + got["experts"] + got["other"]
 
 
+def test_step_bytes_of_per_expert_weights(tmp_path):
+    """--moe per-expert: each routed expert is its own weights (<stack>.expert<j>), k of them read a
+    token (counted per expert, rounded to the byte); the shared experts are read every step."""
+    from exporter import open_source
+    from pipeline.build import Reporter, export_graph
+
+    src = open_source("tiny")
+    path = export_graph("model", src, tmp_path, Reporter(), lower=True, moe_form="per-expert")
+    cfg = src.config.to_dict()
+    got = step_bytes(path, cfg)
+    want = _reference_step_bytes("tiny")
+    moe_layers = cfg["n_layers"] - cfg["n_dense_layers"]
+    assert abs(got["experts"] - want["experts"]) <= 2 * cfg["n_routed_experts"] * moe_layers
+    assert 0 <= got["other"] - want["other"] <= 0.01 * want["other"]
+    assert got["weights"] == got["embedding"] + got["experts"] + got["other"]
+
+
 def _value(name, array):
     return ir.Value(name=name, const_value=ir.tensor(array, name=name))
 
