@@ -16,10 +16,17 @@ from core.fp8 import FP8_BLOCK
 
 PRECISIONS = ("fp32", "fp8", "int8", "int8-wo", "int4-wo")
 QUANTIZED = PRECISIONS[1:]
-# Kept in the model dtype unless --keep-fp says otherwise: the embedding table (a lookup, no
-# matmul to speed up), the router (its scores pick experts: a flipped pick is a different model),
-# the LM heads (they set every logit directly). Norms and biases are vectors and never quantized.
-DEFAULT_KEEP_FP = ("embed.weight", "*.gate.weight", "head.weight", "mtp.*.head.weight")
+# Kept in the model dtype unless --keep-fp says otherwise: the embedding table (a lookup of one row
+# a token, nothing to speed up), the router (its scores pick experts: a flipped pick is a different
+# model); for fp8 also the LM heads (they set every logit directly; DeepSeek's own FP8 checkpoint
+# keeps them in bf16). The integer precisions store the heads in 8 bits, blocks of HEAD_BLOCK,
+# weight-only, whatever the body's precision (llama.cpp's types keep the output matrix at 6-8
+# bits too): an fp32 head is 131 MB of the ~200 MB an int4-wo token of `small` reads.
+# Norms and biases are vectors and never quantized.
+HEADS = ("head.weight", "mtp.*.head.weight")
+DEFAULT_KEEP_FP = ("embed.weight", "*.gate.weight", *HEADS)
+DEFAULT_KEEP_FP_INT = ("embed.weight", "*.gate.weight")
+HEAD_BITS, HEAD_BLOCK = 8, 128
 INT8_ACT_EPS = 1e-8
 # Weight-only block along the input axis. 128, not 32, by measurement on `small` (docs/precision.md):
 # 32 costs 1 bit per weight in fp32 scales (int4: 0.156x of fp32 on disk, over the 0.15 target) for
@@ -57,12 +64,19 @@ def check_precision(precision: str) -> str:
     return precision
 
 
-def expand_keep_fp(patterns) -> tuple[str, ...]:
-    """--keep-fp values -> patterns. None or empty: the defaults; "default" expands to them, so
-    `--keep-fp default --keep-fp 'layers.0.*'` adds one; "none" (alone) keeps nothing, embeddings
-    and heads included. Commas separate several patterns in one value."""
+def default_keep_fp(precision: str = "fp8") -> tuple[str, ...]:
+    """What a precision keeps unless --keep-fp says otherwise (DEFAULT_KEEP_FP: fp8 keeps the heads,
+    the integer precisions quantize them to 8 bits)."""
+    return DEFAULT_KEEP_FP if precision in ("fp32", "fp8") else DEFAULT_KEEP_FP_INT
+
+
+def expand_keep_fp(patterns, precision: str = "fp8") -> tuple[str, ...]:
+    """--keep-fp values -> patterns. None or empty: the precision's defaults; "default" expands to
+    them, so `--keep-fp default --keep-fp 'layers.0.*'` adds one; "none" (alone) keeps nothing,
+    embeddings and heads included. Commas separate several patterns in one value."""
+    defaults = default_keep_fp(precision)
     if not patterns:
-        return DEFAULT_KEEP_FP
+        return defaults
     parts = [s.strip() for p in patterns for s in str(p).split(",") if s.strip()]
     if "none" in parts:
         if len(parts) > 1:
@@ -70,7 +84,7 @@ def expand_keep_fp(patterns) -> tuple[str, ...]:
         return ()
     out: list[str] = []
     for part in parts:
-        out.extend(DEFAULT_KEEP_FP if part == "default" else [part])
+        out.extend(defaults if part == "default" else [part])
     return tuple(dict.fromkeys(out))
 
 
@@ -86,7 +100,7 @@ class Policy:
 
     @classmethod
     def make(cls, precision: str, keep_fp=None) -> "Policy":
-        return cls(check_precision(precision), expand_keep_fp(keep_fp))
+        return cls(check_precision(precision), expand_keep_fp(keep_fp, precision))
 
     @property
     def scheme(self) -> Scheme | None:

@@ -20,7 +20,7 @@ from torch import nn
 
 from core.fp8 import FP8_ACT_EPS, FP8_BLOCK, FP8_DTYPE, FP8_MAX, dequantize_blocks
 from exporter.model import Linear, MoE
-from exporter.precision_policy import INT8_ACT_EPS, Policy, Scheme
+from exporter.precision_policy import HEAD_BITS, HEAD_BLOCK, INT8_ACT_EPS, Policy, Scheme
 from exporter.weights import source_fp8, source_tensor
 
 
@@ -115,9 +115,11 @@ def interleave_rows(t: torch.Tensor) -> torch.Tensor:
 
 # ---- what the graph computes with ------------------------------------------------------------------
 def weight_role(fqn: str) -> str:
-    """linear | einsum (absorbed W_UK/W_UV) | experts | embedding."""
+    """linear | head (an LM head) | einsum (absorbed W_UK/W_UV) | experts | embedding."""
     if fqn.endswith(("ffn.w_gate_up", "ffn.w_down")):
         return "experts"
+    if fqn == "head.weight" or (fqn.startswith("mtp.") and fqn.endswith(".head.weight")):
+        return "head"
     if fqn.endswith(("attn.w_uk", "attn.w_uv")):
         return "einsum"
     if fqn.endswith("embed.weight"):
@@ -131,8 +133,11 @@ def quantized_int(source, fqn: str, scheme: Scheme, block: int) -> tuple[torch.T
     int4 kernel in ORT is 5x slower than its int8 one (measured: 5 vs 1 ms per decode step on
     `small`), and they are small."""
     w = source_tensor(source, fqn, torch.float32)
-    if weight_role(fqn) in ("embedding", "einsum"):
+    role = weight_role(fqn)
+    if role in ("embedding", "einsum"):
         return quantize_int(w, 8, 0)
+    if role == "head":
+        return quantize_int(w, HEAD_BITS, HEAD_BLOCK)
     return quantize_int(w, scheme.bits, block)
 
 
@@ -154,6 +159,8 @@ def graph_weight(source, fqn: str, policy: Policy, block: int | None = None) -> 
         return q.float() * scale.repeat_interleave(FP8_BLOCK, -1)[..., : q.shape[-1]]
     if role in ("embedding", "einsum"):  # per row (quantize.py: per-axis DequantizeLinear)
         block = 0
+    elif role == "head":
+        block = HEAD_BLOCK
     elif block is None:
         block = scheme.block
     q, scale = quantized_int(source, fqn, scheme, block)
@@ -212,7 +219,9 @@ def emulate(model, source, policy: Policy, decisions: dict[str, str] | None = No
                 owner.weight, owner.scale = nn.Parameter(w, requires_grad=False), None
             else:
                 param.copy_(w)
-            if act is not None and role == "linear" and hasattr(owner, "act_quant"):  # Linear, Gate
+            # fp8 heads are plain fp8 Linears; the integer precisions' heads are weight-only
+            takes_act = role == "linear" or (role == "head" and policy.precision == "fp8")
+            if act is not None and takes_act and hasattr(owner, "act_quant"):  # Linear, Gate
                 owner.act_quant = act
             if role == "experts" and policy.precision == "fp8" and attr == "w_gate_up":
                 parent = modules[owner_name]

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import exporter.names as names
 from core.config import ModelConfig
 from core.errors import ExportError
-from exporter.precision_policy import Policy
+from exporter.precision_policy import HEAD_BITS, HEAD_BLOCK, Policy
 
 FLOAT_BYTES = 4  # what a build keeps unquantized is float32
 
@@ -46,9 +46,12 @@ def tensor_bytes(name: str, shape: tuple[int, ...], policy: Policy) -> int:
     plus one float32 scale per block (or per output row), everything else float32."""
     n = math.prod(shape)
     scheme = policy.scheme
-    if scheme is None or len(shape) != 2 or not names.is_quantizable(name) or policy.kept(name):
+    head = name == "head.weight" and scheme is not None and scheme.weight != "float8e4m3fn"
+    if scheme is None or len(shape) != 2 or not (head or names.is_quantizable(name)) or policy.kept(name):
         return n * FLOAT_BYTES
     rows, cols = shape
+    if head:  # the integer precisions' LM head: 8 bits, blocks of HEAD_BLOCK (precision_policy.py)
+        return n * HEAD_BITS // 8 + rows * math.ceil(cols / HEAD_BLOCK) * FLOAT_BYTES
     if scheme.weight == "float8e4m3fn":  # square blocks over both axes
         scales = math.ceil(rows / scheme.block) * math.ceil(cols / scheme.block)
     elif scheme.block:

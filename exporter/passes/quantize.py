@@ -24,7 +24,7 @@ import onnx_ir as ir
 
 from core.errors import ExportError
 from core.fp8 import FP8_ACT_EPS, FP8_BLOCK, FP8_MAX
-from exporter.precision_policy import INT8_ACT_EPS, Policy
+from exporter.precision_policy import HEAD_BITS, HEAD_BLOCK, INT8_ACT_EPS, Policy
 from exporter.quant_numerics import (
     SharedLoads,
     expert_block,
@@ -82,7 +82,7 @@ class _Quantizer:
             if self.policy.kept(fqn):
                 self.policy.decisions[fqn] = "kept"
                 continue
-            how = {"linear": self._linear, "einsum": self._einsum, "experts": self._experts,
+            how = {"linear": self._linear, "head": self._linear, "einsum": self._einsum, "experts": self._experts,
                    "embedding": self._embedding}[role](value, fqn)
             self.handled.add(fqn)
             self.policy.decisions.setdefault(fqn, how)
@@ -209,10 +209,11 @@ class _Quantizer:
                 else:
                     node.replace_input_with(1, w)
             return "fp8 e4m3, 128x128 blocks; activations fp8 per token per 128"
-        block = s.block
+        head = weight_role(fqn) == "head"  # 8 bits weight-only in every integer precision
+        block = HEAD_BLOCK if head else s.block
         make = lambda: quantized_int(self.source, fqn, s, block)  # noqa: E731
         nb = -(-k // block) if block else 1
-        if s.act == "int8-token":  # W8A8, per-output-channel weights stored [in, out]
+        if s.act == "int8-token" and not head:  # W8A8, per-output-channel weights stored [in, out]
             ort_form = self.target == "ort"
             # ORT form: both operands as uint8 codes with zero point 128 (still symmetric int8
             # values). Its u8 x s8 kernel sums pairs of products in int16 on AVX2 CPUs without
@@ -231,7 +232,7 @@ class _Quantizer:
                     y = self.op("MatMul", [self.act_int8_qdq(x, k), wd])
                 self._replace(node, y)
             return "int8 per output channel; activations int8 per token"
-        bits = s.bits
+        bits = HEAD_BITS if head else s.bits
         if self.target == "ort":
             blob = self.lazy(f"{name}_q", fqn, 2, lambda: _nbits(make(), bits, block), 0,
                              (out_dim, nb, block * bits // 8), ir.DataType.UINT8)
@@ -247,7 +248,7 @@ class _Quantizer:
             for node, x, _ in uses:
                 wd = self.op("DequantizeLinear", [wq, ws], {"axis": 0, "block_size": block})
                 self._replace(node, self.op("MatMul", [x, wd]))
-        return f"int{bits} weight-only, blocks of {block}"
+        return f"int{bits} weight-only, blocks of {block}" + (" (LM head)" if head else "")
 
     def fp8_weight(self, value: ir.Value, fqn: str) -> ir.Value:
         """DequantizeLinear of the E4M3 bytes with row scales, [out, in] (einsum: [H, d, r])."""

@@ -48,6 +48,19 @@ def _alone(engine, prompts, params):
 GREEDY = SamplingParams(max_tokens=24)
 
 
+def _staggered(engine, prompts, *, max_batch: int, prefill_chunk: int, every: int):
+    """One new greedy request every `every` steps until all are in, stepping until idle."""
+    s = Scheduler(engine, max_batch=max_batch, prefill_chunk=prefill_chunk)
+    reqs, steps = [], 0
+    while len(reqs) < len(prompts) or not s.idle:
+        if len(reqs) < len(prompts) and steps % every == 0:
+            reqs.append(s.submit(prompts[len(reqs)], GREEDY))
+        s.step()
+        steps += 1
+        assert steps < 2000
+    return s, reqs
+
+
 def test_demo_16_prompts_together_equal_each_alone(demo):
     prompts = _prompts(demo, 16)
     assert min(map(len, prompts)) == 3 and max(map(len, prompts)) == 200
@@ -79,16 +92,30 @@ def test_demo_staggered_arrivals_equal_each_alone(demo):
     """One new request every 3 steps, 8 slots for 16 requests: sequences join and leave mid-batch,
     prompts are prefilled in chunks of 64 tokens while others decode."""
     prompts = _prompts(demo, 16)
-    s = Scheduler(demo, max_batch=8, prefill_chunk=64)
-    reqs, steps = [], 0
-    while len(reqs) < len(prompts) or not s.idle:
-        if len(reqs) < len(prompts) and steps % 3 == 0:
-            reqs.append(s.submit(prompts[len(reqs)], GREEDY))
-        s.step()
-        steps += 1
-        assert steps < 2000
+    s, reqs = _staggered(demo, prompts, max_batch=8, prefill_chunk=64, every=3)
     assert 1 < s.stats.largest_batch <= 8
     assert [r.tokens for r in reqs] == _alone(demo, prompts, GREEDY)
+
+
+@pytest.fixture(scope="module")
+def demo_per_expert(tmp_path_factory):
+    """The demo model with `--moe per-expert` (each expert its own MatMuls over its tokens)."""
+    from pipeline.build import build
+
+    out = tmp_path_factory.mktemp("demo-per-expert")
+    assert build("demo", out, verify=False, force=True, moe_form="per-expert")["moe_form"] == "per-expert"
+    return engines.load(out, threads=2)
+
+
+def test_per_expert_build_staggered_equals_each_alone_and_the_fused_build(demo, demo_per_expert):
+    """How many rows each expert gets changes with what shares the step; the tokens must not: 8
+    staggered requests (6 slots, prompt chunks of 64) against each alone, and against the default
+    (fused) build."""
+    prompts = _prompts(demo_per_expert, 8)
+    s, reqs = _staggered(demo_per_expert, prompts, max_batch=6, prefill_chunk=64, every=2)
+    assert s.stats.largest_batch > 1
+    alone = _alone(demo_per_expert, prompts, GREEDY)
+    assert [r.tokens for r in reqs] == alone == _alone(demo, prompts, GREEDY)
 
 
 def test_engine_generate_batches_prompts_of_any_length(tiny):

@@ -3,7 +3,15 @@
 import pytest
 
 from exporter import ExportError
-from exporter.precision_policy import DEFAULT_KEEP_FP, PRECISIONS, SCHEMES, Policy, check_precision, expand_keep_fp
+from exporter.precision_policy import (
+    DEFAULT_KEEP_FP,
+    DEFAULT_KEEP_FP_INT,
+    PRECISIONS,
+    SCHEMES,
+    Policy,
+    check_precision,
+    expand_keep_fp,
+)
 
 
 def test_precisions_and_schemes():
@@ -28,14 +36,19 @@ def test_keep_fp_patterns():
     assert expand_keep_fp(["none"]) == ()
     assert expand_keep_fp(["layers.0.*"]) == ("layers.0.*",)
     assert expand_keep_fp(["default", "layers.0.*,mtp.*"]) == DEFAULT_KEEP_FP + ("layers.0.*", "mtp.*")
+    # the integer precisions' defaults leave the heads to be stored in 8 bits
+    assert expand_keep_fp(None, "int4-wo") == DEFAULT_KEEP_FP_INT == ("embed.weight", "*.gate.weight")
+    assert expand_keep_fp(["default", "head.weight"], "int8") == DEFAULT_KEEP_FP_INT + ("head.weight",)
     with pytest.raises(ExportError, match="none"):
         expand_keep_fp(["none", "layers.0.*"])
 
 
-def test_default_policy_keeps_embeddings_router_heads():
+def test_default_policy_keeps_embeddings_router_and_fp8_heads():
     p = Policy.make("int8")
-    for kept in ("embed.weight", "head.weight", "mtp.0.head.weight", "layers.3.ffn.gate.weight"):
+    for kept in ("embed.weight", "layers.3.ffn.gate.weight"):
         assert p.kept(kept), kept
+    assert not p.kept("head.weight") and not p.kept("mtp.0.head.weight")  # 8 bits (quantize.py)
+    assert Policy.make("fp8").kept("head.weight") and Policy.make("fp8").kept("mtp.0.head.weight")
     for quantized in ("layers.3.attn.wq_b.weight", "layers.3.ffn.w_gate_up", "layers.0.ffn.w2.weight",
                       "mtp.0.eh_proj.weight", "mtp.0.block.ffn.w_down", "layers.1.ffn.shared_experts.w1.weight"):
         assert not p.kept(quantized), quantized

@@ -102,7 +102,7 @@ def test_forms_use_the_intended_operators(traced):
 
 
 def test_keep_fp_patterns_are_obeyed(traced):
-    model, policy = _quantized(traced, "int8", "ort", keep=["default", "layers.0.*"])
+    model, policy = _quantized(traced, "int8", "ort", keep=["default", "head.weight", "layers.0.*"])
     for fqn in ("layers.0.attn.wq_a.weight", "layers.0.ffn.w1.weight", "embed.weight", "head.weight",
                 "layers.1.ffn.gate.weight"):
         assert policy.decisions[fqn] == "kept"
@@ -110,6 +110,17 @@ def test_keep_fp_patterns_are_obeyed(traced):
     assert model.graph.initializers["model.head.weight"].dtype == ir.DataType.FLOAT
     assert is_quantized(policy.decisions["layers.1.attn.wq_a.weight"])
     assert "model.layers.1.attn.wq_a.weight" not in model.graph.initializers
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4-wo"])
+def test_integer_precisions_store_the_heads_in_8_bits(traced, precision):
+    """The LM heads: 8 bits weight-only, blocks of 128, whatever the body's precision (W8A8's
+    activation quantization included): one MatMulNBits with bits=8 reading the head."""
+    model, policy = _quantized(traced, precision, "ort")
+    assert policy.decisions["head.weight"] == "int8 weight-only, blocks of 128 (LM head)"
+    (node,) = [n for n in model.graph if n.op_type == "MatMulNBits" and n.inputs[1].name == "model.head.weight_q"]
+    assert node.attributes["bits"].as_int() == 8 and node.attributes["block_size"].as_int() == 128
+    assert "model.head.weight" not in model.graph.initializers
 
 
 def test_fp32_policy_changes_nothing(traced):
