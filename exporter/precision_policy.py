@@ -21,7 +21,7 @@ QUANTIZED = PRECISIONS[1:]
 # model); for fp8 also the LM heads (they set every logit directly; DeepSeek's own FP8 checkpoint
 # keeps them in bf16). The integer precisions store the heads in 8 bits, blocks of HEAD_BLOCK,
 # weight-only, whatever the body's precision (llama.cpp's types keep the output matrix at 6-8
-# bits too): an fp32 head is 131 MB of the ~200 MB an int4-wo token of `small` reads.
+# bits too): an fp32 head is 131 MB of the 180 MB an int4-wo token of `small` reads.
 # Norms and biases are vectors and never quantized.
 HEADS = ("head.weight", "mtp.*.head.weight")
 DEFAULT_KEEP_FP = ("embed.weight", "*.gate.weight", *HEADS)
