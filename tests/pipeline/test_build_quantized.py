@@ -35,7 +35,8 @@ def test_manifest_records_the_policy(int4_build):
     assert m["precision"] == q["precision"] == "int4-wo" and q["keep_fp"] == [] and q["form"] == "ort"
     assert q["scheme"]["bits"] == 4 and q["scheme"]["block"] == 128
     t = q["tensors"]
-    assert t["embed.weight"].startswith("int8 per row") and t["head.weight"].startswith("int4")
+    assert t["embed.weight"].startswith("int8 per row")
+    assert t["head.weight"] == "int8 weight-only, blocks of 128 (LM head)"  # heads: 8 bits in every integer precision
     assert t["layers.1.ffn.w_down"] == "int4 blocks of 32; QMoE" and t["layers.1.ffn.gate.weight"].startswith("int4")
     assert t["layers.0.attn.w_uk"] == "int8 per row, weight-only (DequantizeLinear -> Einsum)"
     assert sum(q["counts"].values()) == len(t)
