@@ -64,6 +64,11 @@ def check_precision(precision: str) -> str:
     return precision
 
 
+def is_head(fqn: str) -> bool:
+    """An LM head: the main model's or an MTP layer's (HEADS)."""
+    return any(fnmatch.fnmatchcase(fqn, p) for p in HEADS)
+
+
 def default_keep_fp(precision: str = "fp8") -> tuple[str, ...]:
     """What a precision keeps unless --keep-fp says otherwise (DEFAULT_KEEP_FP: fp8 keeps the heads,
     the integer precisions quantize them to 8 bits)."""

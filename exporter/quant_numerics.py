@@ -20,7 +20,7 @@ from torch import nn
 
 from core.fp8 import FP8_ACT_EPS, FP8_BLOCK, FP8_DTYPE, FP8_MAX, dequantize_blocks
 from exporter.model import Linear, MoE
-from exporter.precision_policy import HEAD_BITS, HEAD_BLOCK, INT8_ACT_EPS, Policy, Scheme
+from exporter.precision_policy import HEAD_BITS, HEAD_BLOCK, INT8_ACT_EPS, Policy, Scheme, is_head
 from exporter.weights import source_fp8, source_tensor
 
 
@@ -118,7 +118,7 @@ def weight_role(fqn: str) -> str:
     """linear | head (an LM head) | einsum (absorbed W_UK/W_UV) | experts | embedding."""
     if fqn.endswith(("ffn.w_gate_up", "ffn.w_down")):
         return "experts"
-    if fqn == "head.weight" or (fqn.startswith("mtp.") and fqn.endswith(".head.weight")):
+    if is_head(fqn):
         return "head"
     if fqn.endswith(("attn.w_uk", "attn.w_uv")):
         return "einsum"

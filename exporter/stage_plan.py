@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import exporter.names as names
 from core.config import ModelConfig
 from core.errors import ExportError
-from exporter.precision_policy import HEAD_BITS, HEAD_BLOCK, Policy
+from exporter.precision_policy import HEAD_BITS, HEAD_BLOCK, Policy, is_head
 
 FLOAT_BYTES = 4  # what a build keeps unquantized is float32
 
@@ -46,7 +46,7 @@ def tensor_bytes(name: str, shape: tuple[int, ...], policy: Policy) -> int:
     plus one float32 scale per block (or per output row), everything else float32."""
     n = math.prod(shape)
     scheme = policy.scheme
-    head = name == "head.weight" and scheme is not None and scheme.weight != "float8e4m3fn"
+    head = is_head(name) and scheme is not None and scheme.weight != "float8e4m3fn"
     if scheme is None or len(shape) != 2 or not (head or names.is_quantizable(name)) or policy.kept(name):
         return n * FLOAT_BYTES
     rows, cols = shape

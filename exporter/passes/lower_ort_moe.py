@@ -123,13 +123,14 @@ def _experts(op, x, idx, weight, experts: list[tuple[ir.Value, ir.Value]], share
     """y[t] = Σ_pairs weight · expert(x[t]); idx/weight [N, k] routed, then `shared` always-on experts."""
     total = len(experts)
     one, minus_one = op.Constant(value_ints=[1]), op.Constant(value_ints=[-1])
+    weight = op.Cast(weight, to=ir.DataType.FLOAT)
     if shared:
         rows = op.Shape(x, start=0, end=1)
         always = op.Constant(value=ir.tensor(np.arange(total - shared, total, dtype=np.int64)[None]))
         idx = op.Concat(idx, op.Expand(always, op.Concat(rows, op.Constant(value_ints=[shared]), axis=0)), axis=1)
         ones = op.ConstantOfShape(op.Concat(rows, op.Constant(value_ints=[shared]), axis=0),
                                   value=ir.tensor(np.array([1.0], np.float32)))
-        weight = op.Concat(op.Cast(weight, to=ir.DataType.FLOAT), ones, axis=1)
+        weight = op.Concat(weight, ones, axis=1)
     k = op.Shape(idx, start=1, end=2)
     flat = op.Reshape(idx, minus_one)  # pair p = (token p // k, expert flat[p])
     pairs = op.Shape(flat)
@@ -146,7 +147,7 @@ def _experts(op, x, idx, weight, experts: list[tuple[ir.Value, ir.Value]], share
     # CPU kernel races on repeated indices (wrong sums now and then with 2 threads, measured).
     per_pair = op.Reshape(op.Gather(op.Concat(*outs, axis=0), back, axis=0),
                           op.Concat(op.Shape(idx), op.Shape(x, start=1), axis=0))  # [N, k, D]
-    scale = op.CastLike(op.Unsqueeze(op.Cast(weight, to=ir.DataType.FLOAT), op.Constant(value_ints=[2])), x)
+    scale = op.CastLike(op.Unsqueeze(weight, op.Constant(value_ints=[2])), x)
     return op.ReduceSum(op.Mul(per_pair, scale), one, keepdims=0)
 
 
