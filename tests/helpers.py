@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engines.runtime import prefix_in_buffer
+from dsv3_export.engines.runtime import prefix_in_buffer
 
 ROOT = Path(__file__).resolve().parents[1]
 

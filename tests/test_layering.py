@@ -1,6 +1,6 @@
-"""The layering of docs/design.md, checked on the source: no import cycles among our modules, no
-module importing one above it (or a sibling package of its own layer), and imports of our modules
-at module top except where the laziness is the point and says why."""
+"""The layering of docs/design.md, checked on the source: one import root (`dsv3_export`), no import
+cycles among its modules, no module importing one above it (or a sibling package of its own layer),
+and imports of our modules at module top except where the laziness is the point and says why."""
 
 from __future__ import annotations
 
@@ -14,23 +14,24 @@ from tests.helpers import ROOT
 # `serve` / `bench-serve` / `triton` import them.
 LAYERS = (("core",), ("plugins",), ("exporter", "engines"), ("verification", "benchmarks"), ("pipeline",),
           ("server", "deploy"), ("cli",))
-# The public API facade (exporter/__init__.py: build, load_reference, open_source) sits above every layer.
-FACADES = {"exporter"}
+PKG = "dsv3_export"  # the one import root; its __init__ is the public API, above every layer
+FACADES = {PKG}
 # Modules whose function-level imports of our modules are lazy on purpose, and why.
 LAZY_BY_DESIGN = {
-    "cli.main": "a command loads what it runs: --help and a bad flag answer without loading torch",
-    "exporter": "the facade: `import exporter.names` must not load torch and the whole pipeline",
-    "engines": "the facade: `import engines` stays light until a build is loaded",
-    "benchmarks.bench": "each measuring child process loads only the system it measures (its peak RSS)",
+    f"{PKG}": "the public API: `import dsv3_export` must not load torch, ONNX Runtime and the whole pipeline",
+    f"{PKG}.cli.main": "a command loads what it runs: --help and a bad flag answer without loading torch",
+    f"{PKG}.exporter": "`import dsv3_export.exporter.names` must not load torch",
+    f"{PKG}.engines": "`import dsv3_export.engines` stays light until a build is loaded",
+    f"{PKG}.benchmarks.bench": "each measuring child process loads only the system it measures (its peak RSS)",
 }
 LAZY_MARK = "# lazy:"  # elsewhere, a lazy import of ours carries this comment with its reason
 
 
 def _modules() -> dict[str, Path]:
-    out = {}
+    out = {PKG: ROOT / PKG / "__init__.py"}
     for layer in LAYERS:
         for pkg in layer:
-            for f in sorted((ROOT / pkg).rglob("*.py")):
+            for f in sorted((ROOT / PKG / pkg).rglob("*.py")):
                 parts = f.relative_to(ROOT).with_suffix("").parts
                 out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = f
     return out
@@ -71,7 +72,7 @@ def _imports(module: str, path: Path) -> list[tuple[str, ast.stmt, bool]]:
 
 
 def _layer(module: str) -> tuple[int, str]:
-    pkg = module.split(".")[0]
+    pkg = module.split(".")[1]
     for i, layer in enumerate(LAYERS):
         if pkg in layer:
             return i, pkg
@@ -81,8 +82,20 @@ def _layer(module: str) -> tuple[int, str]:
 GRAPH = {m: {t for t, _, _ in _imports(m, p)} for m, p in MODULES.items()}
 
 
-def test_every_package_is_in_a_layer():
+def test_one_import_root():
+    """The repository's only importable top-level package is dsv3_export (tests/ is the suite's),
+    and pyproject installs only it."""
+    import tomllib
+
     found = {p.parent.name for p in ROOT.glob("*/__init__.py")} - {"tests"}
+    assert found == {PKG}
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert pyproject["tool"]["setuptools"]["packages"]["find"]["include"] == [f"{PKG}*"]
+    assert pyproject["project"]["scripts"]["dsv3-export"] == f"{PKG}.cli.main:main"
+
+
+def test_every_package_is_in_a_layer():
+    found = {p.parent.name for p in (ROOT / PKG).glob("*/__init__.py")}
     assert found == {pkg for layer in LAYERS for pkg in layer}
 
 
@@ -133,6 +146,7 @@ def test_lazy_imports_of_ours_say_why():
 
 def test_the_check_sees_a_cycle_and_an_upward_import(tmp_path):
     """The checks above can fail: a module of exporter importing verification is upward."""
-    assert _layer("exporter.model")[0] < _layer("verification.verify")[0]
-    assert _target("exporter.source.open_source") == "exporter.source"
-    assert _target("engines") == "engines" and _target("numpy") is None
+    assert _layer(f"{PKG}.exporter.model")[0] < _layer(f"{PKG}.verification.verify")[0]
+    assert _target(f"{PKG}.exporter.source.open_source") == f"{PKG}.exporter.source"
+    assert _target(f"{PKG}.engines") == f"{PKG}.engines" and _target("numpy") is None
+    assert _target("engines") is None  # the old top-level names are not ours any more

@@ -20,8 +20,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import engines  # noqa: E402
-from engines.scheduler import SamplingParams, Scheduler  # noqa: E402
+from dsv3_export import engines  # noqa: E402
+from dsv3_export.engines.scheduler import SamplingParams, Scheduler  # noqa: E402
 
 
 def rss_bytes() -> int:

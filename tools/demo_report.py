@@ -100,7 +100,7 @@ def write_readme(out: Path, metrics: dict) -> None:
 def metrics(command: str, args, cfg, data: dict, run: dict, check: dict) -> dict:
     """metrics.json's content (less `bytes`, known once the files are written): the command, the
     configuration, the data, the training settings and history, the held-out figures, the reload check."""
-    from exporter.describe import parameter_counts
+    from dsv3_export.exporter.describe import parameter_counts
 
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     history = run["history"]

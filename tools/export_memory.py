@@ -28,8 +28,8 @@ def main() -> None:
 
     import onnx
 
-    from exporter import open_source
-    from pipeline.build import Reporter, export_graph
+    from dsv3_export.exporter import open_source
+    from dsv3_export.pipeline.build import Reporter, export_graph
 
     src = open_source(args.source)
     started = time.time()

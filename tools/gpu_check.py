@@ -22,7 +22,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from core.fp8 import dequantize_blocks, quantize_blocks  # noqa: E402  (after the path insert)
+from dsv3_export.core.fp8 import dequantize_blocks, quantize_blocks  # noqa: E402  (after the path insert)
 
 RESULT: dict = {}
 START = time.monotonic()
@@ -161,8 +161,8 @@ def device_baselines() -> dict:
 
 @section("latent_attention")
 def bench_latent_attention(budget: float) -> dict:
-    from plugins.latent_attention import triton as la
-    from plugins.latent_attention.reference import latent_attention as reference
+    from dsv3_export.plugins.latent_attention import triton as la
+    from dsv3_export.plugins.latent_attention.reference import latent_attention as reference
 
     b, s, t, h, r, dr = SHAPES["la"]
     c = r + dr
@@ -244,8 +244,8 @@ def _moe_reference_subset(x, idx, w, wgu, wd, sgu=None, sd=None, tokens: int = 2
 
 @section("moe_dispatch")
 def bench_moe(budget: float, tokens: int) -> dict:
-    from plugins.moe_dispatch import triton as moe
-    from plugins.moe_dispatch.reference import moe_dispatch as reference
+    from dsv3_export.plugins.moe_dispatch import triton as moe
+    from dsv3_export.plugins.moe_dispatch.reference import moe_dispatch as reference
 
     d, inter, e, k = SHAPES["moe"]
     res = dict(shape=dict(D=d, I=inter, E=e, k=k))
@@ -301,9 +301,9 @@ def bench_tensorrt(budget: float) -> dict:
         return dict(available=True, message="skipped: not enough time left")
     from onnx import TensorProto, helper
 
-    from plugins.latent_attention import onnx_function, spec
-    from plugins.latent_attention import tensorrt as la_trt
-    from plugins.latent_attention import triton as la
+    from dsv3_export.plugins.latent_attention import onnx_function, spec
+    from dsv3_export.plugins.latent_attention import tensorrt as la_trt
+    from dsv3_export.plugins.latent_attention import triton as la
 
     la_trt.register()  # AOT: the Triton kernel is embedded in the engine
     b, s, t, h, r, dr = SHAPES["la"]
@@ -352,7 +352,7 @@ def _cli(args: list, timeout: float) -> dict:
     """One dsv3-export command in a subprocess: rc, seconds, the tail of its output."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [sys.executable, "-m", "cli.main", *map(str, args)]
+    cmd = [sys.executable, "-m", "dsv3_export.cli.main", *map(str, args)]
     log(f"  $ dsv3-export {' '.join(map(str, args))} (timeout {timeout:.0f}s)")
     t0 = time.monotonic()
     try:

@@ -211,7 +211,7 @@ def main_batched(args, console) -> dict:
     from rich.console import Console
     from rich.table import Table
 
-    from benchmarks.batching import bench_batches
+    from dsv3_export.benchmarks.batching import bench_batches
 
     binary = args.llama_cpp / "build" / "bin" / "llama-batched-bench"
     if not binary.is_file():
@@ -304,7 +304,7 @@ def compare_build(args, build: Path, ggufs: dict[str, Path], binary: Path, conso
     """One build against each of its GGUFs: all of them alternating for --rounds rounds (on a shared
     machine the speed drifts by tens of percent within minutes, and it must hit every side alike),
     each measurement's median over rounds."""
-    from benchmarks.bench import bench, merge_rounds
+    from dsv3_export.benchmarks.bench import bench, merge_rounds
 
     prefill = [int(x) for x in args.prefill.split(",")]
     contexts = [int(x) for x in args.contexts.split(",")]

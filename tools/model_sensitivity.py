@@ -28,8 +28,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     import numpy as np
     import torch
 
-    from exporter import load_reference, open_source
-    from verification.lm_eval import lm_metrics
+    from dsv3_export.exporter import load_reference, open_source
+    from dsv3_export.verification.lm_eval import lm_metrics
 
     torch.set_num_threads(args.threads)
     source = open_source(args.source)

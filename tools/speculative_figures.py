@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def heldout_prompts(n: int, context_lines: int = 3) -> list[str]:
     """Up to n prompts from the demo's held-out stdlib files, spread over the files: the
     `context_lines` lines before a `def` line and the line itself."""
-    from exporter import demo_path
+    from dsv3_export.exporter import demo_path
 
     metrics = json.loads((demo_path() / "metrics.json").read_text())
     stdlib = Path(sysconfig.get_paths()["stdlib"])
@@ -57,15 +57,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--json", default=None, help="Write the figures here too.")
     args = ap.parse_args(argv)
 
-    import engines
-    from benchmarks.speculative import measure
+    from dsv3_export import engines
+    from dsv3_export.benchmarks.speculative import measure
 
     build_dir = args.build_dir
     if build_dir is None:
-        from exporter import build
+        import dsv3_export
 
-        build_dir = Path(tempfile.mkdtemp()) / "demo-build"
-        build("demo", build_dir, verify=False)
+        build_dir = dsv3_export.build("demo", Path(tempfile.mkdtemp()) / "demo-build", verify=False)
     engine = engines.load(build_dir, threads=args.threads)
     prompts = heldout_prompts(args.prompts)
     figures = {"build": str(build_dir), "threads": args.threads, "prompt_texts": prompts}

@@ -19,7 +19,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import engines  # noqa: E402
+from dsv3_export import engines  # noqa: E402
 
 
 def rel(a: np.ndarray, b: np.ndarray) -> float:

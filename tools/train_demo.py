@@ -46,11 +46,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from core.config import ModelConfig, preset  # noqa: E402
-from exporter import names  # noqa: E402
-from exporter.checkpoint_writer import write_hf  # noqa: E402
-from exporter.model import MoE, Transformer  # noqa: E402
-from exporter.tokenizer_training import BOS, EOS, train_bpe  # noqa: E402
+from dsv3_export.core.config import ModelConfig, preset  # noqa: E402
+from dsv3_export.exporter import names  # noqa: E402
+from dsv3_export.exporter.checkpoint_writer import write_hf  # noqa: E402
+from dsv3_export.exporter.model import MoE, Transformer  # noqa: E402
+from dsv3_export.exporter.tokenizer_training import BOS, EOS, train_bpe  # noqa: E402
 
 
 def _load_sibling(name: str):
@@ -310,7 +310,7 @@ def verify_checkpoint(model: Transformer, path: Path, data: np.ndarray, seq_len:
     """Load the written checkpoint with exporter.load_reference (absorbed MLA, the custom ops) and
     compare its logits and MTP logits with the trained model's in its training form (naive MLA,
     fused attention, plain ops)."""
-    from exporter import load_reference
+    from dsv3_export.exporter import load_reference
 
     ref = load_reference(path)
     ids = torch.from_numpy(np.asarray(data[: seq_len + 1], dtype=np.int64))[None]

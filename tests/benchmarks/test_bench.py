@@ -5,8 +5,8 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from benchmarks.bench import bench, merge_rounds
-from cli.main import main
+from dsv3_export.benchmarks.bench import bench, merge_rounds
+from dsv3_export.cli.main import main
 
 
 def test_bench_reports_engine_and_reference(tiny_build):

@@ -7,8 +7,8 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from benchmarks.memory_bound import decode_bound, step_bytes
-from exporter import load_reference
+from dsv3_export.benchmarks.memory_bound import decode_bound, step_bytes
+from dsv3_export.exporter import load_reference
 
 
 def _reference_step_bytes(preset: str) -> dict[str, int]:
@@ -46,8 +46,8 @@ def test_step_bytes_of_a_build_match_the_reference_parameters(tiny_build):
 def test_step_bytes_of_per_expert_weights(tmp_path):
     """--moe per-expert: each routed expert is its own weights (<stack>.expert<j>), k of them read a
     token (counted per expert, rounded to the byte); the shared experts are read every step."""
-    from exporter import open_source
-    from pipeline.build import Reporter, export_graph
+    from dsv3_export.exporter import open_source
+    from dsv3_export.pipeline.build import Reporter, export_graph
 
     src = open_source("tiny")
     path = export_graph("model", src, tmp_path, Reporter(), lower=True, moe_form="per-expert")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-import engines
-from benchmarks.speculative import measure
+from dsv3_export import engines
+from dsv3_export.benchmarks.speculative import measure
 
 PROMPTS = [[0, 17, 301, 42, 9, 255, 77], [0, 5]]
 

@@ -5,10 +5,10 @@ import re
 
 from click.testing import CliRunner
 
-from cli.main import main
-from core.config import preset, to_hf_dict
-from exporter.deploy_plan import DEVICES
-from exporter.stage_plan import weight_bytes
+from dsv3_export.cli.main import main
+from dsv3_export.core.config import preset, to_hf_dict
+from dsv3_export.exporter.deploy_plan import DEVICES
+from dsv3_export.exporter.stage_plan import weight_bytes
 from tests.helpers import assert_clean_error
 
 

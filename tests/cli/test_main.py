@@ -10,7 +10,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from cli.main import main
+from dsv3_export.cli.main import main
 from tests.helpers import assert_clean_error
 
 
@@ -107,7 +107,7 @@ def test_invalid_config_field(broken):
 
 def test_console_script_no_traceback(tmp_path):
     """The installed entry point, as a user runs it: one line on stderr, exit 1."""
-    proc = subprocess.run([sys.executable, "-m", "cli.main", "inspect", str(tmp_path / "nope")],
+    proc = subprocess.run([sys.executable, "-m", "dsv3_export.cli.main", "inspect", str(tmp_path / "nope")],
                           capture_output=True, text=True)
     assert proc.returncode == 1
     assert proc.stderr.strip().startswith("error: ") and "Traceback" not in proc.stderr

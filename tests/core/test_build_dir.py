@@ -9,7 +9,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from core.build_dir import (
+from dsv3_export.core.build_dir import (
     FORMAT_VERSION,
     MANIFEST,
     cache_layout,
@@ -22,7 +22,7 @@ from core.build_dir import (
     update_manifest,
     write_manifest,
 )
-from core.errors import ExportError
+from dsv3_export.core.errors import ExportError
 
 
 @pytest.fixture

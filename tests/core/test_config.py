@@ -2,9 +2,9 @@ import json
 
 import pytest
 
-from core.config import PRESETS, ModelConfig, from_hf_dict, from_modelargs_dict, load_config, preset, to_hf_dict
-from core.errors import ConfigError
-from exporter.checkpoint_writer import modelargs_dict
+from dsv3_export.core.config import PRESETS, ModelConfig, from_hf_dict, from_modelargs_dict, load_config, preset, to_hf_dict
+from dsv3_export.core.errors import ConfigError
+from dsv3_export.exporter.checkpoint_writer import modelargs_dict
 
 
 @pytest.mark.parametrize("name", list(PRESETS))

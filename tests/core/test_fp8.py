@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from core.fp8 import FP8_BLOCK, FP8_DTYPE, FP8_MAX, dequantize_blocks, quantize_blocks
+from dsv3_export.core.fp8 import FP8_BLOCK, FP8_DTYPE, FP8_MAX, dequantize_blocks, quantize_blocks
 
 
 def test_round_trip_and_scale_per_block():

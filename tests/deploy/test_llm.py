@@ -8,11 +8,11 @@ import threading
 import numpy as np
 import pytest
 
-import engines
-from core.build_dir import read_manifest, stage_graphs
-from deploy.llm import Generator, RequestError, Sink, parse_request
-from deploy.triton_repo import write_repository
-from engines.ort import CPU, session
+from dsv3_export import engines
+from dsv3_export.core.build_dir import read_manifest, stage_graphs
+from dsv3_export.deploy.llm import Generator, RequestError, Sink, parse_request
+from dsv3_export.deploy.triton_repo import write_repository
+from dsv3_export.engines.ort import CPU, session
 
 
 def fields(**kw) -> dict[str, np.ndarray]:

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-import engines
-from cli.main import main
-from core.build_dir import MANIFEST, check_file_hashes, read_manifest, stage_graphs, write_manifest
-from core.errors import ExportError
-from deploy import model_config as mc
-from deploy.triton_repo import MARKER, MODELS_DIR, external_files, write_repository
+from dsv3_export import engines
+from dsv3_export.cli.main import main
+from dsv3_export.core.build_dir import MANIFEST, check_file_hashes, read_manifest, stage_graphs, write_manifest
+from dsv3_export.core.errors import ExportError
+from dsv3_export.deploy import model_config as mc
+from dsv3_export.deploy.triton_repo import MARKER, MODELS_DIR, external_files, write_repository
 from tests.helpers import assert_clean_error
 
 model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")

@@ -20,9 +20,9 @@ import httpx
 import numpy as np
 import pytest
 
-import engines
-from core.errors import ExportError
-from deploy.tritonserver import STOP_GRACE_S, find_tritonserver
+from dsv3_export import engines
+from dsv3_export.core.errors import ExportError
+from dsv3_export.deploy.tritonserver import STOP_GRACE_S, find_tritonserver
 from tests.helpers import ROOT, run_together
 
 STARTUP_TRIES, STARTUP_PAUSE_S = 600, 0.5  # at most 5 minutes (the first run makes the stub's environment)
@@ -87,7 +87,7 @@ def server(pipeline_build, tmp_path_factory):
     folder = tmp_path_factory.mktemp("triton")
     http, grpc = free_port(), free_port()
     log = folder / "server.log"
-    cmd = [sys.executable, "-m", "cli.main", "triton", str(pipeline_build), "-o", str(folder / "repo"),
+    cmd = [sys.executable, "-m", "dsv3_export.cli.main", "triton", str(pipeline_build), "-o", str(folder / "repo"),
            "--threads", "1", "--serve", "--http-port", str(http), "--grpc-port", str(grpc)]
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
@@ -218,7 +218,7 @@ def test_a_malformed_request_gets_tritons_error_and_the_server_keeps_serving(ser
 def test_a_missing_binary_is_one_line_saying_how_to_get_it(monkeypatch, tmp_path):
     import importlib.util
 
-    from deploy import tritonserver
+    from dsv3_export.deploy import tritonserver
 
     monkeypatch.setenv("DSV3_TRITONSERVER", str(tmp_path / "nowhere"))
     with pytest.raises(ExportError, match="DSV3_TRITONSERVER=.*no executable tritonserver"):
@@ -232,7 +232,7 @@ def test_a_missing_binary_is_one_line_saying_how_to_get_it(monkeypatch, tmp_path
 
 
 def test_the_command_listens_on_loopback_only(tmp_path):
-    from deploy.tritonserver import backend_directory, command, server_environment
+    from dsv3_export.deploy.tritonserver import backend_directory, command, server_environment
 
     try:
         inst = find_tritonserver()

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from core.errors import ExportError
+from dsv3_export.core.errors import ExportError
 from tests.helpers import buffered_feed, layer_pasts
 
 
 @pytest.fixture(scope="module")
 def reference():
-    from exporter import load_reference
+    from dsv3_export.exporter import load_reference
 
     return load_reference("tiny")
 
@@ -25,7 +25,7 @@ def rel_err(ref: np.ndarray, got: np.ndarray) -> float:
 
 
 def test_available_providers_quiet_and_cached(capfd):
-    from engines import ort as eo
+    from dsv3_export.engines import ort as eo
 
     eo.available_providers.cache_clear()
     eo._provider_loads.cache_clear()
@@ -38,7 +38,7 @@ def test_available_providers_quiet_and_cached(capfd):
 
 
 def test_unusable_provider_is_refused(tiny_build):
-    from engines import ort as eo
+    from dsv3_export.engines import ort as eo
 
     if "CUDAExecutionProvider" in eo.available_providers():
         pytest.skip("CUDA works here")
@@ -70,7 +70,7 @@ def test_prepare_saves_optimized_graphs(tiny_build):
 def test_session_prefers_optimized_file(tiny_build, tmp_path):
     import onnxruntime as ort
 
-    from engines import ort as eo
+    from dsv3_export.engines import ort as eo
 
     s = eo.session(tiny_build, "model", threads=1)
     assert s.dsv3_model_path.name == "model.ort.onnx"
@@ -95,7 +95,7 @@ def _feeds(ids, past):
 def test_ort_matches_reference_prefill_and_decode(tiny_build, reference, tmp_path, optimized):
     """Prefill of 7 tokens (batch 2), then 8 decode steps fed with the reference's greedy tokens:
     logits, hidden states and the latent cache within 1e-4 x max|ref|."""
-    from engines import ort as eo
+    from dsv3_export.engines import ort as eo
 
     build = tiny_build
     if not optimized:
@@ -127,7 +127,7 @@ def test_ort_matches_reference_prefill_and_decode(tiny_build, reference, tmp_pat
 
 
 def test_mtp_graph_matches_reference(tiny_build, reference):
-    from engines import ort as eo
+    from dsv3_export.engines import ort as eo
 
     sess = eo.session(tiny_build, "mtp")
     cfg = reference.cfg

@@ -31,7 +31,7 @@ def _bytes(folder: Path, info: dict[str, str]) -> bytes:
 @pytest.fixture(scope="module")
 def two_copy(tiny_build, tmp_path_factory):
     """The tiny build's exported graphs prepared again without sharing (the layout before it)."""
-    from engines import ort as eo
+    from dsv3_export.engines import ort as eo
 
     out = tmp_path_factory.mktemp("two-copy")
     for f in tiny_build.iterdir():
@@ -89,8 +89,8 @@ def test_build_is_smaller_than_two_copy(tiny_build, two_copy):
 
 
 def test_shared_engine_is_bit_identical(tiny_build, two_copy):
-    from engines import ort as eo
-    from exporter import load_reference
+    from dsv3_export.engines import ort as eo
+    from dsv3_export.exporter import load_reference
 
     cfg = load_reference("tiny").cfg
     a, b = eo.session(tiny_build, "model", threads=1), eo.session(two_copy, "model", threads=1)

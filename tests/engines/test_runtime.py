@@ -10,9 +10,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import engines
-from cli.main import main
-from core.errors import ExportError
+from dsv3_export import engines
+from dsv3_export.cli.main import main
+from dsv3_export.core.errors import ExportError
 from tests.helpers import assert_clean_error
 
 PROMPT = [0, 17, 301, 42, 9, 255, 77]
@@ -25,7 +25,7 @@ def engine(tiny_build):
 
 @pytest.fixture(scope="module")
 def reference():
-    from exporter import load_reference
+    from dsv3_export.exporter import load_reference
 
     return load_reference("tiny")
 
@@ -241,7 +241,7 @@ def test_a_build_that_failed_verification_is_refused(copy_build):
     """The manifest's verdict (written by verify) keeps a failed build from running, with a pointer."""
     import json
 
-    from core.build_dir import MANIFEST, write_manifest
+    from dsv3_export.core.build_dir import MANIFEST, write_manifest
 
     def fail(d):
         manifest = json.loads((d / MANIFEST).read_text())
@@ -256,7 +256,7 @@ def test_a_build_that_failed_verification_is_refused(copy_build):
 def test_an_old_two_copy_build_gets_a_hint(tiny_build):
     import json
 
-    from engines.runtime import layout_hints
+    from dsv3_export.engines.runtime import layout_hints
 
     m = json.loads((tiny_build / "manifest.json").read_text())
     assert layout_hints(m) == [] and engines.load(tiny_build).hints == []

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from core.errors import ExportError
-from engines.sampling import NonFiniteLogits, check_generation_args, draw, processed_probs, sample
+from dsv3_export.core.errors import ExportError
+from dsv3_export.engines.sampling import NonFiniteLogits, check_generation_args, draw, processed_probs, sample
 from tests.helpers import chi2_sf, chi_square
 
 

@@ -10,9 +10,9 @@ import threading
 import numpy as np
 import pytest
 
-import engines
-from core.errors import ExportError
-from engines.scheduler import QueueFull, SamplingParams, Scheduler
+from dsv3_export import engines
+from dsv3_export.core.errors import ExportError
+from dsv3_export.engines.scheduler import QueueFull, SamplingParams, Scheduler
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def tiny(tiny_build):
 
 def _prompts(engine, n: int, lo: int = 3, hi: int = 200) -> list[list[int]]:
     """n prompts of lengths spread over lo..hi: slices of real text through the build's tokenizer."""
-    from verification.lm_eval import real_text_ids
+    from dsv3_export.verification.lm_eval import real_text_ids
 
     text = real_text_ids(engine.build_dir / "tokenizer.json", engine.config.vocab_size, batch=1, seq=hi * n)[0]
     lengths = np.linspace(lo, hi, n).astype(int)
@@ -100,10 +100,11 @@ def test_demo_staggered_arrivals_equal_each_alone(demo):
 @pytest.fixture(scope="module")
 def demo_per_expert(tmp_path_factory):
     """The demo model with `--moe per-expert` (each expert its own MatMuls over its tokens)."""
-    from pipeline.build import build
+    from dsv3_export.core.build_options import BuildOptions
+    from dsv3_export.pipeline.build import build
 
     out = tmp_path_factory.mktemp("demo-per-expert")
-    assert build("demo", out, verify=False, force=True, moe_form="per-expert")["moe_form"] == "per-expert"
+    assert build("demo", out, BuildOptions(verify=False, force=True, moe_form="per-expert"))["moe_form"] == "per-expert"
     return engines.load(out, threads=2)
 
 

@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-import engines
-from benchmarks.speculative import measure
-from cli.main import main
-from core.errors import ExportError
-from engines import speculative
-from engines.runtime import Engine
-from engines.sampling import draw, processed_probs
-from engines.speculative import accept_draft
+from dsv3_export import engines
+from dsv3_export.benchmarks.speculative import measure
+from dsv3_export.cli.main import main
+from dsv3_export.core.errors import ExportError
+from dsv3_export.engines import speculative
+from dsv3_export.engines.runtime import Engine
+from dsv3_export.engines.sampling import draw, processed_probs
+from dsv3_export.engines.speculative import accept_draft
 from tests.helpers import chi_square
 
 PROMPTS = [[0, 17, 301, 42, 9, 255, 77], [0, 5], [0, 100, 200, 300, 400, 11, 12, 13, 14], [0, 499]]
@@ -228,7 +228,7 @@ def test_cli_run_speculative(tiny_build):
 
 # ---- on the demo model -----------------------------------------------------------------------------------
 def _demo_trained() -> bool:
-    from exporter import demo_path
+    from dsv3_export.exporter import demo_path
 
     return (demo_path() / "model.safetensors").is_file()
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-import engines
-from core.build_dir import main_io, read_manifest
-from engines.scheduler import SamplingParams, Scheduler
-from engines.stages import StagedSession
+from dsv3_export import engines
+from dsv3_export.core.build_dir import main_io, read_manifest
+from dsv3_export.engines.scheduler import SamplingParams, Scheduler
+from dsv3_export.engines.stages import StagedSession
 from tests.helpers import rel_max_err
 
 
@@ -62,7 +62,7 @@ def test_scheduler_over_stages_gives_each_prompt_its_solo_tokens(staged_demo_bui
 def test_tensorrt_profiles_cover_every_stage(staged_demo_build):
     # TensorRT builds one plan per stage (engines.trt.prepare over the stage graphs); the profile
     # logic is pure Python and runs here: hidden_in has a fixed width, the rest the usual roles.
-    from engines.trt import TrtOptions, make_profiles
+    from dsv3_export.engines.trt import TrtOptions, make_profiles
 
     m = read_manifest(staged_demo_build)
     options = TrtOptions(max_batch=4, max_seq_len=256).resolve(m["config"]["max_seq_len"])

@@ -2,7 +2,7 @@
 
 import pytest
 
-from engines.stop_strings import StopStrings
+from dsv3_export.engines.stop_strings import StopStrings
 
 
 @pytest.mark.parametrize("pieces, stops, sent, stopped", [

@@ -10,9 +10,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from core.errors import ExportError
-from engines import trt as trt_engine
-from engines.trt import TrtOptions, make_profiles, select_profile
+from dsv3_export.core.errors import ExportError
+from dsv3_export.engines import trt as trt_engine
+from dsv3_export.engines.trt import TrtOptions, make_profiles, select_profile
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -189,7 +189,7 @@ def test_dsv3_nodes_are_counted(tmp_path):
     import onnx
     from onnx import TensorProto, helper
 
-    from plugins.latent_attention import onnx_function as la
+    from dsv3_export.plugins.latent_attention import onnx_function as la
 
     node = la.make_node("q", "latent", "cache_lengths", "o", scale=0.1, kv_lora_rank=32)
     graph = helper.make_graph([node, helper.make_node("Identity", ["o"], ["y"])], "g",
@@ -225,14 +225,13 @@ def test_everything_trt_says_tensorrt_is_missing(tmp_path, tiny_build):
                  lambda: trt_engine.polygraphy_runner(tiny_build, "model.onnx", name="trt")):
         with pytest.raises(ExportError, match="needs TensorRT >= 10.15"):
             call()
-    import engines
-
+    from dsv3_export import engines
     with pytest.raises(ExportError, match="TensorRT"):
         engines.load(tiny_build, backend="trt")
 
 
 def test_trt_options_on_the_ort_backend_are_refused(tmp_path):
-    from cli.main import main
+    from dsv3_export.cli.main import main
 
     r = CliRunner().invoke(main, ["build", "tiny", "-o", str(tmp_path / "o"), "--max-batch", "4", "--no-verify"])
     assert r.exit_code == 1 and "Traceback" not in r.output, r.output
@@ -241,7 +240,7 @@ def test_trt_options_on_the_ort_backend_are_refused(tmp_path):
 
 
 def test_providers_are_for_ort_only(tiny_build):
-    from engines.runtime import Engine
+    from dsv3_export.engines.runtime import Engine
 
     with pytest.raises(ExportError, match="providers apply to --backend ort only"):
         Engine(tiny_build, backend="trt", providers=["CPUExecutionProvider"], check_files=False)
@@ -250,10 +249,11 @@ def test_providers_are_for_ort_only(tiny_build):
 # ---- with TensorRT and a GPU ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def trt_build(tmp_path_factory):
-    from pipeline.build import build
+    from dsv3_export.core.build_options import BuildOptions
+    from dsv3_export.pipeline.build import build
 
     out = tmp_path_factory.mktemp("trt") / "tiny-trt"
-    build("tiny", out, backend="trt", verify=False, trt_options={"max_batch": 4, "max_seq_len": 128})
+    build("tiny", out, BuildOptions(backend="trt", verify=False, trt={"max_batch": 4, "max_seq_len": 128}))
     return out
 
 
@@ -274,8 +274,7 @@ def test_trt_build_directory(trt_build):
 
 @needs_trt
 def test_trt_engine_matches_onnx_runtime(trt_build):
-    import engines
-
+    from dsv3_export import engines
     ort_engine = engines.load(trt_build, backend="ort")  # the raw graph, optimized online
     trt = engines.load(trt_build)
     assert trt.backend == "trt" and "TensorRT" in repr(trt)
@@ -310,7 +309,7 @@ def test_trt_mtp_session(trt_build):
 
 @needs_trt
 def test_trt_verify_passes(trt_build, tmp_path):
-    from verification.verify import verify
+    from dsv3_export.verification.verify import verify
 
     result = verify(trt_build, "tiny", backends=["trt"], decode_steps=3, greedy_tokens=6, report_dir=tmp_path)
     assert result["passed"], result["checks"]
@@ -318,11 +317,12 @@ def test_trt_verify_passes(trt_build, tmp_path):
 
 @needs_trt
 def test_verify_builds_an_engine_for_an_unlowered_ort_build(tmp_path):
-    from pipeline.build import build
-    from verification.verify import verify
+    from dsv3_export.core.build_options import BuildOptions
+    from dsv3_export.pipeline.build import build
+    from dsv3_export.verification.verify import verify
 
     out = tmp_path / "b"
-    build("tiny", out, verify=False, lower=False)
+    build("tiny", out, BuildOptions(verify=False, lower=False))
     result = verify(out, "tiny", backends=["trt"], decode_steps=2, greedy_tokens=4, report_dir=tmp_path / "r")
     assert result["passed"], result["checks"]
     assert not list(out.glob("*.plan"))  # built in memory, the build directory is untouched
@@ -330,7 +330,7 @@ def test_verify_builds_an_engine_for_an_unlowered_ort_build(tmp_path):
 
 @needs_trt
 def test_default_verify_of_an_ort_build_skips_tensorrt(tiny_build, tmp_path):
-    from verification.verify import verify
+    from dsv3_export.verification.verify import verify
 
     result = verify(tiny_build, "tiny", backends=None, decode_steps=1, greedy_tokens=2, report_dir=tmp_path)
     assert [s["runner"] for s in result["skipped"]] == ["trt"] and "no TensorRT plan" in result["skipped"][0]["reason"]

@@ -7,13 +7,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from core.config import preset
-from core.errors import CheckpointError
-from core.fp8 import dequantize_blocks, quantize_blocks
-from exporter import load_reference
-from exporter.checkpoint import Checkpoint
-from exporter.checkpoint_writer import make_checkpoint, write_hf
-from exporter.weights import RandomWeights
+from dsv3_export.core.config import preset
+from dsv3_export.core.errors import CheckpointError
+from dsv3_export.core.fp8 import dequantize_blocks, quantize_blocks
+from dsv3_export.exporter import load_reference
+from dsv3_export.exporter.checkpoint import Checkpoint
+from dsv3_export.exporter.checkpoint_writer import make_checkpoint, write_hf
+from dsv3_export.exporter.weights import RandomWeights
 from tests.helpers import rel_max_err
 
 IDS = torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(0))

@@ -2,9 +2,9 @@
 
 import pytest
 
-from core.config import preset
-from core.errors import ExportError
-from exporter.deploy_plan import (
+from dsv3_export.core.config import preset
+from dsv3_export.core.errors import ExportError
+from dsv3_export.exporter.deploy_plan import (
     COLUMNS,
     DEVICES,
     GB,
@@ -17,7 +17,7 @@ from exporter.deploy_plan import (
     summary_lines,
     table_rows,
 )
-from exporter.stage_plan import plan_stages, weight_bytes
+from dsv3_export.exporter.stage_plan import plan_stages, weight_bytes
 
 V3 = preset("v3")
 H200 = DEVICES["H200"]

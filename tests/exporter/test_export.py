@@ -11,8 +11,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from exporter import load_reference, open_source
-from pipeline.build import Reporter, export_graph
+from dsv3_export.exporter import load_reference, open_source
+from dsv3_export.pipeline.build import Reporter, export_graph
 from tests.helpers import buffered_feed, layer_pasts, rel_max_err
 
 TOL = 1e-4  # ORT vs reference: max |Δlogits| <= 1e-4 x max |logit|

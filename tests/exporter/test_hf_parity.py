@@ -8,8 +8,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from exporter import load_reference  # noqa: E402
-from exporter.checkpoint import Checkpoint  # noqa: E402
+from dsv3_export.exporter import load_reference  # noqa: E402
+from dsv3_export.exporter.checkpoint import Checkpoint  # noqa: E402
 from tests.helpers import rel_max_err  # noqa: E402
 
 BASE = dict(vocab_size=160, hidden_size=48, intermediate_size=96, moe_intermediate_size=24, num_hidden_layers=3,

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from core.config import preset
-from exporter import load_reference
-from exporter.model import Gate
+from dsv3_export.core.config import preset
+from dsv3_export.exporter import load_reference
+from dsv3_export.exporter.model import Gate
 from tests.helpers import rel_max_err
 
 

@@ -5,9 +5,9 @@ instances untouched, and patches nothing in exporter.model."""
 import pytest
 import torch
 
-import exporter.model as model_module
-from exporter import load_reference
-from exporter.model import MLA, MoE
+import dsv3_export.exporter.model as model_module
+from dsv3_export.exporter import load_reference
+from dsv3_export.exporter.model import MLA, MoE
 from tests.helpers import rel_max_err
 
 

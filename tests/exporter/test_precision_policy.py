@@ -2,8 +2,8 @@
 
 import pytest
 
-from exporter import ExportError
-from exporter.precision_policy import (
+from dsv3_export.exporter import ExportError
+from dsv3_export.exporter.precision_policy import (
     DEFAULT_KEEP_FP,
     DEFAULT_KEEP_FP_INT,
     PRECISIONS,

@@ -11,11 +11,11 @@ import torch
 import torch.nn.functional as F
 from onnx import TensorProto, helper
 
-from core.config import preset
-from core.fp8 import FP8_DTYPE
-from exporter.passes.quantize import quantize
-from exporter.precision_policy import Policy
-from exporter.quant_numerics import (
+from dsv3_export.core.config import preset
+from dsv3_export.core.fp8 import FP8_DTYPE
+from dsv3_export.exporter.passes.quantize import quantize
+from dsv3_export.exporter.precision_policy import Policy
+from dsv3_export.exporter.quant_numerics import (
     SharedLoads,
     dequantize_int,
     expert_block,
@@ -26,7 +26,7 @@ from exporter.quant_numerics import (
     quantize_int,
     unsigned,
 )
-from exporter.weights import RandomWeights
+from dsv3_export.exporter.weights import RandomWeights
 
 FQN = "layers.0.attn.wo.weight"  # [dim, n_heads * v_head_dim]
 

@@ -8,10 +8,10 @@ import math
 import numpy as np
 import pytest
 
-import exporter.names as names
-from core.errors import ExportError
-from exporter.source import open_source
-from exporter.stage_plan import plan_stages, split_layers, weight_bytes
+import dsv3_export.exporter.names as names
+from dsv3_export.core.errors import ExportError
+from dsv3_export.exporter.source import open_source
+from dsv3_export.exporter.stage_plan import plan_stages, split_layers, weight_bytes
 
 
 def brute_force(costs, n, first_extra, last_extra):

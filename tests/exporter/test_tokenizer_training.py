@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from exporter.tokenizer_training import BOS, EOS, MAX_VOCAB, corpus_files, train_bpe, train_tokenizer
+from dsv3_export.exporter.tokenizer_training import BOS, EOS, MAX_VOCAB, corpus_files, train_bpe, train_tokenizer
 
 
 def test_preset_tokenizer_is_deterministic_and_lossless():

@@ -9,7 +9,7 @@ from pathlib import Path
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from cli.main import main
+from dsv3_export.cli.main import main
 
 WEIGHTS = "model.safetensors"
 

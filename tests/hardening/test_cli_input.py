@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from click.testing import CliRunner
 
-import engines
-from cli.main import main
-from core.errors import ExportError
+from dsv3_export import engines
+from dsv3_export.cli.main import main
+from dsv3_export.core.errors import ExportError
 
 
 def _run(*args):

@@ -8,10 +8,10 @@ import json
 
 import pytest
 
-from core.config import ModelConfig, from_hf_dict, from_modelargs_dict, preset, to_hf_dict
-from core.errors import ConfigError, ExportError
-from exporter import open_source
-from exporter.checkpoint_writer import make_checkpoint, modelargs_dict
+from dsv3_export.core.config import ModelConfig, from_hf_dict, from_modelargs_dict, preset, to_hf_dict
+from dsv3_export.core.errors import ConfigError, ExportError
+from dsv3_export.exporter import open_source
+from dsv3_export.exporter.checkpoint_writer import make_checkpoint, modelargs_dict
 from tests.hardening.common import DELETE, copy_ckpt, edit_config, inspect
 from tests.helpers import assert_clean_error
 

@@ -16,10 +16,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import exporter.names as names
-from core.errors import ExportError
-from exporter.checkpoint import Checkpoint
-from exporter.checkpoint_writer import make_checkpoint
+import dsv3_export.exporter.names as names
+from dsv3_export.core.errors import ExportError
+from dsv3_export.exporter.checkpoint import Checkpoint
+from dsv3_export.exporter.checkpoint_writer import make_checkpoint
 
 READ_TIMEOUT = 30  # seconds, per example
 DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
@@ -31,7 +31,7 @@ DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F
 def original():
     """A small float checkpoint: the tiny preset cut to one layer (fast to read whole)."""
     root = Path(tempfile.mkdtemp(prefix="fuzz-"))
-    from core.config import preset
+    from dsv3_export.core.config import preset
 
     cfg = preset("tiny").replace(n_layers=2, n_mtp_layers=0, vocab_size=128)
     ckpt = make_checkpoint(cfg, root / "ckpt")

@@ -16,11 +16,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from cli.main import main
-from core.errors import ExportError
-from pipeline import build as build_mod
-from pipeline.build import build
-from pipeline.output_dir import TMP_MARK, check_output, sweep_stale
+from dsv3_export.cli.main import main
+from dsv3_export.core.errors import ExportError
+from dsv3_export.pipeline import build as build_mod
+from dsv3_export.core.build_options import BuildOptions
+from dsv3_export.pipeline.build import build
+from dsv3_export.pipeline.output_dir import TMP_MARK, check_output, sweep_stale
 from tests.helpers import ROOT
 
 
@@ -86,7 +87,7 @@ def test_one_build_at_a_time_per_out(tmp_path):
     fcntl.flock(fd, fcntl.LOCK_EX)
     try:
         with pytest.raises(ExportError, match="another build to this directory is running"):
-            build("tiny", tmp_path / "out", verify=False)
+            build("tiny", tmp_path / "out", BuildOptions(verify=False))
     finally:
         os.close(fd)
     assert not (tmp_path / "out").exists()
@@ -103,7 +104,7 @@ def test_an_out_that_appears_meanwhile_is_not_replaced(tmp_path, monkeypatch):
 
     monkeypatch.setattr(build_mod, "write_tokenizer", sneaky)
     with pytest.raises(ExportError, match="appeared while building"):
-        build("tiny", out, verify=False, mtp=False)
+        build("tiny", out, BuildOptions(verify=False, mtp=False))
     assert (out / "manifest.json").read_text() == "{}"
     assert not list(tmp_path.glob(".out.*"))
 
@@ -120,7 +121,7 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
 
 def test_sigterm_mid_build_leaves_no_temporary(tmp_path):
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "build", "tiny", "-o", str(out), "--no-verify"],
+    proc = subprocess.Popen([sys.executable, "-m", "dsv3_export.cli.main", "build", "tiny", "-o", str(out), "--no-verify"],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while not list(tmp_path.glob(".out.tmp-*")) and time.monotonic() < deadline and proc.poll() is None:

@@ -10,12 +10,12 @@ import threading
 
 import pytest
 
-from core.config import preset
-from core.errors import CheckpointError
-from exporter import open_source
-from exporter.checkpoint import Checkpoint
-from exporter.checkpoint_writer import write_hf
-from exporter.weights import RandomWeights
+from dsv3_export.core.config import preset
+from dsv3_export.core.errors import CheckpointError
+from dsv3_export.exporter import open_source
+from dsv3_export.exporter.checkpoint import Checkpoint
+from dsv3_export.exporter.checkpoint_writer import write_hf
+from dsv3_export.exporter.weights import RandomWeights
 from tests.hardening.common import inspect
 from tests.helpers import assert_clean_error
 

@@ -11,13 +11,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from core.config import preset
-from core.errors import CheckpointError, ExportError
-from exporter import load_reference, open_source
-from exporter.checkpoint import Checkpoint
-from exporter.checkpoint_writer import make_checkpoint, write_hf
-from exporter.precision_policy import Policy
-from exporter.weights import RandomWeights
+from dsv3_export.core.config import preset
+from dsv3_export.core.errors import CheckpointError, ExportError
+from dsv3_export.exporter import load_reference, open_source
+from dsv3_export.exporter.checkpoint import Checkpoint
+from dsv3_export.exporter.checkpoint_writer import make_checkpoint, write_hf
+from dsv3_export.exporter.precision_policy import Policy
+from dsv3_export.exporter.weights import RandomWeights
 from tests.hardening.common import copy_ckpt, edit_tensors, inspect
 from tests.helpers import assert_clean_error
 
@@ -159,7 +159,7 @@ def test_deepseek_shards_that_disagree_fail_at_open(tmp_path, tensor, shape):
 
 
 def _param_names():
-    from exporter.export import meta_model
+    from dsv3_export.exporter.export import meta_model
 
     return [n for n, _ in meta_model(preset("tiny"), mtp=False).named_parameters()]
 

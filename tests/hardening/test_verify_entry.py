@@ -9,12 +9,12 @@ import shutil
 import pytest
 from click.testing import CliRunner
 
-from cli.main import main
-from core.build_dir import MANIFEST
-from core.errors import ExportError
-from exporter import open_source
+from dsv3_export.cli.main import main
+from dsv3_export.core.build_dir import MANIFEST
+from dsv3_export.core.errors import ExportError
+from dsv3_export.exporter import open_source
 from tests.helpers import assert_clean_error
-from verification.verify import verify
+from dsv3_export.verification.verify import verify
 
 
 @pytest.fixture

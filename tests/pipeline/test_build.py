@@ -6,7 +6,7 @@ import os
 import pytest
 from click.testing import CliRunner
 
-from cli.main import main
+from dsv3_export.cli.main import main
 from tests.helpers import assert_clean_error as conftest_assert_clean_error
 
 
@@ -78,7 +78,7 @@ def test_trt_backend_without_tensorrt(tmp_path):
 
 
 def test_write_failure_mid_build_leaves_nothing(tmp_path, monkeypatch):
-    import pipeline.build as build_mod
+    import dsv3_export.pipeline.build as build_mod
 
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device", str(tmp_path / "out" / "tokenizer.json"))

@@ -6,7 +6,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from cli.main import main
+from dsv3_export.cli.main import main
 
 
 def run(*args):
@@ -45,8 +45,7 @@ def test_manifest_records_the_policy(int4_build):
 def test_quantized_engine_generates(int4_build):
     import onnx
 
-    import engines
-
+    from dsv3_export import engines
     graph = onnx.load(str(int4_build / "model.ort.onnx"), load_external_data=False)
     ops = {n.op_type for n in graph.graph.node}
     assert {"MatMulNBits", "QMoE"} <= ops  # the saved ORT engine kept the quantized kernels

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-import engines
-from cli.main import main
-from pipeline.build import build
+from dsv3_export import engines
+from dsv3_export.cli.main import main
+from dsv3_export.core.build_options import BuildOptions
+from dsv3_export.pipeline.build import build
 from tests.helpers import rel_max_err
 
 
@@ -29,7 +30,7 @@ def test_manifest_records_the_plan(staged_demo_build):
 
 def test_three_stages_continue_as_one_graph(tmp_path, demo_build):
     out = tmp_path / "demo-3"
-    m = build("demo", out, stages=3, verify=False)
+    m = build("demo", out, BuildOptions(stages=3, verify=False))
     assert len(m["stages"]) == 3
     staged, whole = engines.load(out), engines.load(demo_build)
     prompt = np.random.default_rng(3).integers(2, whole.config.vocab_size, 14).tolist()
@@ -40,8 +41,8 @@ def test_three_stages_continue_as_one_graph(tmp_path, demo_build):
 
 @pytest.mark.parametrize("precision", ["fp8", "int8", "int8-wo", "int4-wo"])
 def test_every_precision_builds_staged(tmp_path, precision):
-    one = build("tiny", tmp_path / "one", precision=precision, verify=False, mtp=False)
-    two = build("tiny", tmp_path / "two", precision=precision, stages=2, verify=False, mtp=False)
+    one = build("tiny", tmp_path / "one", BuildOptions(precision=precision, verify=False, mtp=False))
+    two = build("tiny", tmp_path / "two", BuildOptions(precision=precision, stages=2, verify=False, mtp=False))
     assert len(two["stages"]) == 2 and one["quantization"]["tensors"] == two["quantization"]["tensors"]
     a, b = engines.load(tmp_path / "one"), engines.load(tmp_path / "two")
     ids = np.random.default_rng(4).integers(2, a.config.vocab_size, (2, 7))

@@ -22,14 +22,14 @@ _GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in 
 if not _GPU:
     os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
 
-from plugins import PLUGIN_NAMESPACE, trt_common  # noqa: E402
-from plugins.latent_attention import onnx_function as la_onnx  # noqa: E402
-from plugins.latent_attention import spec as la_spec  # noqa: E402
-from plugins.latent_attention import tensorrt as la_trt  # noqa: E402
-from plugins.latent_attention.reference import latent_attention as la_reference  # noqa: E402
-from plugins.moe_dispatch import onnx_function as moe_onnx  # noqa: E402
-from plugins.moe_dispatch import spec as moe_spec  # noqa: E402
-from plugins.moe_dispatch import tensorrt as moe_trt  # noqa: E402
+from dsv3_export.plugins import PLUGIN_NAMESPACE, trt_common  # noqa: E402
+from dsv3_export.plugins.latent_attention import onnx_function as la_onnx  # noqa: E402
+from dsv3_export.plugins.latent_attention import spec as la_spec  # noqa: E402
+from dsv3_export.plugins.latent_attention import tensorrt as la_trt  # noqa: E402
+from dsv3_export.plugins.latent_attention.reference import latent_attention as la_reference  # noqa: E402
+from dsv3_export.plugins.moe_dispatch import onnx_function as moe_onnx  # noqa: E402
+from dsv3_export.plugins.moe_dispatch import spec as moe_spec  # noqa: E402
+from dsv3_export.plugins.moe_dispatch import tensorrt as moe_trt  # noqa: E402
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
@@ -178,7 +178,7 @@ def test_register_without_tensorrt_says_what_is_missing():
 
 
 def test_aot_plan_rejects_dynamic_heads():
-    from plugins.latent_attention.triton import aot_plan
+    from dsv3_export.plugins.latent_attention.triton import aot_plan
 
     with pytest.raises(ValueError, match="build-time"):
         aot_plan(1, 1, 8, Sym("H"), 40, 32, 0.1, "fp32")
@@ -188,7 +188,7 @@ def test_aot_plan_rejects_dynamic_heads():
 
 @needs_triton
 def test_aot_runtime_arguments_follow_tensorrts_order():
-    from plugins.latent_attention import triton as lat_triton
+    from dsv3_export.plugins.latent_attention import triton as lat_triton
 
     plan = la_trt.aot_kernel_plan((2, 1, 4, 40), (2, 9, 40), 0.125, 32, "BF16")
     runtime = [n for n in lat_triton.AOT_KERNEL.arg_names if plan["signature"][n] != "constexpr"]
@@ -214,7 +214,7 @@ def test_aot_plan_replayed_matches_reference(s, t, dtype, ragged, int32):
     values, grid, positional arguments in TensorRT's order), with the plan's
     shape expressions evaluated as ints. ragged: per-row lengths with NaN
     garbage past L_b + S; else every row L_b = T - S."""
-    from plugins.latent_attention import triton as lat_triton
+    from dsv3_export.plugins.latent_attention import triton as lat_triton
 
     b, h, r, dr = 3, 3, 32, 8
     g = torch.Generator().manual_seed(s)
@@ -243,7 +243,7 @@ def test_aot_plan_replayed_matches_reference(s, t, dtype, ragged, int32):
 
 _COMPILE_SCRIPT = textwrap.dedent("""
     import json, re, sys
-    from plugins.latent_attention import tensorrt as la_trt
+    from dsv3_export.plugins.latent_attention import tensorrt as la_trt
     plan = la_trt.aot_kernel_plan((2, 1, 4, 40), (2, 9, 40), 0.125, 32, "BF16")
     k = la_trt.compile_aot(plan, arch=90)
     ptx = k.asm["ptx"]
@@ -335,7 +335,7 @@ def test_tensorrt_latent_attention_engine():
 def test_tensorrt_moe_dispatch_engine():
     from onnx import TensorProto, helper
 
-    from plugins.moe_dispatch.reference import moe_dispatch as moe_reference
+    from dsv3_export.plugins.moe_dispatch.reference import moe_dispatch as moe_reference
 
     moe_trt.register()
     n, k, e, d, inter = 5, 2, 4, 64, 32

@@ -58,7 +58,7 @@ class Server:
 
 def start_server(build: Path, log: Path, *args: str, api_key: str | None = None) -> Server:
     port = free_port()
-    cmd = [sys.executable, "-m", "cli.main", "serve", str(build), "--port", str(port), "--threads", "1",
+    cmd = [sys.executable, "-m", "dsv3_export.cli.main", "serve", str(build), "--port", str(port), "--threads", "1",
            "--log-level", "warning", *args]
     if api_key:
         cmd += ["--api-key", api_key]
@@ -112,6 +112,5 @@ def small_server(demo_build, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(demo_build):
-    import engines
-
+    from dsv3_export import engines
     return engines.load(demo_build, threads=1)

@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from exporter.source import demo_path
-from server.chat import ChatTemplate, TemplateError
-from server.loadgen import percentile
+from dsv3_export.exporter.source import demo_path
+from dsv3_export.server.chat import ChatTemplate, TemplateError
+from dsv3_export.server.loadgen import percentile
 
 # Data: the `chat_template` of deepseek-ai/DeepSeek-V3's tokenizer_config.json (the current revision,
 # with tool calls and outputs; its generation prompt is '<｜Assistant｜>'), copied as text.

@@ -68,7 +68,7 @@ def test_missing_llama_cpp_tree_is_a_one_line_error(tmp_path):
 def test_against_llama_cpp_on_tiny(tmp_path):
     from click.testing import CliRunner
 
-    from cli.main import main as cli
+    from dsv3_export.cli.main import main as cli
 
     ckpt, build = tmp_path / "ckpt", tmp_path / "build"
     for args in (["make-checkpoint", "--preset", "tiny", "-o", str(ckpt)], ["build", str(ckpt), "-o", str(build)]):

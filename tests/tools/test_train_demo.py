@@ -17,8 +17,8 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 import train_demo as td  # noqa: E402
 
-from core.config import preset  # noqa: E402
-from exporter import demo_path, load_reference, open_source  # noqa: E402
+from dsv3_export.core.config import preset  # noqa: E402
+from dsv3_export.exporter import demo_path, load_reference, open_source  # noqa: E402
 
 
 def small_model(seed: int = 0):
@@ -158,22 +158,22 @@ def test_shipped_demo_predicts_held_out_python():
 
 
 def test_demo_is_the_default_source(monkeypatch, tmp_path):
-    """`dsv3-export build` / `inspect` / exporter.build default to the embedded demo; a missing
+    """`dsv3-export build` / `inspect` / dsv3_export.build default to the embedded demo; a missing
     demo folder is one clear error."""
     import inspect as pyinspect
 
-    import exporter
-    import exporter.source
-    from cli.main import build as build_cmd
-    from cli.main import inspect as inspect_cmd
-    from core.errors import CheckpointError
-    from pipeline import build as pipeline
+    import dsv3_export
+    import dsv3_export.exporter.source
+    from dsv3_export.cli.main import build as build_cmd
+    from dsv3_export.cli.main import inspect as inspect_cmd
+    from dsv3_export.core.errors import CheckpointError
+    from dsv3_export.pipeline import build as pipeline
 
-    assert pyinspect.signature(exporter.build).parameters["source"].default == "demo"
+    assert pyinspect.signature(dsv3_export.build).parameters["source"].default == "demo"
     assert pyinspect.signature(pipeline.build).parameters["source_spec"].default == "demo"
     assert next(p for p in build_cmd.params if p.name == "source").default == "demo"
     assert next(p for p in inspect_cmd.params if p.name == "source").default == "demo"
-    monkeypatch.setattr(exporter.source, "demo_path", lambda: tmp_path / "nowhere")
+    monkeypatch.setattr(dsv3_export.exporter.source, "demo_path", lambda: tmp_path / "nowhere")
     with pytest.raises(CheckpointError, match="embedded demo model is missing"):
         open_source("demo")
 
@@ -183,8 +183,8 @@ def test_demo_ships_as_package_data():
     import fnmatch
 
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
-    globs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["exporter"]
-    files = [f.relative_to(ROOT / "exporter").as_posix() for f in demo_path().iterdir()] if demo_path().is_dir() else []
+    globs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["dsv3_export.exporter"]
+    files = [f.relative_to(ROOT / "dsv3_export" / "exporter").as_posix() for f in demo_path().iterdir()] if demo_path().is_dir() else []
     for f in files:
         assert any(fnmatch.fnmatch(f, g) for g in globs), f
-    assert demo_path() == ROOT / "exporter" / "data" / "demo"
+    assert demo_path() == ROOT / "dsv3_export" / "exporter" / "data" / "demo"

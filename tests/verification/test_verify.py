@@ -9,10 +9,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cli.main import main
-from exporter import ExportError, load_reference, open_source
+from dsv3_export.cli.main import main
+from dsv3_export.exporter import ExportError, load_reference, open_source
 from tests.helpers import buffered_feed, layer_pasts
-from verification.verify import TOLERANCES, ReferenceRunner, tolerance_for, verify
+from dsv3_export.verification.verify import TOLERANCES, ReferenceRunner, tolerance_for, verify
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -66,7 +66,7 @@ def test_report_files(verified):
     manifest = json.loads((build / "manifest.json").read_text())
     assert {"verify/report.json", "verify/report.md", "verify/error_per_step.png"} <= set(manifest["files"])
     assert manifest["verify"]["passed"] is True
-    from core.build_dir import check_file_hashes
+    from dsv3_export.core.build_dir import check_file_hashes
 
     check_file_hashes(build, manifest)
 

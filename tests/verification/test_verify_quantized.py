@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from verification.lm_eval import lm_metrics, real_text_ids
-from verification.verify import TOLERANCES, tolerance_for, verify
+from dsv3_export.verification.lm_eval import lm_metrics, real_text_ids
+from dsv3_export.verification.verify import TOLERANCES, tolerance_for, verify
 
 
 def test_lm_metrics():
@@ -54,10 +54,11 @@ def test_thresholds_table():
 
 @pytest.fixture(scope="module")
 def fp8_verified(tmp_path_factory):
-    from pipeline.build import build
+    from dsv3_export.core.build_options import BuildOptions
+    from dsv3_export.pipeline.build import build
 
     out = tmp_path_factory.mktemp("q") / "tiny-fp8"
-    manifest = build("tiny", out, precision="fp8", mtp=False, verify=False, force=True)
+    manifest = build("tiny", out, BuildOptions(precision="fp8", mtp=False, verify=False, force=True))
     result = verify(out, None, precision="fp8", decode_steps=2, greedy_tokens=4, backends=["ort"])
     return out, manifest, result
 

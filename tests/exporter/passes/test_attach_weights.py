@@ -2,9 +2,9 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from core.errors import CheckpointError
-from exporter import open_source
-from exporter.passes.attach_weights import attach_weights
+from dsv3_export.core.errors import CheckpointError
+from dsv3_export.exporter import open_source
+from dsv3_export.exporter.passes.attach_weights import attach_weights
 
 
 class CountingSource:
@@ -66,6 +66,6 @@ def test_fp8_source_is_dequantized(tiny_fp8_ckpt):
     model = attach_weights(_model_with([("model.layers.0.attn.wq_b.weight", (cfg.n_heads * cfg.qk_head_dim, cfg.q_lora_rank))]), src)
     w = model.graph.initializers["model.layers.0.attn.wq_b.weight"].const_value.numpy()
     assert w.dtype == np.float32
-    from core.fp8 import dequantize_blocks
+    from dsv3_export.core.fp8 import dequantize_blocks
     expect = dequantize_blocks(src.get("layers.0.attn.wq_b.weight"), src.get("layers.0.attn.wq_b.scale"))
     np.testing.assert_array_equal(w, expect.numpy())

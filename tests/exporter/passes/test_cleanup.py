@@ -1,7 +1,7 @@
 import numpy as np
 import onnx_ir as ir
 
-from exporter.passes.cleanup import cleanup
+from dsv3_export.exporter.passes.cleanup import cleanup
 
 
 def test_removes_dead_code_folds_small_constants_keeps_custom_nodes():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from exporter.passes.ir_values import const_array, const_is, dims
+from dsv3_export.exporter.passes.ir_values import const_array, const_is, dims
 
 
 def test_constants_and_shapes():

@@ -6,10 +6,10 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from exporter.passes.lower_ort import lower_ort
-from exporter.passes.plugin_attrs import plugin_attrs
-from plugins.latent_attention.reference import latent_attention
-from plugins.moe_dispatch.reference import moe_dispatch
+from dsv3_export.exporter.passes.lower_ort import lower_ort
+from dsv3_export.exporter.passes.plugin_attrs import plugin_attrs
+from dsv3_export.plugins.latent_attention.reference import latent_attention
+from dsv3_export.plugins.moe_dispatch.reference import moe_dispatch
 from tests.helpers import buffered_feed, layer_pasts
 
 
@@ -65,7 +65,7 @@ def test_latent_attention_alone_to_matmul(s_len, t_len):
 def test_mla_absorbed_decode_naive_prefill(s_len, t_len):
     """Einsum(W_UK) -> LatentAttention -> Einsum(W_UV) becomes an If: absorbed below 64 query
     tokens, naive (K/V expanded) from 64 on; both equal the function body and the naive math."""
-    from exporter.passes.lower_ort_mla import NAIVE_PREFILL_MIN_TOKENS
+    from dsv3_export.exporter.passes.lower_ort_mla import NAIVE_PREFILL_MIN_TOKENS
 
     h, r, dr, dn, dv = 4, 32, 8, 16, 12
     rng = np.random.default_rng(s_len)
@@ -246,8 +246,8 @@ def test_whole_model_lowered_equals_function_bodies(tmp_path, form):
 
     import onnx
 
-    from exporter import load_reference, open_source
-    from pipeline.build import Reporter, export_graph
+    from dsv3_export.exporter import load_reference, open_source
+    from dsv3_export.pipeline.build import Reporter, export_graph
 
     src = open_source("tiny")
     cfg = src.config

@@ -4,8 +4,8 @@ import onnx_ir as ir
 import onnxruntime as ort
 import torch
 
-from exporter.passes.plugin_attrs import plugin_attrs
-from plugins.latent_attention.reference import latent_attention
+from dsv3_export.exporter.passes.plugin_attrs import plugin_attrs
+from dsv3_export.plugins.latent_attention.reference import latent_attention
 
 
 def _bare_latent_attention_model():

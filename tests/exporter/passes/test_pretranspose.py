@@ -8,7 +8,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
-from exporter.passes.pretranspose import pretranspose
+from dsv3_export.exporter.passes.pretranspose import pretranspose
 
 
 def _model():

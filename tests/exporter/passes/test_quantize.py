@@ -8,15 +8,15 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from exporter import load_reference, open_source
-from exporter.export import export_main, meta_model
-from exporter.passes.attach_weights import attach_weights
-from exporter.passes.cleanup import cleanup
-from exporter.passes.plugin_attrs import plugin_attrs
-from exporter.passes.quantize import quantize
-from exporter.precision_policy import Policy
-from exporter.quant_numerics import emulate, is_quantized
-from verification.lm_eval import lm_metrics
+from dsv3_export.exporter import load_reference, open_source
+from dsv3_export.exporter.export import export_main, meta_model
+from dsv3_export.exporter.passes.attach_weights import attach_weights
+from dsv3_export.exporter.passes.cleanup import cleanup
+from dsv3_export.exporter.passes.plugin_attrs import plugin_attrs
+from dsv3_export.exporter.passes.quantize import quantize
+from dsv3_export.exporter.precision_policy import Policy
+from dsv3_export.exporter.quant_numerics import emulate, is_quantized
+from dsv3_export.verification.lm_eval import lm_metrics
 
 FLOATS = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16}
 

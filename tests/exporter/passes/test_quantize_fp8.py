@@ -11,18 +11,18 @@ import onnxruntime as ort
 import pytest
 import torch
 
-import exporter.quant_numerics as qn
-from core.config import preset
-from exporter import CheckpointError, load_reference, open_source
-from exporter.checkpoint import Checkpoint
-from exporter.checkpoint_writer import make_checkpoint
-from exporter.export import export_main, meta_model
-from exporter.passes.attach_weights import attach_weights
-from exporter.passes.cleanup import cleanup
-from exporter.passes.plugin_attrs import plugin_attrs
-from exporter.passes.quantize import quantize
-from exporter.precision_policy import Policy
-from exporter.weights import resolve
+import dsv3_export.exporter.quant_numerics as qn
+from dsv3_export.core.config import preset
+from dsv3_export.exporter import CheckpointError, load_reference, open_source
+from dsv3_export.exporter.checkpoint import Checkpoint
+from dsv3_export.exporter.checkpoint_writer import make_checkpoint
+from dsv3_export.exporter.export import export_main, meta_model
+from dsv3_export.exporter.passes.attach_weights import attach_weights
+from dsv3_export.exporter.passes.cleanup import cleanup
+from dsv3_export.exporter.passes.plugin_attrs import plugin_attrs
+from dsv3_export.exporter.passes.quantize import quantize
+from dsv3_export.exporter.precision_policy import Policy
+from dsv3_export.exporter.weights import resolve
 
 # dim, inter, moe_inter multiples of 128; head rows (nope 32, v 32) not aligned to wkv_b's blocks
 ALIGNED = dict(dim=256, inter_dim=256, moe_inter_dim=128, n_layers=2, n_dense_layers=1, n_heads=2, q_lora_rank=128,
@@ -171,7 +171,8 @@ def test_bad_fp8_checkpoints_are_refused(tiny_fp8_ckpt, tmp_path):
             tensors[key] = torch.ones(3, 3)
         save_file(tensors, str(f), metadata={"format": "pt"})
         with pytest.raises(CheckpointError, match="o_proj|wo") as err:
-            from pipeline.build import build
+            from dsv3_export.core.build_options import BuildOptions
+            from dsv3_export.pipeline.build import build
 
-            build(bad, tmp_path / f"out-{case}", precision="fp8", verify=False)
+            build(bad, tmp_path / f"out-{case}", BuildOptions(precision="fp8", verify=False))
         assert ("scale" in str(err.value)) and not (tmp_path / f"out-{case}").exists()

@@ -16,9 +16,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
-from plugins import PLUGIN_NAMESPACE, PLUGIN_VERSION
-from plugins.latent_attention import onnx_function, spec
-from plugins.latent_attention.reference import latent_attention
+from dsv3_export.plugins import PLUGIN_NAMESPACE, PLUGIN_VERSION
+from dsv3_export.plugins.latent_attention import onnx_function, spec
+from dsv3_export.plugins.latent_attention.reference import latent_attention
 from tests.plugins.latent_attention.cases import ragged
 
 FP32_TOL = dict(rtol=1e-5, atol=1e-5)

@@ -25,8 +25,8 @@ pytest.importorskip("triton", reason="triton is not installed (pip install trito
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from plugins.latent_attention import triton as lat_triton  # noqa: E402
-from plugins.latent_attention.reference import latent_attention as reference  # noqa: E402
+from dsv3_export.plugins.latent_attention import triton as lat_triton  # noqa: E402
+from dsv3_export.plugins.latent_attention.reference import latent_attention as reference  # noqa: E402
 from tests.plugins.latent_attention.cases import ragged  # noqa: E402
 
 DEVICE = "cuda" if _GPU else "cpu"

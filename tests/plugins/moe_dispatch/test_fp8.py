@@ -8,9 +8,9 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from core.fp8 import dequantize_blocks, quantize_blocks
-from plugins import DOMAIN
-from plugins.moe_dispatch import onnx_function, reference, spec
+from dsv3_export.core.fp8 import dequantize_blocks, quantize_blocks
+from dsv3_export.plugins import DOMAIN
+from dsv3_export.plugins.moe_dispatch import onnx_function, reference, spec
 
 
 def _case(e, d, inter, n, k, seed=0):
@@ -63,7 +63,7 @@ def test_scale_contract_errors():
 
 
 def test_op_names_and_schema():
-    from plugins.moe_dispatch import tensorrt
+    from dsv3_export.plugins.moe_dispatch import tensorrt
 
     assert spec.FP8_OP_NAME == "MoEDispatchFP8" == tensorrt.FP8_OP_NAME
     assert spec.FP8_INPUTS == spec.INPUTS + ("w_gate_up_scale", "w_down_scale")

@@ -10,9 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
-from plugins import PLUGIN_NAMESPACE, PLUGIN_VERSION
-from plugins.moe_dispatch import onnx_function, spec
-from plugins.moe_dispatch.reference import moe_dispatch
+from dsv3_export.plugins import PLUGIN_NAMESPACE, PLUGIN_VERSION
+from dsv3_export.plugins.moe_dispatch import onnx_function, spec
+from dsv3_export.plugins.moe_dispatch.reference import moe_dispatch
 
 FP32_TOL = dict(rtol=1e-5, atol=1e-5)
 

@@ -21,9 +21,9 @@ pytest.importorskip("triton", reason="triton is not installed (pip install trito
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from core.fp8 import dequantize_blocks  # noqa: E402
-from plugins.moe_dispatch import triton as moe_triton  # noqa: E402
-from plugins.moe_dispatch.reference import moe_dispatch as reference  # noqa: E402
+from dsv3_export.core.fp8 import dequantize_blocks  # noqa: E402
+from dsv3_export.plugins.moe_dispatch import triton as moe_triton  # noqa: E402
+from dsv3_export.plugins.moe_dispatch.reference import moe_dispatch as reference  # noqa: E402
 
 DEVICE = "cuda" if _GPU else "cpu"
 TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
