@@ -31,10 +31,11 @@ def rel_max_err(a, b) -> float:
     return ((a - b).abs().max() / a.abs().max()).item()
 
 
-def assert_clean_error(result, *needles, one_line: bool = True):
-    """A CLI result that failed as users should see it: exit 1, an `error:` line naming the culprit,
-    no traceback (progress output may precede it where one_line is False)."""
-    assert result.exit_code == 1, result.output
+def assert_clean_error(result, *needles, one_line: bool = True, code: int = 1):
+    """A CLI result that failed as users should see it: exit 1 (2 for a flag's value Click refuses,
+    its usage-error code), an `error:` line naming the culprit, no traceback (progress output may
+    precede it where one_line is False)."""
+    assert result.exit_code == code, result.output
     lines = result.output.strip().splitlines()
     assert "Traceback" not in result.output and lines[-1].startswith("error: "), result.output
     if one_line:

@@ -21,7 +21,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dsv3_export import engines  # noqa: E402
-from dsv3_export.engines.scheduler import SamplingParams, Scheduler  # noqa: E402
+from dsv3_export.engines.sampling import SamplingParams  # noqa: E402
+from dsv3_export.engines.scheduler import Scheduler  # noqa: E402
 
 
 def rss_bytes() -> int:

@@ -113,7 +113,7 @@ def bench_batches(build: str, batches: list[int], *, threads: int = 2, repeats: 
         r = in_child(_measure_batch, str(build), b, params)
         r["seconds"] = round(time.time() - t0, 1)
         for c, fig in r["decode"].items():
-            fig["bound"] = batch_bound(weights, manifest["config"], b, fig["cache_bytes"], bandwidth)
+            fig["bound"] = batch_bound(weights, manifest.config, b, fig["cache_bytes"], bandwidth)
             fig["reached"] = fig["tokens_per_s"] / fig["bound"]["tokens_per_s"]
         results.append(r)
     first = results[0]["decode"] if results and results[0]["batch"] == 1 else {}

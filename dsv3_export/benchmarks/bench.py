@@ -27,7 +27,7 @@ import numpy as np
 
 from dsv3_export.benchmarks.memory_bound import decode_bound, main_step_bytes, read_bandwidth
 from dsv3_export.benchmarks.speculative import measure as measure_speculative
-from dsv3_export.core.build_dir import cache_layout, main_io, read_manifest, stage_graphs
+from dsv3_export.core.build_dir import Manifest, cache_layout, main_io, read_manifest, stage_graphs
 from dsv3_export.core.errors import ExportError
 
 PREFILL = (128, 1024)
@@ -84,7 +84,7 @@ def _measure(kind: str, build_dir: str, params: dict[str, Any]) -> dict[str, Any
     threads = params["threads"]
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     manifest = read_manifest(build_dir)
-    cfg = manifest["config"]
+    cfg = manifest.config
     width, _ = cache_layout(main_io(manifest), 0)
     rng = np.random.default_rng(0)
     started = time.time()
@@ -108,9 +108,9 @@ def _measure(kind: str, build_dir: str, params: dict[str, Any]) -> dict[str, Any
         from dsv3_export.exporter.source import load_reference
 
         torch.set_num_threads(threads)
-        src = manifest["source"]
+        src = manifest.source
         spec = src["name"] if src["kind"] == "preset" else src["path"]
-        model = load_reference(spec, mla=manifest["mla"], seed=src.get("seed", 0), mtp=False)
+        model = load_reference(spec, mla=manifest.mla, seed=src.get("seed", 0), mtp=False)
 
         def forward(ids, past):
             with torch.no_grad():
@@ -170,8 +170,8 @@ def _speculative(engine, cfg, params) -> dict[str, Any]:
             "speedup": spec / plain}
 
 
-def _disk(build_dir: Path, manifest: dict) -> dict[str, int]:
-    files = manifest["files"]
+def _disk(build_dir: Path, manifest: Manifest) -> dict[str, int]:
+    files = manifest.files
     main_stems = tuple(Path(s["file"]).stem for s in stage_graphs(manifest))  # model, or stage0, stage1, ...
     engine_files = [f for f in files if f.startswith(tuple(f"{m}.ort." for m in (*main_stems, "mtp")))
                     or f.endswith((".plan",))]

@@ -19,7 +19,7 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
-from dsv3_export.core.build_dir import stage_graphs
+from dsv3_export.core.build_dir import Manifest, stage_graphs
 from dsv3_export.exporter.passes.lower_ort_moe import ROUTED_EXPERT_WEIGHT
 
 # Ops that run only the experts each token is routed to: ours (docs/design.md, "Custom ops") and ONNX Runtime's.
@@ -94,11 +94,11 @@ def step_bytes(graph_path: str | Path, cfg: dict) -> dict[str, int]:
     return out
 
 
-def main_step_bytes(build_dir: str | Path, manifest: dict) -> dict[str, int]:
+def main_step_bytes(build_dir: str | Path, manifest: Manifest) -> dict[str, int]:
     """step_bytes of a build's main model: model.onnx, or summed over a staged build's stages."""
     total: dict[str, int] = {}
     for stage in stage_graphs(manifest):
-        for k, v in step_bytes(Path(build_dir) / stage["file"], manifest["config"]).items():
+        for k, v in step_bytes(Path(build_dir) / stage["file"], manifest.config).items():
             total[k] = total.get(k, 0) + v
     return total
 

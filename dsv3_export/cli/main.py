@@ -6,16 +6,29 @@ at once, without loading torch, ONNX Runtime and the pipeline."""
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
 import click
 
+from dsv3_export.cli import tables
 from dsv3_export.core.build_options import BACKENDS, MLA_FORMS, MOE_FORMS, PRECISIONS, BuildOptions
 from dsv3_export.core.errors import ExportError
 
 SEED = click.IntRange(min=0, max=2**63 - 1)  # numpy's generators take non-negative seeds
+
+
+def sampling_options(command):
+    """A flag per sampling field of engines.sampling.SamplingParams (`--top-p` for top_p, ...), its
+    default and help from the field: a new field reaches `run` with no change here. The values are
+    checked by SamplingParams itself, in the words every surface uses."""
+    from dsv3_export.engines.sampling import SamplingParams
+
+    for f in reversed(SamplingParams.wire_fields()):
+        flags = ["--max-new-tokens", "--max-tokens"] if f.name == "max_tokens" else [f"--{f.name.replace('_', '-')}"]
+        command = click.option(*flags, f.name, type=int if f.type in ("int", int) else float, default=f.default,
+                               show_default=True, help=f.metadata["help"])(command)
+    return command
 
 
 class _Group(click.Group):
@@ -40,14 +53,6 @@ class _Group(click.Group):
 def _fail(message: str) -> None:
     click.echo(f"error: {message}", err=True)
     sys.exit(1)
-
-
-def _console():
-    from rich.console import Console
-
-    console = Console()
-    # Piped to a file or a CI log, rich would wrap at 80 columns and cut the tables' names short.
-    return console if console.is_terminal or "COLUMNS" in os.environ else Console(width=140)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -78,39 +83,14 @@ def inspect(source: str, as_json: bool, plan, precision, batch, context, prefill
                             ("--prefill", prefill)) if v is not None]
     if given:
         raise click.UsageError(f"{', '.join(given)}: only with --plan (e.g. --plan 8xH200)")
-    from rich.table import Table
-
-    from dsv3_export.exporter.describe import describe, human_bytes, human_count
+    from dsv3_export.exporter.describe import describe
     from dsv3_export.exporter.source import open_source
 
     info = describe(open_source(source))
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
-    cfg, params, cache = info["config"], info["parameters"], info["cache_bytes_per_token"]
-    t = Table(title=f"{source} ({info['layout']})", show_header=False)
-    t.add_column(style="bold")
-    t.add_column()
-    rows = [
-        ("layers", f"{cfg['n_layers']} ({cfg['n_dense_layers']} dense, {cfg['n_layers'] - cfg['n_dense_layers']} MoE)"),
-        ("dim / heads", f"{cfg['dim']} / {cfg['n_heads']}"),
-        ("MLA", f"q_lora {cfg['q_lora_rank'] or 'none'}, kv_lora {cfg['kv_lora_rank']}, "
-                f"nope {cfg['qk_nope_head_dim']} + rope {cfg['qk_rope_head_dim']}, v {cfg['v_head_dim']}"),
-        ("experts", f"{cfg['n_routed_experts']} routed (top-{cfg['n_activated_experts']}, "
-                    f"{cfg['n_limited_groups']}/{cfg['n_expert_groups']} groups, {cfg['score_func']}), "
-                    f"{cfg['n_shared_experts']} shared"),
-        ("vocab / context", f"{cfg['vocab_size']} / {cfg['max_seq_len']} (YaRN {'on' if info['yarn_active'] else 'off'})"),
-        ("parameters", f"{human_count(params['total'])} total, {human_count(params['activated'])} activated per token"),
-        ("MTP", f"yes ({human_count(params['mtp'])} parameters)" if info["mtp"] else "no"),
-        ("KV cache / token (bf16)", f"latent {human_bytes(cache['latent'])} vs naive {human_bytes(cache['naive'])} "
-                                    f"({info['cache_ratio']:.1f}x smaller)"),
-        ("KV cache at 32k context", f"latent {human_bytes(info['cache_bytes_32k']['latent'])} vs naive "
-                                    f"{human_bytes(info['cache_bytes_32k']['naive'])}"),
-        ("stored weights", ", ".join(f"{k}: {v}" for k, v in sorted(info["stored_dtypes"].items()))),
-    ]
-    for k, v in rows:
-        t.add_row(k, v)
-    _console().print(t)
+    tables.print_description(source, info)
 
 
 def _inspect_plan(source, plan_text, as_json, precision, batch, context, prefill) -> None:
@@ -131,31 +111,9 @@ def _inspect_plan(source, plan_text, as_json, precision, batch, context, prefill
     if as_json:
         click.echo(json.dumps({"source": source, "device": devices.to_dict(), **plan}, indent=2))
     else:
-        _print_plan(source, devices, plan)
+        tables.print_plan(source, devices, plan)
     if not plan["fits"]:
         sys.exit(1)
-
-
-def _print_plan(source, devices, plan) -> None:
-    from rich.markup import escape
-    from rich.table import Table
-
-    from dsv3_export.exporter.deploy_plan import COLUMNS, summary_lines, table_rows
-
-    console = _console()
-    *lines, verdict = summary_lines(plan, devices, source)
-    for line in lines:
-        console.print(escape(line))
-    console.print(f"[bold {'green' if plan['fits'] else 'red'}]{escape(verdict)}[/]")
-    t = Table(title=f"{devices.count} x {devices.name}, {plan['precision']}")
-    for col in COLUMNS:
-        t.add_column(col, justify="left" if col in ("stage", "layers") else "right")
-    rows = table_rows(plan)
-    for i, row in enumerate(rows):
-        if i == len(rows) - 1:
-            t.add_section()  # the totals row
-        t.add_row(*row[:-1], f"[red]{row[-1]}[/red]" if row[-1].startswith("-") else row[-1])
-    console.print(t)
 
 
 @main.command("make-checkpoint")
@@ -251,41 +209,10 @@ def build(source, out, precision, keep_fp, backend, mla, no_mtp, no_verify, no_l
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, transient=False) as progress:
         manifest = run_build(source, out, options, reporter=_RichReporter(progress))
-    _print_build_summary(out, manifest)
-    verdict = manifest.get("verify")
+    tables.print_build_summary(out, manifest)
+    verdict = manifest.verify
     if verdict is not None and not verdict.get("passed"):
         _fail(f"{out}: verification failed; see {Path(out) / 'verify' / 'report.md'}")
-
-
-def _print_build_summary(out, manifest) -> None:
-    from rich.table import Table
-
-    from dsv3_export.exporter.describe import human_bytes
-
-    t = Table(title=f"{out}: {manifest['precision']} / {manifest['backend']} / {manifest['mla']} MLA")
-    t.add_column("file")
-    t.add_column("size", justify="right")
-    for name, f in manifest["files"].items():
-        t.add_row(name, human_bytes(f["bytes"]))
-    _console().print(t)
-    if manifest.get("stages"):
-        st = Table(title="pipeline stages")
-        for col in ("stage", "graph", "layers", "weights"):
-            st.add_column(col, justify="right" if col == "weights" else "left")
-        for s in manifest["stages"]:
-            extra = (["embed"] if s["embed"] else []) + (["head"] if s["head"] else [])
-            st.add_row(str(s["index"]), s["file"], f"{s['layers'][0]}-{s['layers'][1] - 1}"
-                       + (f" + {', '.join(extra)}" if extra else ""), human_bytes(s["weight_bytes"]))
-        _console().print(st)
-    cache = manifest["cache_bytes_per_token"]
-    verdict = manifest.get("verify")
-    state = "skipped" if verdict is None else ("[green]passed[/]" if verdict["passed"] else "[red]FAILED[/]")
-    disk = manifest.get("disk")
-    if disk and disk.get("ratio"):
-        _console().print(f"on disk: {human_bytes(disk['build_bytes'])} for {human_bytes(disk['weight_bytes'])} of "
-                         f"weights ({disk['ratio']:.2f}x)")
-    _console().print(f"verify: {state}   cache per token (fp32): latent {human_bytes(cache['latent_fp32'])}, "
-                     f"naive would be {human_bytes(cache['naive_fp32'])}   built in {manifest['build_seconds']} s")
 
 
 def _parse_ids(text: str) -> list[int]:
@@ -305,46 +232,40 @@ def _parse_ids(text: str) -> list[int]:
 @click.argument("build_dir", type=click.Path(path_type=Path), default="build")
 @click.option("--prompt", default=None, help="Text to continue (needs the build's tokenizer.json).")
 @click.option("--ids", "ids_text", default=None, metavar="1,2,3", help="Token ids to continue, comma-separated.")
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
-@click.option("--top-k", type=int, default=0, show_default=True, help="Sample from the K most likely (0 = all).")
-@click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling mass.")
-@click.option("--seed", type=SEED, default=0, show_default=True)
-@click.option("--backend", type=click.Choice(["ort", "trt"]), default=None, help="Default: the build's backend.")
+@sampling_options
+@click.option("--backend", type=click.Choice(BACKENDS), default=None, help="Default: the build's backend.")
 @click.option("--speculative", is_flag=True,
               help="MTP self-speculative decoding (batch 1): the MTP graph drafts one token, one main step checks "
                    "two; same output (greedy) or same distribution (sampling), acceptance in the stats line.")
-def run(build_dir, prompt, ids_text, max_new_tokens, temperature, top_k, top_p, seed, backend, speculative) -> None:
+def run(build_dir, prompt, ids_text, backend, speculative, **sampling) -> None:
     """Generate from a build (default: ./build): stream the continuation to stdout, a stats line to stderr."""
     from dsv3_export import engines
-    from dsv3_export.engines.runtime import TextStream
-    from dsv3_export.engines.sampling import check_generation_args
+    from dsv3_export.engines.sampling import SamplingParams
+    from dsv3_export.engines.text import TextOutput
 
     if (prompt is None) == (ids_text is None):
         raise ExportError("give exactly one of --prompt or --ids")
     source = prompt if prompt is not None else _parse_ids(ids_text)
     if source == "":
         raise ExportError("empty prompt")
-    check_generation_args(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
+    params = SamplingParams.from_wire(sampling)  # a bad value fails before the build loads
     engine = engines.load(build_dir, backend=backend)
     for hint in engine.hints:
         click.echo(f"hint: {hint}", err=True)
-    stops = engine.stop_ids()
-    stream = TextStream(engine.tokenizer) if engine.tokenizer is not None else None
+    params = engine.sampling_params(params)
+    out = TextOutput(engine.tokenizer, stop_ids=params.stop)
     first = [True]
 
     def on_token(row: int, token: int) -> None:
-        if stream is not None:
-            if token not in stops:
-                click.echo(stream.push(token), nl=False)
+        if engine.tokenizer is not None:
+            click.echo(out.push(token), nl=False)
         else:
             click.echo(("" if first[0] else " ") + str(token), nl=False)
             first[0] = False
         sys.stdout.flush()
 
-    result = engine.generate(source, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                             top_p=top_p, seed=seed, speculative=speculative, on_token=on_token)
-    click.echo(stream.flush() if stream is not None else "")
+    result = engine.generate(source, params, speculative=speculative, on_token=on_token)
+    click.echo(out.finish())
     click.echo(result.stats.summary() + (" (stopped)" if result.finish_reason == "stop" else ""), err=True)
 
 
@@ -368,43 +289,28 @@ def verify(build_dir, source, seed, decode_steps, greedy_tokens, backends, repor
 
     Writes report.json, report.md and error_per_step.png to BUILD_DIR/verify (or --report-dir)."""
     from rich.progress import Progress
-    from rich.table import Table
 
     from dsv3_export.core.build_dir import find_manifest
     from dsv3_export.exporter.source import open_source
-    from dsv3_export.verification.report import check_summary
     from dsv3_export.verification.verify import source_from_manifest
     from dsv3_export.verification.verify import verify as run_verify
 
     build = Path(build_dir)
     if not build.is_dir():
         raise ExportError(f"{build}: no such build directory")
-    manifest = find_manifest(build) or {}
+    manifest = find_manifest(build)
     if source is None:
         src, spec = source_from_manifest(build, seed=seed)
     else:
         src, spec = open_source(source, seed=seed or 0), source
     with Progress(transient=True) as progress:
-        result = run_verify(build, src, precision=manifest.get("precision", "fp32"),
+        result = run_verify(build, src, precision=manifest.precision if manifest is not None else "fp32",
                             reporter=_RichReporter(progress), decode_steps=decode_steps,
                             greedy_tokens=greedy_tokens, backends=list(backends) or None, report_dir=report_dir)
     if as_json:
         click.echo(json.dumps(result, indent=2))
     else:
-        verdict = "[green]PASS[/green]" if result["passed"] else "[red]FAIL[/red]"
-        t = Table(title=f"verify {build} against {spec}: {verdict}",
-                  caption="error: max|engine - ref| / max|ref| at the worst step")
-        for col in ("check", "runner", "result", "error", "tolerance"):
-            t.add_column(col)
-        for c in result["checks"]:
-            what, figure, tol = check_summary(c)
-            t.add_row(what, c.get("runner", ""), "pass" if c["passed"] else "[red]FAIL[/red]", figure, tol)
-        console = _console()
-        console.print(t)
-        for s in result["skipped"]:
-            console.print(f"skipped {s['runner']}: {s['reason']}")
-        report = Path(result["report"])
-        console.print(f"report: {report if report.is_absolute() else build / report}")
+        tables.print_verify(build, spec, result)
     if not result["passed"]:
         sys.exit(1)
 
@@ -441,7 +347,7 @@ def bench_cmd(builds, json_path, threads, repeats, prefill, contexts, decode_ste
     Ratios are engine/reference and, with several builds, each build/the first."""
     from dsv3_export.benchmarks.bench import bench
 
-    console = _console()
+    console = tables.console()
     if batches:
         _bench_batches(builds, batches, threads, repeats, contexts, decode_steps, json_path)
         return
@@ -449,98 +355,27 @@ def bench_cmd(builds, json_path, threads, repeats, prefill, contexts, decode_ste
         report = bench(list(builds), threads=threads, repeats=repeats, prefill=prefill, contexts=contexts,
                        decode_steps=decode_steps, reference=not no_reference, speculative=speculative,
                        rounds=rounds, progress=lambda what: status.update(f"measuring {what}"))
-    _print_bench(report)
+    tables.print_bench(report)
     if json_path:
         Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
         click.echo(f"wrote {json_path}")
 
 
 def _bench_batches(builds, batches, threads, repeats, contexts, decode_steps, json_path) -> None:
-    from rich.markup import escape
-    from rich.table import Table
-
     from dsv3_export.benchmarks.batching import bench_batches
 
     if any(b < 1 for b in batches):
         raise ExportError(f"--batch sizes must be >= 1, got {batches}")
     reports = []
     for build in builds:
-        with _console().status("measuring") as status:
+        with tables.console().status("measuring") as status:
             report = bench_batches(build, batches, threads=threads, repeats=repeats, contexts=contexts,
                                    decode_steps=decode_steps, progress=lambda w: status.update(f"measuring {w}"))
         reports.append(report)
-        t = Table(title=escape(f"{Path(build).name}: aggregate decode tokens/s [share of the memory bound], "
-                               f"{threads} threads"))
-        t.add_column("batch", justify="right")
-        for c in contexts:
-            t.add_column(f"decode {c}", justify="right")
-        ref = "1024" if 1024 in contexts else str(contexts[-1])
-        t.add_column(f"vs batch 1 @{ref}", justify="right")
-        t.add_column("mixed step tok/s", justify="right")
-        for r in report["batches"]:
-            cells = [escape(f"{r['decode'][str(c)]['tokens_per_s']:.1f} [{r['decode'][str(c)]['reached']:.0%}]")
-                     if str(c) in r["decode"] else "-" for c in contexts]
-            ratio = r["vs_batch_1"].get(ref)
-            t.add_row(str(r["batch"]), *cells, f"{ratio:.2f}x" if ratio else "-", f"{r['mixed']['tokens_per_s']:.1f}")
-        _console().print(t)
-        lat = next((r["step_latency"] for r in report["batches"] if "step_latency" in r), None)
-        if lat:
-            _console().print(f"one decode step at {lat['context']}: {lat['in_place_s'] * 1e3:.2f} ms in place, "
-                             f"{lat['with_copy_s'] * 1e3:.2f} ms with the cache copied")
+        tables.print_batches(build, report, threads, contexts)
     if json_path:
         Path(json_path).write_text(json.dumps(reports if len(reports) > 1 else reports[0], indent=2) + "\n")
         click.echo(f"wrote {json_path}")
-
-
-def _print_bench(report) -> None:
-    from rich.markup import escape
-    from rich.table import Table
-
-    from dsv3_export.exporter.describe import human_bytes
-
-    rounds = report["params"].get("rounds", 1)
-    over = f", medians of {rounds} alternating rounds" if rounds > 1 else ""
-    t = Table(title=escape(f"tokens/s: median [min-max], {report['machine']['threads']} threads{over}"))
-    t.add_column("system")
-    phases = [("prefill", k) for k in report["params"]["prefill"]] + [("decode", k) for k in report["params"]["contexts"]]
-    for phase, k in phases:
-        t.add_column(f"{phase} {k}", justify="right")
-    t.add_column("peak RSS", justify="right")
-    t.add_column("on disk", justify="right")
-    for r in report["results"]:
-        name = r["kind"] if r["kind"] == "reference" else f"{Path(r['build']).name} ({r['precision']}, {r['mla']})"
-        cells = []
-        for phase, k in phases:
-            f = r[phase].get(str(k))
-            cells.append(escape(f"{f['tokens_per_s']:.1f} [{f['min']:.0f}-{f['max']:.0f}]") if f else "-")
-        t.add_row(name, *cells, human_bytes(r["peak_rss_bytes"]), human_bytes(r["build_bytes"]) if "build_bytes" in r else "-")
-    _console().print(t)
-    for label, table in report["ratios"].items():
-        for build, ratios in table.items():
-            parts = [f"{phase} {k}: {v:.2f}x" for phase in ("prefill", "decode") for k, v in ratios[phase].items()]
-            _console().print(escape(f"{label} [{Path(build).name}]: " + ", ".join(parts)))
-    bandwidth = report["machine"].get("read_bandwidth_bytes_per_s")
-    for r in report["results"]:
-        bound = r.get("memory_bound")
-        if bound and bound["decode"]:
-            parts = [f"{k} <= {b['tokens_per_s']:.1f} ({b['reached']:.0%} reached"
-                     + (f", bound/reference {b['vs_reference']:.2f}x)" if b.get("vs_reference") else ")")
-                     for k, b in bound["decode"].items()]
-            _console().print(escape(f"memory bound [{Path(r['build']).name}]: {human_bytes(bound['weights']['weights'])}"
-                                    f" of weights a token + the cache, at {bandwidth / 1e9:.1f} GB/s read: decode "
-                                    + ", ".join(parts)))
-    for r in report["results"]:
-        if "session_start" in r:
-            st = r["session_start"]
-            _console().print(escape(f"session start [{Path(r['build']).name}]: cold {st['cold_seconds']:.2f} s "
-                                    f"(files evicted from the page cache), warm {st['warm_seconds']:.2f} s"))
-    for r in report["results"]:
-        if "speculative" in r:
-            s = r["speculative"]
-            _console().print(escape(f"speculative [{Path(r['build']).name}]: {s['speculative']['tokens_per_s']:.1f} vs "
-                                    f"{s['plain']['tokens_per_s']:.1f} tokens/s ({s['speedup']:.2f}x), "
-                                    f"acceptance {s['speculative']['acceptance_rate']}"))
-
 
 
 @main.command()
@@ -566,8 +401,7 @@ def serve(build_dir, host, port, max_batch, max_waiting, prefill_chunk, model_na
           graceful_timeout, log_level) -> None:
     """Serve BUILD_DIR over the OpenAI HTTP API (/v1/completions, /v1/chat/completions, /v1/models,
     /health, /metrics) with continuous batching. SIGTERM stops it gracefully."""
-    from dsv3_export import engines
-    from dsv3_export import server
+    from dsv3_export import engines, server
     engine = engines.load(build_dir, backend=backend, threads=threads)
     for hint in engine.hints:
         click.echo(f"hint: {hint}", err=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,82 @@ def check_backend(backend: str) -> str:
     return backend
 
 
+# ---- the manifest's typed view ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class Manifest:
+    """manifest.json as readers see it: each entry a property with its default for older builds,
+    so that no reader spells a key or a default of its own. `raw` is the JSON itself."""
+
+    raw: dict[str, Any]
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.raw["config"]
+
+    @property
+    def precision(self) -> str:
+        return self.raw.get("precision", "fp32")
+
+    @property
+    def backend(self) -> str:
+        return self.raw.get("backend", "ort")
+
+    @property
+    def mla(self) -> str:
+        return self.raw.get("mla", "absorbed")
+
+    @property
+    def lowered(self) -> bool:
+        return bool(self.raw.get("lowered", False))
+
+    @property
+    def moe_form(self) -> str | None:
+        """How a lowered graph runs its experts ("fused", "per-expert"); None when not lowered."""
+        return self.raw.get("moe_form")
+
+    @property
+    def stages(self) -> list[dict[str, Any]] | None:
+        """A `--stages N` build's stage entries (file, layers, embed, head, weight_bytes); None unstaged."""
+        return self.raw.get("stages") or None
+
+    @property
+    def quantization(self) -> dict[str, Any] | None:
+        return self.raw.get("quantization")
+
+    @property
+    def source(self) -> dict[str, Any]:
+        return self.raw.get("source") or {}
+
+    @property
+    def io(self) -> dict[str, dict[str, list[dict]]]:
+        return self.raw.get("io") or {}
+
+    @property
+    def engine(self) -> dict[str, Any]:
+        return self.raw.get("engine") or {}
+
+    @property
+    def verify(self) -> dict[str, Any] | None:
+        verdict = self.raw.get("verify")
+        return verdict if isinstance(verdict, dict) else None
+
+    @property
+    def disk(self) -> dict[str, Any] | None:
+        return self.raw.get("disk")
+
+    @property
+    def files(self) -> dict[str, dict[str, Any]]:
+        return self.raw["files"]
+
+    @property
+    def cache_bytes_per_token(self) -> dict[str, int]:
+        return self.raw.get("cache_bytes_per_token") or {}
+
+    @property
+    def build_seconds(self) -> float | None:
+        return self.raw.get("build_seconds")
+
+
 # ---- writing ----------------------------------------------------------------------------------------
 def _dump(path: Path, manifest: dict[str, Any]) -> None:
     """Write through a temporary sibling and rename: a reader never sees half a manifest."""
@@ -70,21 +147,22 @@ def disk_usage(out_dir: Path, graphs: list[str]) -> dict[str, Any]:
     return {"weight_bytes": weights, "build_bytes": total, "ratio": round(total / weights, 3) if weights else None}
 
 
-def write_manifest(out_dir: Path, info: dict[str, Any]) -> dict[str, Any]:
+def write_manifest(out_dir: Path, info: dict[str, Any]) -> Manifest:
     """manifest.json for a finished build: `info` plus every file's size and sha256."""
     files = {f.relative_to(out_dir).as_posix(): file_entry(f)
              for f in sorted(p for p in out_dir.rglob("*") if p.is_file() and p.name not in (MANIFEST, TMP_MARK))}
     manifest = {"format": FORMAT_VERSION, **info, "files": files}
     _dump(out_dir / MANIFEST, manifest)
-    return manifest
+    return Manifest(manifest)
 
 
 def update_manifest(build_dir: Path, subdir: str, fields: dict[str, Any]) -> None:
     """Re-list the files under `subdir` (e.g. verify/, rewritten after the build) and set `fields`
     in a finished build's manifest, so that the hash check keeps passing. No manifest: nothing to do."""
-    manifest = find_manifest(build_dir)
-    if manifest is None:
+    found = find_manifest(build_dir)
+    if found is None:
         return
+    manifest = found.raw
     prefix = f"{subdir}/"
     files = {k: v for k, v in manifest["files"].items() if not k.startswith(prefix)}
     for f in sorted(p for p in (build_dir / subdir).rglob("*") if p.is_file()):
@@ -95,7 +173,7 @@ def update_manifest(build_dir: Path, subdir: str, fields: dict[str, Any]) -> Non
 
 
 # ---- reading ----------------------------------------------------------------------------------------
-def read_manifest(build_dir: str | Path) -> dict[str, Any]:
+def read_manifest(build_dir: str | Path) -> Manifest:
     """The manifest of a build directory, or one ExportError saying why it is not one."""
     build_dir = Path(build_dir)
     path = build_dir / MANIFEST
@@ -112,22 +190,22 @@ def read_manifest(build_dir: str | Path) -> dict[str, Any]:
     fmt = manifest.get("format", 1)
     if not isinstance(fmt, int) or fmt > FORMAT_VERSION:
         raise ExportError(f"{path}: format {fmt!r} is newer than this dsv3-export reads ({FORMAT_VERSION}); upgrade it")
-    return manifest
+    return Manifest(manifest)
 
 
-def find_manifest(build_dir: str | Path) -> dict[str, Any] | None:
+def find_manifest(build_dir: str | Path) -> Manifest | None:
     """read_manifest, or None for a directory without manifest.json (bare graphs, e.g. mid-build)."""
     return read_manifest(build_dir) if (Path(build_dir) / MANIFEST).is_file() else None
 
 
-def check_file_hashes(build_dir: str | Path, manifest: dict[str, Any]) -> None:
+def check_file_hashes(build_dir: str | Path, manifest: Manifest) -> None:
     """Every file listed in the manifest exists with its size and sha256, else an ExportError naming
     the first bad one. Sizes first (cheap), then the hashes, several files at once (hashlib
     releases the GIL on large buffers)."""
     build_dir = Path(build_dir)
     root = build_dir.resolve()
     entries = []
-    for rel, info in sorted(manifest["files"].items()):
+    for rel, info in sorted(manifest.files.items()):
         path = build_dir / rel
         if root not in path.resolve().parents:
             raise ExportError(f"{build_dir / MANIFEST}: file entry {rel!r} points outside the build directory")
@@ -183,15 +261,15 @@ def cache_layout(io: dict[str, list[dict]], default_width: int) -> tuple[tuple[i
 
 
 # ---- pipeline stages --------------------------------------------------------------------------------
-def stage_graphs(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+def stage_graphs(manifest: Manifest) -> list[dict[str, Any]]:
     """The main model's graphs in call order, each {"file", "layers": [first, end]}: the stages of a
     `--stages N` build (manifest "stages"), or model.onnx over every layer. Stage k takes input_ids
     (k = 0) or hidden_in [B, S, D] (k > 0), cache_lengths and its layers' past_latent.{i} (global
     layer numbers); it returns hidden_out [B, S, D] (not last) or logits and hidden_states (last),
     and its layers' present_latent.{i} (docs/design.md, "Pipeline stages")."""
-    stages = manifest.get("stages")
+    stages = manifest.stages
     if not stages:
-        return [{"file": MAIN_GRAPH, "layers": [0, int(manifest["config"]["n_layers"])]}]
+        return [{"file": MAIN_GRAPH, "layers": [0, int(manifest.config["n_layers"])]}]
     return [{"file": s["file"], "layers": list(s["layers"])} for s in stages]
 
 
@@ -227,6 +305,6 @@ def chain_io(ios: list[dict[str, list[dict]]]) -> dict[str, list[dict]]:
     return {"inputs": inputs, "outputs": outputs}
 
 
-def main_io(manifest: dict[str, Any]) -> dict[str, list[dict]]:
+def main_io(manifest: Manifest) -> dict[str, list[dict]]:
     """The main model's contract as one graph: model.onnx's I/O, or for a staged build the chain's."""
-    return chain_io([manifest["io"][s["file"]] for s in stage_graphs(manifest)])
+    return chain_io([manifest.io[s["file"]] for s in stage_graphs(manifest)])

@@ -4,8 +4,9 @@ triton_python_backend_utils; docs/triton.md).
 
 Fields follow Triton's LLM convention (what its `generate` / `generate_stream` endpoints and the
 TensorRT-LLM backend's clients send): `text_input`; optional `max_tokens` (default 64),
-`temperature` (0 = greedy, the default), `top_p`, `top_k`, `seed`, `stop` (a list of strings) and
-`stream` (default false) -> `text_output`.
+`temperature` (0 = greedy, the default) and every other sampling field of
+engines.sampling.SamplingParams by its name (`top_p`, `top_k`, `min_p`, `seed`, ...), `stop` (a list
+of strings) and `stream` (default false) -> `text_output`.
 
 Stop strings are matched on the decoded text (not mapped to token ids: a string rarely is one
 token of a byte-level BPE, and the same text can come out as different tokens): the output ends
@@ -17,7 +18,6 @@ a streamed response can carry empty text; the text of all responses joined is th
 from __future__ import annotations
 
 import json
-import math
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -28,17 +28,35 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
+from dsv3_export.core.build_dir import TOKENIZER
 from dsv3_export.core.config import ModelConfig
 from dsv3_export.core.errors import ExportError
-from dsv3_export.engines.runtime import TextStream, check_token_ids
-from dsv3_export.engines.scheduler import QueueFull, SamplingParams, Scheduler
+from dsv3_export.engines.kv_cache import zero_cache
+from dsv3_export.engines.runtime import check_token_ids
+from dsv3_export.engines.sampling import SamplingError, SamplingParams
+from dsv3_export.engines.scheduler import QueueFull, Scheduler
 from dsv3_export.engines.stages import StagedSession
-from dsv3_export.engines.stop_strings import StopStrings
+from dsv3_export.engines.text import TextOutput, tokenize
 
 PIPELINE_FILE = "pipeline.json"  # what the dsv3 model needs of the build, next to its model.py
 PIPELINE_FORMAT = 1
 DEFAULT_MAX_TOKENS = 64
-INPUT_NAMES = ("text_input", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream")
+
+
+def _wire_type(f) -> str:
+    """A sampling field's Triton type: FP32 for numbers, INT32 for integers unless their range
+    needs 64 bits (seed)."""
+    if f.type not in ("int", int):
+        return "TYPE_FP32"
+    return "TYPE_INT64" if f.metadata.get("high", 0) > 2**31 - 1 else "TYPE_INT32"
+
+
+# The dsv3 model's inputs (name, Triton type, dims, optional): the prompt, every sampling field of
+# engines.sampling.SamplingParams by its own name, stop strings, streaming.
+INPUTS = (("text_input", "TYPE_STRING", [1], False),
+          *((f.name, _wire_type(f), [1], True) for f in SamplingParams.wire_fields()),
+          ("stop", "TYPE_STRING", [-1], True), ("stream", "TYPE_BOOL", [1], True))
+INPUT_NAMES = tuple(name for name, *_ in INPUTS)
 
 # (model name, {input name: array}, output names) -> {output name: array}: one inference of a stage.
 StageCall = Callable[[str, Mapping[str, np.ndarray], Sequence[str]], Mapping[str, np.ndarray]]
@@ -78,45 +96,26 @@ def _text(value, name: str) -> str:
     raise RequestError(f"{name} must be text, got {type(value).__name__}")
 
 
-def _int(value, name: str, low: int) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise RequestError(f"{name} must be an integer, got {value!r}")
-    if value < low:
-        raise RequestError(f"{name} must be >= {low}, got {int(value)}")
-    return int(value)
-
-
-def _float(value, name: str) -> float:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise RequestError(f"{name} must be a number, got {value!r}")
-    if not math.isfinite(float(value)):
-        raise RequestError(f"{name} must be finite, got {float(value)}")
-    return float(value)
-
-
 def parse_request(inputs: Mapping[str, np.ndarray], eos: int | None) -> GenerateRequest:
-    """The request's fields, checked; RequestError naming the first bad one. `eos` ends every
-    sequence (the build's EOS token, as Engine.generate does)."""
+    """The request's fields, checked; RequestError naming the first bad one (the sampling fields'
+    wording is engines.sampling's, as on every surface). `eos` ends every sequence (the build's EOS
+    token, as Engine.generate does). Triton's defaults: greedy, 64 new tokens."""
     if inputs.get("text_input") is None:
         raise RequestError("text_input is required")
     prompt = _text(_scalar(inputs, "text_input", None), "text_input")
     if not prompt:
         raise RequestError("text_input is empty")
-    max_tokens = _int(_scalar(inputs, "max_tokens", DEFAULT_MAX_TOKENS), "max_tokens", 1)
-    temperature = _float(_scalar(inputs, "temperature", 0.0), "temperature")
-    if temperature < 0:
-        raise RequestError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    top_p = _float(_scalar(inputs, "top_p", 1.0), "top_p")
-    if not 0 < top_p <= 1:
-        raise RequestError(f"top_p must be in (0, 1], got {top_p}")
-    top_k = _int(_scalar(inputs, "top_k", 0), "top_k", 0)
-    seed = _int(_scalar(inputs, "seed", 0), "seed", 0)
+    values = {f.name: _scalar(inputs, f.name, None) for f in SamplingParams.wire_fields()}
+    values["max_tokens"] = DEFAULT_MAX_TOKENS if values["max_tokens"] is None else values["max_tokens"]
+    try:
+        params = SamplingParams.from_wire(values, stop=frozenset(() if eos is None else (int(eos),)))
+    except SamplingError as e:
+        raise RequestError(str(e)) from None
     stream = _scalar(inputs, "stream", False)
     if not isinstance(stream, (bool, np.bool_)):
         raise RequestError(f"stream must be a boolean, got {stream!r}")
     stop = inputs.get("stop")
     stops = () if stop is None else tuple(s for s in (_text(v, "stop") for v in np.asarray(stop).reshape(-1)) if s)
-    params = SamplingParams(max_tokens, temperature, top_k, top_p, seed, frozenset(() if eos is None else (int(eos),)))
     return GenerateRequest(prompt, params, stops, bool(stream))
 
 
@@ -171,7 +170,7 @@ class StageChain:
         check_token_ids(ids, self.config.vocab_size)
 
     def empty_buffers(self, batch: int, positions: int) -> list[np.ndarray]:
-        return [np.zeros((batch, positions, *self.cache_shape), self.cache_dtype) for _ in range(self.n_layers)]
+        return zero_cache(self.n_layers, batch, positions, self.cache_shape, self.cache_dtype)
 
     def step_in_place(self, ids: np.ndarray, cache_lengths: np.ndarray,
                       buffers: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -208,7 +207,7 @@ class Generator:
         if pipeline.get("format") != PIPELINE_FORMAT:
             raise ExportError(f"{folder / PIPELINE_FILE}: format {pipeline.get('format')!r}, expected {PIPELINE_FORMAT}")
         self.chain = StageChain(pipeline, call)
-        self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        self.tokenizer = Tokenizer.from_file(str(folder / TOKENIZER))
         cfg = self.chain.config
         self.eos, self.bos = cfg.eos_token_id, cfg.bos_token_id
         self.scheduler = Scheduler(self.chain, max_batch=max_batch, max_waiting=max_waiting,
@@ -233,10 +232,7 @@ class Generator:
 
     def tokenize(self, text: str) -> list[int]:
         """As engines.runtime.Engine.tokenize(text): the tokenizer's ids, BOS first."""
-        ids = self.tokenizer.encode(text).ids
-        if self.bos is not None and (not ids or ids[0] != self.bos):
-            ids = [int(self.bos)] + ids
-        return ids
+        return tokenize(self.tokenizer, text, self.bos)
 
     def submit(self, inputs: Mapping[str, np.ndarray], sink: Sink) -> threading.Thread:
         """Start one request; RequestError (nothing sent) when it cannot run."""
@@ -258,30 +254,28 @@ class Generator:
     def _respond(self, req, request: GenerateRequest, sink: Sink) -> None:
         """Follow the request's tokens: one response per token when streaming (its new text; empty
         while a character or a possible stop string is incomplete), else one response at the end."""
-        text, stop, pieces = TextStream(self.tokenizer), StopStrings(list(request.stops)), []
+        out = TextOutput(self.tokenizer, stop_strings=request.stops, stop_ids=request.params.stop)
         try:
             for token in req:  # ends when the scheduler finishes the request, whatever the reason
-                if stop.stopped or token in request.params.stop:
-                    continue  # a stop token is not part of the text (Engine.generate's text)
-                piece, hit = stop.push(text.push(token))
-                if hit:
+                if out.stopped:
+                    continue
+                piece = out.push(token)
+                if out.stops.stopped:
                     req.cancel()
-                if request.stream:
+                if request.stream and not out.stop_token:  # a stop token is not part of the text
                     sink.send(piece)
-                else:
-                    pieces.append(piece)
                 if sink.cancelled():  # the client went away: free its slot
                     req.cancel()
             if req.finish_reason == "error":
                 sink.error(req.error or "generation failed")
                 return
-            tail = "" if stop.stopped else stop.push(text.flush())[0] + stop.finish()
+            tail = out.finish()
             if request.stream:
                 if tail:
                     sink.send(tail)
                 sink.final()
             else:
-                sink.send("".join(pieces) + tail, final=True)
+                sink.send(out.text, final=True)
         except Exception as e:  # the client must get its final response, whatever went wrong here
             req.cancel()
             try:

@@ -36,10 +36,19 @@ from typing import Any
 import onnx
 from onnx.external_data_helper import _get_all_tensors, uses_external_data
 
-from dsv3_export.core.build_dir import cache_layout, check_file_hashes, main_io, read_manifest, stage_graphs, takes_buffers
+from dsv3_export.core.build_dir import (
+    TOKENIZER,
+    Manifest,
+    cache_layout,
+    check_file_hashes,
+    main_io,
+    read_manifest,
+    stage_graphs,
+    takes_buffers,
+)
 from dsv3_export.core.errors import ExportError
 from dsv3_export.deploy import model_config as mc
-from dsv3_export.deploy.llm import PIPELINE_FILE, PIPELINE_FORMAT
+from dsv3_export.deploy.llm import INPUTS, PIPELINE_FILE, PIPELINE_FORMAT
 from dsv3_export.engines.trt_profiles import PROFILES_FILE, plan_name
 
 MARKER = ".dsv3-export-triton.json"
@@ -73,12 +82,12 @@ def _check_options(device: str, gpus: Sequence[int] | None, n_stages: int, insta
     return gpus
 
 
-def _check_build(build: Path, manifest: dict[str, Any], check_files: bool) -> None:
-    first = manifest["io"][stage_graphs(manifest)[0]["file"]]
+def _check_build(build: Path, manifest: Manifest, check_files: bool) -> None:
+    first = manifest.io[stage_graphs(manifest)[0]["file"]]
     if not takes_buffers(first):
         raise ExportError(f"{build}: this build's graphs take no cache buffers (an older build, or --mla naive); "
                           "rebuild it with dsv3-export build to serve it with Triton")
-    if not (build / "tokenizer.json").is_file():
+    if not (build / TOKENIZER).is_file():
         raise ExportError(f"{build}: this build has no tokenizer.json; the {MODEL} model takes text")
     if check_files:
         check_file_hashes(build, manifest)
@@ -214,38 +223,34 @@ def _stage_files(k: int, stage: dict, device: str, backend: str, build: Path, ve
     return made
 
 
-def _text_model(manifest: dict, build: Path, stages: list[dict], max_batch: int) -> tuple[str, dict]:
+def _text_model(manifest: Manifest, build: Path, stages: list[dict], max_batch: int) -> tuple[str, dict]:
     """The dsv3 model's config.pbtxt and pipeline.json."""
-    s, i32, i64, f32 = "TYPE_STRING", "TYPE_INT32", "TYPE_INT64", "TYPE_FP32"
-    inputs = [mc.tensor("text_input", s, [1]), mc.tensor("max_tokens", i32, [1], True),
-              mc.tensor("temperature", f32, [1], True), mc.tensor("top_p", f32, [1], True),
-              mc.tensor("top_k", i32, [1], True), mc.tensor("seed", i64, [1], True),
-              mc.tensor("stop", s, [-1], True), mc.tensor("stream", "TYPE_BOOL", [1], True)]
-    config = mc.render(MODEL, backend="python", inputs=inputs, outputs=[mc.tensor("text_output", s, [-1])],
+    inputs = [mc.tensor(name, kind, dims, optional) for name, kind, dims, optional in INPUTS]
+    config = mc.render(MODEL, backend="python", inputs=inputs, outputs=[mc.tensor("text_output", "TYPE_STRING", [-1])],
                        instances=mc.instance_group("KIND_CPU", count=1), decoupled=True,
                        parameters={"build_dir": str(build), "max_batch": str(max_batch)})
-    shape, dtype = cache_layout(main_io(manifest), int(manifest["config"]["kv_lora_rank"])
-                                + int(manifest["config"]["qk_rope_head_dim"]))
+    shape, dtype = cache_layout(main_io(manifest), int(manifest.config["kv_lora_rank"])
+                                + int(manifest.config["qk_rope_head_dim"]))
     chain = []
     for k, st in enumerate(stages):
-        io = manifest["io"][st["file"]]
+        io = manifest.io[st["file"]]
         chain.append({"model": stage_model_name(k), "layers": st["layers"], "first_input": io["inputs"][0]["name"],
                       "outputs": [o["name"] for o in io["outputs"]]})
-    pipeline = {"format": PIPELINE_FORMAT, "build": str(build), "config": manifest["config"],
+    pipeline = {"format": PIPELINE_FORMAT, "build": str(build), "config": manifest.config,
                 "cache": {"shape": list(shape), "dtype": dtype.name}, "stages": chain}
     return config, pipeline
 
 
-def _write_models(tmp: Path, build: Path, manifest: dict, device: str, gpus: list[int], instances: int,
+def _write_models(tmp: Path, build: Path, manifest: Manifest, device: str, gpus: list[int], instances: int,
                   threads: int | None, max_batch: int) -> dict[str, Any]:
     stages = stage_graphs(manifest)
-    backend = manifest.get("backend", "ort")
+    backend = manifest.backend
     links: dict[str, str] = {}
     for k, stage in enumerate(stages):
         name = stage_model_name(k)
         version = tmp / name / "1"
         version.mkdir(parents=True)
-        config = _stage_config(k, stage, manifest["io"][stage["file"]], device, gpus, backend, instances, threads,
+        config = _stage_config(k, stage, manifest.io[stage["file"]], device, gpus, backend, instances, threads,
                                build)
         (tmp / name / "config.pbtxt").write_text(config)
         made = _stage_files(k, stage, device, backend, build, version)
@@ -256,7 +261,7 @@ def _write_models(tmp: Path, build: Path, manifest: dict, device: str, gpus: lis
     (tmp / MODEL / "config.pbtxt").write_text(config)
     shutil.copyfile(MODELS_DIR / "dsv3.py", version / "model.py")
     (version / PIPELINE_FILE).write_text(json.dumps(pipeline, indent=2) + "\n")
-    links[f"{MODEL}/1/tokenizer.json"] = link(build / "tokenizer.json", version / "tokenizer.json")
+    links[f"{MODEL}/1/{TOKENIZER}"] = link(build / TOKENIZER, version / TOKENIZER)
     return {"models": [MODEL] + [stage_model_name(k) for k in range(len(stages))], "links": links}
 
 
@@ -299,7 +304,7 @@ def write_repository(build_dir: str | Path, repo: str | Path, *, device: str = "
         written = _write_models(tmp, build, manifest, device, gpus, instances, threads, max_batch)
         paths = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*"))
         record = {"format": MARKER_FORMAT, "build": str(build), "device": device, "gpus": gpus,
-                  "stages": len(stages), "backend": manifest.get("backend", "ort"), "paths": paths}
+                  "stages": len(stages), "backend": manifest.backend, "paths": paths}
         (tmp / MARKER).write_text(json.dumps(record, indent=2) + "\n")
         if old is None:
             os.replace(tmp, repo)  # onto nothing, or onto an empty directory

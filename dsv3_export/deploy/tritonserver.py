@@ -32,6 +32,7 @@ import importlib.util
 import os
 import shutil
 import signal
+import site
 import subprocess
 import sys
 import sysconfig
@@ -139,7 +140,8 @@ def _python_of(env: Path) -> Path:
 
 
 def _numpy_major(python: Path, env: dict[str, str]) -> int:
-    probe = "import numpy, onnxruntime, tokenizers, engines.scheduler, deploy.llm; print(numpy.__version__)"
+    probe = ("import numpy, onnxruntime, tokenizers, dsv3_export.engines.scheduler, dsv3_export.deploy.llm; "
+             "print(numpy.__version__)")
     try:
         out = subprocess.run([str(python), "-c", probe], check=False, env=env, capture_output=True, text=True,
                              timeout=ENV_CHECK_TIMEOUT_S)
@@ -157,8 +159,25 @@ def _default_env_path() -> Path:
     return cache / "dsv3-export" / f"triton-python{sys.version_info.major}.{sys.version_info.minor}-{tag}"
 
 
+def _our_site_dirs() -> list[str]:
+    """The site-packages folders this interpreter imports from: a virtualenv's own first (its
+    packages are invisible to `venv --system-site-packages`, which sees the base interpreter's)."""
+    dirs = [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"], *site.getsitepackages()]
+    return list(dict.fromkeys(d for d in dirs if Path(d).is_dir()))
+
+
+def _see_our_packages(env: Path) -> None:
+    """A .pth file in the new environment that adds this interpreter's site-packages after its own
+    (its numpy<2 first) with site.addsitedir, so that their own .pth files (editable installs) run too."""
+    purelib = Path(sysconfig.get_paths(vars={"base": str(env), "platbase": str(env)})["purelib"])
+    purelib.mkdir(parents=True, exist_ok=True)
+    lines = [f"import site; site.addsitedir({d!r})" for d in _our_site_dirs()]
+    (purelib / "dsv3_export_parent.pth").write_text("\n".join(lines) + "\n")
+
+
 def _make_env(path: Path, log) -> None:
-    """A virtual environment over this interpreter, seeing its packages, with numpy<2 inside."""
+    """A virtual environment over this interpreter, seeing its packages (a virtualenv's included),
+    with numpy<2 inside."""
     log(f"preparing the python backend's environment (numpy<2 for Triton's stub) in {path}")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
@@ -172,6 +191,8 @@ def _make_env(path: Path, log) -> None:
                 last = (done.stderr.strip().splitlines() or ["no output"])[-1]
                 raise ExportError(f"preparing {path} failed ({' '.join(cmd[1:4])}): {last}; or set {ENV_PYTHON} to "
                                   f"a Python environment of this interpreter's version with {STUB_NUMPY}")
+            if cmd[1:3] == ["-m", "venv"]:
+                _see_our_packages(tmp)
         os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -194,9 +215,21 @@ def stub_environment(env: dict[str, str], numpy1: bool = True, log=print) -> Pat
         env_path = _default_env_path()
         if not _python_of(env_path).is_file():
             _make_env(env_path, log)
+        try:
+            _numpy_major(_python_of(env_path), env)
+        except ExportError as e:  # a cached environment made by an older dsv3-export, or broken since
+            log(f"rebuilding the python backend's environment {env_path}: {e}")
+            shutil.rmtree(env_path)
+            _make_env(env_path, log)
         bindir = env_path / "bin"
     python = bindir / "python3"
-    if _numpy_major(python, env) >= 2 and numpy1:
+    try:
+        major = _numpy_major(python, env)
+    except ExportError as e:
+        where = f"{ENV_PYTHON}={given}" if given else f"the environment in {bindir.parent}"
+        raise ExportError(f"{e} ({where}; set {ENV_PYTHON} to a Python environment with this project and "
+                          f"{STUB_NUMPY})") from None
+    if major >= 2 and numpy1:
         raise ExportError(f"{python}: its numpy is 2.x; the pytriton wheel's python stub needs {STUB_NUMPY}")
     return bindir
 

@@ -16,6 +16,12 @@ import numpy as np
 CAPACITY_STEP = 64  # capacities are multiples of this: fewer regrowths, at most 63 masked rows read
 
 
+def zero_cache(layers: int, batch: int, positions: int, row_shape: tuple[int, ...], dtype) -> list[np.ndarray]:
+    """Zeroed per-layer cache buffers [batch, positions, *row]: the one place caches are allocated
+    (a prefill's buffers, an empty past, the batch's slots)."""
+    return [np.zeros((batch, positions, *row_shape), dtype) for _ in range(layers)]
+
+
 def round_capacity(positions: int) -> int:
     return -(-max(positions, 1) // CAPACITY_STEP) * CAPACITY_STEP
 
@@ -40,7 +46,7 @@ class BatchCache:
         if want <= self.capacity:
             return
         keep = int(self.lengths.max()) if self.buffers else 0
-        new = [np.zeros((self.slots, want, *self.row_shape), self.dtype) for _ in range(self.layers)]
+        new = zero_cache(self.layers, self.slots, want, self.row_shape, self.dtype)
         for old, fresh in zip(self.buffers, new):
             fresh[:, :keep] = old[:, :keep]
         self.buffers, self.capacity = new, want

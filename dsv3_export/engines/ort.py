@@ -341,7 +341,7 @@ def session(build_dir: str | Path, graph: str = "model", providers: Iterable[str
         so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     manifest = find_manifest(build_dir)
-    if manifest is not None and manifest.get("moe_form") == "per-expert":
+    if manifest is not None and manifest.moe_form == "per-expert":
         # ONNX Runtime's static memory-reuse plan is quadratic in a graph's values: 2.9 s of session
         # start for `small`'s per-expert graph, 0.16 s without it (its arena still recycles memory
         # at run time; decode measured no slower, docs/performance.md).

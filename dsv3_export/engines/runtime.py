@@ -22,6 +22,10 @@ import dsv3_export.engines.ort as ort_engine
 import dsv3_export.engines.speculative as mtp_speculation
 from dsv3_export.core.build_dir import (
     MANIFEST,
+    MTP_GRAPH,
+    TOKENIZER,
+    VERIFY_DIR,
+    Manifest,
     cache_layout,
     check_backend,
     check_file_hashes,
@@ -32,9 +36,11 @@ from dsv3_export.core.build_dir import (
 )
 from dsv3_export.core.config import ModelConfig
 from dsv3_export.core.errors import ExportError
-from dsv3_export.engines.sampling import check_generation_args, sample
-from dsv3_export.engines.scheduler import SamplingParams, Scheduler
+from dsv3_export.engines.kv_cache import zero_cache
+from dsv3_export.engines.sampling import SamplingParams, sample
+from dsv3_export.engines.scheduler import Scheduler
 from dsv3_export.engines.stages import StagedSession
+from dsv3_export.engines.text import final_text, tokenize
 
 
 def prefix_in_buffer(prefix: np.ndarray, new: int) -> tuple[np.ndarray, np.ndarray]:
@@ -42,7 +48,7 @@ def prefix_in_buffer(prefix: np.ndarray, new: int) -> tuple[np.ndarray, np.ndarr
     lengths (T per row): the prefix form over graph contract v2. The graph's present is then exactly
     the prefix grown by the new rows."""
     t = prefix.shape[1]
-    buffer = np.zeros((prefix.shape[0], t + new, *prefix.shape[2:]), prefix.dtype)
+    buffer, = zero_cache(1, prefix.shape[0], t + new, prefix.shape[2:], prefix.dtype)
     buffer[:, :t] = prefix
     return buffer, np.full(prefix.shape[0], t, np.int64)
 
@@ -54,11 +60,11 @@ def check_token_ids(ids: np.ndarray, vocab: int) -> None:
         raise ExportError(f"token id {bad} is out of range for this model (vocab size {vocab}: ids 0..{vocab - 1})")
 
 
-def layout_hints(manifest: dict) -> list[str]:
+def layout_hints(manifest: Manifest) -> list[str]:
     """One line each for what an older build's layout costs and a rebuild fixes (it still runs)."""
     hints = []
-    graphs = (manifest.get("engine") or {}).get("graphs") or {}
-    if manifest.get("backend", "ort") == "ort" and graphs and not all("shared" in g for g in graphs.values()):
+    graphs = manifest.engine.get("graphs") or {}
+    if manifest.backend == "ort" and graphs and not all("shared" in g for g in graphs.values()):
         hints.append("this build keeps a second copy of its weights in its optimized graphs (made before "
                      "dsv3-export shared them); rebuild it to store each weight once")
     return hints
@@ -108,33 +114,6 @@ class GenerationResult:
     prompt_ids: list[int] | list[list[int]] = field(default_factory=list, repr=False)
 
 
-class TextStream:
-    """Incremental detokenization: push token ids, get the new text (holds back incomplete UTF-8
-    sequences; keeps a little context so tokenizers that strip a leading space decode right)."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self._prefix = 0
-        self._read = 0
-
-    def push(self, token: int) -> str:
-        self.ids.append(int(token))
-        before = self.tokenizer.decode(self.ids[self._prefix:self._read])
-        full = self.tokenizer.decode(self.ids[self._prefix:])
-        if full.endswith("\ufffd") or len(full) <= len(before):
-            return ""
-        self._prefix, self._read = self._read, len(self.ids)
-        return full[len(before):]
-
-    def flush(self) -> str:
-        """The text held back so far (an incomplete character at the end of the generation)."""
-        before = self.tokenizer.decode(self.ids[self._prefix:self._read])
-        full = self.tokenizer.decode(self.ids[self._prefix:])
-        self._prefix = self._read = len(self.ids)
-        return full[len(before):] if len(full) > len(before) else ""
-
-
 # ---- the engine -------------------------------------------------------------------------------------
 class Engine:
     """A loaded build: `forward` (one graph call) and `generate` (prefill + decode with the cache).
@@ -148,13 +127,13 @@ class Engine:
                  providers: Iterable[str] | None = None, threads: int | None = None, check_files: bool = True):
         self.build_dir = Path(build_dir)
         self.manifest = read_manifest(self.build_dir)
-        self.config = ModelConfig.from_dict(self.manifest["config"], origin=str(self.build_dir / MANIFEST))
-        verdict = self.manifest.get("verify")
-        if isinstance(verdict, dict) and verdict.get("passed") is False:
+        self.config = ModelConfig.from_dict(self.manifest.config, origin=str(self.build_dir / MANIFEST))
+        verdict = self.manifest.verify
+        if verdict is not None and verdict.get("passed") is False:
             raise ExportError(f"{self.build_dir}: this build failed verification (see "
-                              f"{self.build_dir / 'verify' / 'report.md'}); rebuild it, or verify it again "
+                              f"{self.build_dir / VERIFY_DIR / 'report.md'}); rebuild it, or verify it again "
                               "with dsv3-export verify")
-        self.backend = backend or self.manifest.get("backend", "ort")
+        self.backend = backend or self.manifest.backend
         check_backend(self.backend)
         if check_files:
             check_file_hashes(self.build_dir, self.manifest)
@@ -184,7 +163,7 @@ class Engine:
 
     # ---- pieces ---------------------------------------------------------------------------------
     def _load_tokenizer(self):
-        path = self.build_dir / "tokenizer.json"
+        path = self.build_dir / TOKENIZER
         if not path.is_file():
             return None
 
@@ -196,7 +175,7 @@ class Engine:
     @property
     def mtp_session(self):
         """The MTP graph's session (opened on first use), or None when the build has no mtp.onnx."""
-        if self._mtp_session is None and (self.build_dir / "mtp.onnx").is_file():
+        if self._mtp_session is None and (self.build_dir / MTP_GRAPH).is_file():
             self._mtp_session = self._open_session("mtp")
         return self._mtp_session
 
@@ -214,10 +193,10 @@ class Engine:
                                   spin=graph != "mtp")
 
     def empty_past(self, batch: int) -> list[np.ndarray]:
-        return [np.zeros((batch, 0, *self.cache_shape), self.cache_dtype) for _ in range(self.n_layers)]
+        return self.empty_buffers(batch, 0)
 
     def empty_mtp_past(self, batch: int) -> np.ndarray:
-        return np.zeros((batch, 0, *self.cache_shape), self.cache_dtype)
+        return zero_cache(1, batch, 0, self.cache_shape, self.cache_dtype)[0]
 
     def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
         """Token ids of `text` with the build's tokenizer; BOS first (added when the tokenizer's own
@@ -228,11 +207,7 @@ class Engine:
             text.encode("utf-8")
         except UnicodeEncodeError:  # lone surrogates: bytes that were not UTF-8 (argv, a file read with errors)
             raise ExportError("the prompt is not valid UTF-8 text") from None
-        ids = self.tokenizer.encode(text).ids
-        bos = self.config.bos_token_id
-        if add_bos and bos is not None and (not ids or ids[0] != bos):
-            ids = [bos] + ids
-        return ids
+        return tokenize(self.tokenizer, text, self.config.bos_token_id, add_bos=add_bos)
 
     def decode(self, ids: Sequence[int]) -> str | None:
         return None if self.tokenizer is None else self.tokenizer.decode([int(i) for i in ids])
@@ -292,7 +267,7 @@ class Engine:
 
     def empty_buffers(self, batch: int, positions: int) -> list[np.ndarray]:
         """Zeroed cache buffers [batch, positions, *row] for every layer (graph contract v2)."""
-        return [np.zeros((batch, positions, *self.cache_shape), self.cache_dtype) for _ in range(self.n_layers)]
+        return zero_cache(self.n_layers, batch, positions, self.cache_shape, self.cache_dtype)
 
     def step_in_place(self, ids: np.ndarray, cache_lengths: np.ndarray,
                       buffers: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -340,32 +315,27 @@ class Engine:
             self.check_ids(np.asarray(r, dtype=np.int64))
         return [[int(t) for t in r] for r in rows], batched
 
-    def generate(self, prompt, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
-                 top_p: float = 1.0, seed: int = 0, stop: Iterable[int] | int | None = None,
-                 speculative: bool = False, on_token: Callable[[int, int], Any] | None = None,
-                 add_bos: bool = True) -> GenerationResult:
+    def generate(self, prompt, params: SamplingParams | None = None, *, max_new_tokens: int | None = None,
+                 stop: Iterable[int] | int | None = None, speculative: bool = False,
+                 on_token: Callable[[int, int], Any] | None = None, add_bos: bool = True,
+                 **sampling) -> GenerationResult:
         """Continue `prompt`: a str, a list of str (a batch), a list of ids, a list of lists of ids (or
         a 1-D / 2-D integer array); a batch's prompts may have any lengths (continuous batching,
-        engines.scheduler). Greedy when temperature == 0, else temperature / top-k / top-p sampling,
-        each sequence from its own numpy Generator seeded with `seed`. A sequence stops after
-        emitting the config's EOS or one of `stop`, or after max_new_tokens. `on_token(row, id)` is
-        called for each emitted token as it is generated."""
-        check_generation_args(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
+        engines.scheduler). `params` (engines.sampling.SamplingParams) and/or its fields as
+        keywords (temperature, top_k, top_p, min_p, seed; `max_new_tokens` is its max_tokens):
+        greedy by default, each sequence from its own numpy Generator seeded with `seed`. A
+        sequence stops after emitting the config's EOS or one of `stop` (token ids), or after
+        max_tokens. `on_token(row, id)` is called for each emitted token as it is generated."""
+        params = self.sampling_params(params, max_new_tokens, stop, **sampling)
         rows, batched = self._prompt_rows(prompt, add_bos)
         longest = max(len(r) for r in rows)
-        if longest + max_new_tokens > self.config.max_seq_len:
-            raise ExportError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+        if longest + params.max_tokens > self.config.max_seq_len:
+            raise ExportError(f"prompt ({longest} tokens) + max_new_tokens ({params.max_tokens}) exceeds the "
                               f"model's context length (max_seq_len {self.config.max_seq_len})")
-        stops = self.stop_ids(stop)
-        for s in stops:
-            if not 0 <= s < self.config.vocab_size:
-                raise ExportError(f"stop token id {s} is out of range (vocab size {self.config.vocab_size})")
         if speculative:
             ids = self._speculative_ids(rows)
-            return self._speculative_result(ids, batched, stops, mtp_speculation.decode(
-                self, ids, max_new_tokens=max_new_tokens, temperature=temperature,
-                top_k=top_k, top_p=top_p, seed=seed, stops=stops, on_token=on_token))
-        params = SamplingParams(max_new_tokens, temperature, top_k, top_p, seed, frozenset(stops))
+            return self._speculative_result(ids, batched, params.stop,
+                                            mtp_speculation.decode(self, ids, params, on_token=on_token))
         if self.buffered:
             return self._generate_batched(rows, batched, params, on_token)
         if len({len(r) for r in rows}) > 1:
@@ -373,11 +343,28 @@ class Engine:
                               f"{', '.join(map(str, sorted({len(r) for r in rows})))}): its graphs take no cache "
                               "buffers (--mla naive, or an older build); rebuild it, or run them separately")
         ids = np.asarray(rows, dtype=np.int64)
-        out = self._decode_loop(ids, max_new_tokens, stops, on_token,
-                                lambda logits, rng: sample(logits, rng, temperature=temperature, top_k=top_k,
-                                                           top_p=top_p),
-                                np.random.default_rng(seed))
-        return self._result(rows, batched, *out, stops)
+        out = self._decode_loop(ids, params.max_tokens, params.stop, on_token,
+                                lambda logits, rng: sample(logits, rng, params), np.random.default_rng(params.seed))
+        return self._result(rows, batched, *out, params.stop)
+
+    def sampling_params(self, params: SamplingParams | None = None, max_new_tokens: int | None = None,
+                        stop: Iterable[int] | int | None = None, **sampling) -> SamplingParams:
+        """`params` with the keyword fields applied and the build's stop ids (EOS, then `stop`),
+        checked: SamplingError naming a bad field, ExportError for an unknown one or a stop id
+        out of the vocabulary."""
+        known = {f.name for f in SamplingParams.wire_fields()} - {"max_tokens"}
+        unknown = sorted(set(sampling) - known)
+        if unknown:
+            raise ExportError(f"unknown sampling field(s) {', '.join(unknown)} (known: max_new_tokens, "
+                              f"{', '.join(sorted(known))})")
+        if max_new_tokens is not None:
+            sampling["max_tokens"] = max_new_tokens
+        params = (params or SamplingParams()).replace(**sampling)
+        stops = self.stop_ids(stop) | params.stop
+        for s in stops:
+            if not 0 <= s < self.config.vocab_size:
+                raise ExportError(f"stop token id {s} is out of range (vocab size {self.config.vocab_size})")
+        return params.replace(stop=frozenset(stops))
 
     def _generate_batched(self, rows: list[list[int]], batched: bool, params: SamplingParams,
                           on_token) -> GenerationResult:
@@ -465,7 +452,7 @@ class Engine:
         reasons = ["stop" if r and r[-1] in stops else "length" for r in out]
         texts = None
         if self.tokenizer is not None:
-            texts = [self.decode(r[:-1] if reason == "stop" else r) for r, reason in zip(out, reasons)]
+            texts = [final_text(self.tokenizer, r, stops) for r in out]
         prompts = [list(r) for r in rows]
         if batched:
             return GenerationResult(out, texts, stats, reasons, prompts)

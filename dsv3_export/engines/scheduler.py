@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import queue
 import threading
 import time
@@ -31,30 +32,14 @@ import numpy as np
 
 from dsv3_export.core.errors import ExportError
 from dsv3_export.engines.kv_cache import BatchCache
-from dsv3_export.engines.sampling import check_generation_args, sample
+from dsv3_export.engines.sampling import SamplingParams, TokenLogprob, sample, token_logprob
 
 _DONE = object()  # the stream's end marker
+log = logging.getLogger(__name__)
 
 
 class QueueFull(ExportError):
     """Back-pressure: the waiting queue is full; try again later."""
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """Per request: greedy when temperature == 0; `seed` seeds this request's own generator, so its
-    tokens do not depend on what else shares the batch. `stop`: token ids that end it (emitted)."""
-
-    max_tokens: int = 64
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int = 0
-    stop: frozenset[int] = frozenset()
-
-    def check(self) -> None:
-        check_generation_args(max_new_tokens=self.max_tokens, temperature=self.temperature, top_k=self.top_k,
-                              top_p=self.top_p)
 
 
 @dataclass(eq=False)
@@ -66,6 +51,7 @@ class Request:
     params: SamplingParams
     on_token: Callable[[Request, int], Any] | None = None
     tokens: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # with params.logprobs set: logprobs[i] is tokens[i]'s
     finish_reason: str | None = None  # "stop", "length", "cancelled" or "error"
     error: str | None = None
     submitted: float = field(default_factory=time.perf_counter)
@@ -121,9 +107,11 @@ class Request:
                 except RuntimeError:  # the client's loop is gone; nobody listens any more
                     self._loop = None
 
-    def _emit(self, token: int) -> None:
+    def _emit(self, token: int, logprob: TokenLogprob | None = None) -> None:
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter()
+        if logprob is not None:  # before the token is visible: whoever reads token i finds its logprob
+            self.logprobs.append(logprob)
         self.tokens.append(token)
         self._push(token)
         if self.on_token is not None:
@@ -182,8 +170,7 @@ class Scheduler:
     def submit(self, prompt: Sequence[int], params: SamplingParams = SamplingParams(),
                on_token: Callable[[Request, int], Any] | None = None) -> Request:
         """Queue a request; ExportError when it cannot run (empty, ids out of range, longer than the
-        context), QueueFull when max_waiting requests already wait."""
-        params.check()
+        context), QueueFull when max_waiting requests already wait. `params` checked itself when made."""
         ids = [int(t) for t in prompt]
         if not ids:
             raise ExportError("empty prompt")
@@ -268,7 +255,11 @@ class Scheduler:
             req._cache = [b[i:i + 1, :req._prefilled] for b in buffers]
             if req._prefilled == len(req.prompt):
                 self.prefilling.remove(req)
-                self._join(req, logits[i, n - 1])
+                try:
+                    self._join(req, logits[i, n - 1])
+                except Exception as e:  # e.g. no memory for a larger cache: this request fails, nobody waits
+                    log.exception("request %d failed joining the batch", req.id)
+                    self._fail(req, f"{type(e).__name__}: {e}")
 
     def _prefill_group(self) -> list[tuple[Request, int]]:
         """(request, tokens) of the next prefill call: the first request's chunk sets the width; a
@@ -297,12 +288,7 @@ class Scheduler:
         self.cache.load(slot, req._cache, len(req.prompt))
         req._cache = None
         self.running.append(req)
-        try:
-            token = self._pick(req, last_logits[None])
-        except ExportError as e:
-            self._retire(req, "error", str(e))
-            return
-        self._accept(req, token)
+        self._choose(req, last_logits)
 
     def _decode(self) -> None:
         n = len(self.running)
@@ -318,23 +304,29 @@ class Scheduler:
             self.on_step(n)
         self.cache.lengths[:n] += 1
         for req, row in zip(list(self.running), logits[:, -1]):
-            try:
-                token = self._pick(req, row[None])
-            except ExportError as e:  # this sequence's logits are unusable; the others go on
-                self._retire(req, "error", str(e))
-                continue
-            self._accept(req, token)
+            self._choose(req, row)
 
-    def _pick(self, req: Request, logits: np.ndarray) -> int:
+    def _choose(self, req: Request, row: np.ndarray) -> None:
+        """Sample `req`'s next token from its logits [V] (with its log-probability when asked) and
+        emit it; unusable logits end this request alone."""
         p = req.params
-        return int(sample(logits, req._rng, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p)[0])
-
-    def _accept(self, req: Request, token: int) -> None:
-        req._emit(token)
+        try:
+            token = int(sample(row[None], req._rng, p)[0])
+        except ExportError as e:
+            self._retire(req, "error", str(e))
+            return
+        req._emit(token, token_logprob(row, token, p.logprobs) if p.logprobs is not None else None)
         if token in req.params.stop:
             self._retire(req, "stop")
         elif len(req.tokens) >= req.params.max_tokens:
             self._retire(req, "length")
+
+    def _fail(self, req: Request, error: str) -> None:
+        """End `req` with an error wherever it is: running (its slot freed), or already out of every list."""
+        if req in self.running:
+            self._retire(req, "error", error)
+        elif not req.finished:
+            req._finish("error", error)
 
     def _retire(self, req: Request, reason: str, error: str | None = None) -> None:
         """Leave the batch: the last running sequence moves into the freed slot."""
@@ -375,6 +367,7 @@ class Scheduler:
             try:
                 self.step()
             except Exception as e:  # a bug must not leave clients waiting forever
+                log.exception("scheduler step failed; failing every request it holds")
                 for req in list(self.waiting) + self.prefilling + self.running:
                     req._finish("error", f"{type(e).__name__}: {e}")
                 self.waiting.clear()

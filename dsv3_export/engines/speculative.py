@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from dsv3_export.engines.sampling import check_finite, draw, processed_probs
+from dsv3_export.engines.sampling import SamplingParams, check_finite, draw, processed_probs
 
 
 def accept_draft(p: np.ndarray, q: np.ndarray, draft: int, rng: np.random.Generator) -> tuple[bool, int]:
@@ -69,13 +69,13 @@ class SpeculativeRun:
 class _Picker:
     """Greedy argmax, or a draw from the processed distribution with the run's own generator."""
 
-    def __init__(self, temperature: float, top_k: int, top_p: float, seed: int):
-        self.greedy = temperature == 0
-        self.kw = dict(temperature=temperature, top_k=top_k, top_p=top_p)
-        self.rng = np.random.default_rng(seed)
+    def __init__(self, params: SamplingParams):
+        self.greedy = params.greedy
+        self.params = params
+        self.rng = np.random.default_rng(params.seed)
 
     def dist(self, logits: np.ndarray) -> np.ndarray:
-        return processed_probs(logits, **self.kw)
+        return processed_probs(logits, self.params)
 
     def __call__(self, logits: np.ndarray) -> int:
         check_finite(logits)
@@ -96,10 +96,10 @@ class _Picker:
         return draft, lambda main: accept_draft(self.dist(main), q, draft, self.rng)
 
 
-def decode(model: Any, ids: np.ndarray, *, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
-           top_p: float = 1.0, seed: int = 0, stops: set[int] = frozenset(),
+def decode(model: Any, ids: np.ndarray, params: SamplingParams,
            on_token: Callable[[int, int], Any] | None = None) -> SpeculativeRun:
-    """Generate from one prompt ids [1, P] with MTP drafts.
+    """Generate from one prompt ids [1, P] with MTP drafts, sampling as `params` says (its `stop`
+    ids end it, emitted; at most its max_tokens).
 
     State between steps, with n tokens known (prompt + emitted) and x_{n-1} the newest: the main
     cache holds rows 0..n-2 (x_{n-1} not fed yet), the MTP cache rows 0..n-2 (row j made from h_j
@@ -108,8 +108,9 @@ def decode(model: Any, ids: np.ndarray, *, max_new_tokens: int, temperature: flo
     the draft is accepted. On accept both new main rows stay and the MTP runs on (h_{n-1}, x_n),
     (h_n, x_{n+1}); on reject the main row of the draft is cut off (the cache is plain arrays:
     slicing is the rollback) and the MTP runs on (h_{n-1}, x_n) alone."""
-    pick = _Picker(temperature, top_k, top_p, seed)
+    pick = _Picker(params)
     run = SpeculativeRun()
+    stops, max_new_tokens = params.stop, params.max_tokens
 
     def emit(tok: int) -> bool:
         """Record a token; True when generation is over (stop token or length)."""

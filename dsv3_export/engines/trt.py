@@ -387,7 +387,7 @@ def _runner_class():
 
 def _model_max_seq_len(build_dir: Path) -> int:
     try:
-        return int(read_manifest(build_dir)["config"]["max_seq_len"])
+        return int(read_manifest(build_dir).config["max_seq_len"])
     except (ExportError, ValueError, KeyError, TypeError):
         return DEFAULT_MAX_SEQ_LEN
 

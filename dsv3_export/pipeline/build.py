@@ -20,7 +20,15 @@ from tokenizers import Tokenizer
 
 import dsv3_export.engines.ort as ort_engine
 import dsv3_export.engines.trt as trt_engine
-from dsv3_export.core.build_dir import MAIN_GRAPH, MTP_GRAPH, TOKENIZER, TOKENIZER_CONFIG, disk_usage, graph_io, write_manifest
+from dsv3_export.core.build_dir import (
+    MAIN_GRAPH,
+    MTP_GRAPH,
+    TOKENIZER,
+    TOKENIZER_CONFIG,
+    disk_usage,
+    graph_io,
+    write_manifest,
+)
 from dsv3_export.core.build_options import BuildOptions
 from dsv3_export.core.errors import ExportError
 from dsv3_export.core.progress import Reporter

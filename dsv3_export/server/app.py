@@ -16,9 +16,9 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dsv3_export.core.errors import ExportError
-from dsv3_export.engines.scheduler import SamplingParams
+from dsv3_export.engines.sampling import SamplingParams
+from dsv3_export.engines.scheduler import Scheduler
 from dsv3_export.server.chat import ChatTemplate
-from dsv3_export.server.generation import ServingScheduler
 from dsv3_export.server.metrics import Metrics
 from dsv3_export.server.protocol import Limits
 from dsv3_export.server.routes import ENDPOINTS, router
@@ -57,7 +57,7 @@ class _CountRequests:
 def create_app(engine, *, model_name: str, api_key: str | None = None, max_batch: int = 8,
                max_waiting: int = 256, prefill_chunk: int = 256) -> FastAPI:
     """The ASGI app serving `engine` (an engines.runtime.Engine over a buffered build)."""
-    scheduler = ServingScheduler(engine, max_batch=max_batch, max_waiting=max_waiting, prefill_chunk=prefill_chunk)
+    scheduler = Scheduler(engine, max_batch=max_batch, max_waiting=max_waiting, prefill_chunk=prefill_chunk)
     cfg = engine.config
     state = State(engine=engine, scheduler=scheduler, metrics=Metrics(scheduler, max_batch),
                   limits=Limits(vocab_size=cfg.vocab_size, max_seq_len=cfg.max_seq_len, model_name=model_name),

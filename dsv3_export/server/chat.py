@@ -14,9 +14,8 @@ import jinja2
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from dsv3_export.core.build_dir import TOKENIZER_CONFIG
 from dsv3_export.core.errors import ExportError
-
-TOKENIZER_CONFIG = "tokenizer_config.json"
 
 
 class TemplateError(ExportError):

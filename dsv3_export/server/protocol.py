@@ -8,6 +8,8 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
+from dsv3_export.engines.sampling import SamplingError, SamplingParams
+
 MAX_BODY_BYTES = 1 << 20  # a larger request body answers 413
 MAX_LOGPROBS = 20
 MAX_STOP = 16
@@ -46,10 +48,7 @@ class Generation:
     prompt_ids: list[int] | None = None  # completions (chat renders its messages into prompt text first)
     prompt_text: str | None = None
     max_tokens: int | None = None  # None: the rest of the context (chat's default)
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int = 0
+    sampling: SamplingParams = field(default_factory=SamplingParams)  # max_tokens and stop ids set at submit
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
@@ -68,6 +67,29 @@ def _is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+def _max_tokens(body: dict[str, Any], chat: bool):
+    """The request's max_tokens (chat: max_completion_tokens first, OpenAI's newer name), or None."""
+    names = ("max_completion_tokens", "max_tokens") if chat else ("max_tokens",)
+    return next((body[n] for n in names if body.get(n) is not None), None)
+
+
+def sampling_params(body: dict[str, Any], *, chat: bool) -> SamplingParams:
+    """The request's sampling fields, by their names (engines.sampling.SamplingParams checks them:
+    a bad one answers 400 naming it). OpenAI's defaults: temperature 1; without a seed a sampled
+    request gets a fresh random one. max_tokens stays 1 when absent: check_context sets it."""
+    values = {**body, "max_tokens": _max_tokens(body, chat)}
+    values["temperature"] = 1.0 if body.get("temperature") is None else body["temperature"]
+    try:
+        params = SamplingParams.from_wire(values, max_tokens=values["max_tokens"] or 1)
+        if body.get("seed") is None:
+            params = params.replace(seed=0 if params.greedy else secrets.randbits(63))
+    except SamplingError as e:
+        param = "max_completion_tokens" if e.param == "max_tokens" and body.get("max_completion_tokens") is not None \
+            else e.param
+        raise bad(str(e).replace("max_tokens", param, 1), param) from None
+    return params
+
+
 def _common(body: dict[str, Any], limits: Limits, g: Generation, *, chat: bool) -> None:
     model = body.get("model")
     if model is not None and model != limits.model_name:
@@ -78,36 +100,8 @@ def _common(body: dict[str, Any], limits: Limits, g: Generation, *, chat: bool) 
     best_of = body.get("best_of")
     if best_of is not None and best_of != 1:
         raise bad("only best_of=1 is supported", "best_of")
-    names = ("max_completion_tokens", "max_tokens") if chat else ("max_tokens",)
-    for name in names:
-        value = body.get(name)
-        if value is None:
-            continue
-        if not _is_int(value) or value < 1:
-            raise bad(f"{name} must be a positive integer, got {value!r}", name)
-        g.max_tokens = value
-    for name, default in (("temperature", 1.0), ("top_p", 1.0)):
-        value = body.get(name, default)
-        value = default if value is None else value
-        if not _is_number(value):
-            raise bad(f"{name} must be a number, got {value!r}", name)
-        setattr(g, name, float(value))
-    if g.temperature < 0:
-        raise bad(f"temperature must be >= 0 (0 = greedy), got {g.temperature}", "temperature")
-    if not 0 < g.top_p <= 1:
-        raise bad(f"top_p must be in (0, 1], got {g.top_p}", "top_p")
-    top_k = body.get("top_k", 0)
-    top_k = 0 if top_k is None or top_k == -1 else top_k
-    if not _is_int(top_k) or top_k < 0:
-        raise bad(f"top_k must be an integer >= 0 (0 or -1 = no limit), got {top_k!r}", "top_k")
-    g.top_k = top_k
-    seed = body.get("seed")
-    if seed is None:
-        g.seed = secrets.randbits(63) if g.temperature > 0 else 0
-    elif not _is_int(seed) or seed < 0:
-        raise bad(f"seed must be a non-negative integer, got {seed!r}", "seed")
-    else:
-        g.seed = seed
+    g.sampling = sampling_params(body, chat=chat)
+    g.max_tokens = g.sampling.max_tokens if _max_tokens(body, chat) is not None else g.max_tokens
     stop = body.get("stop")
     stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > MAX_STOP:

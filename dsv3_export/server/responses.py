@@ -8,7 +8,7 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 
-from dsv3_export.server.generation import TokenSink
+from dsv3_export.engines.sampling import TokenLogprob
 from dsv3_export.server.protocol import APIError
 
 
@@ -35,10 +35,10 @@ def chunk(rid: str, created: int, model: str, chat: bool, payload, reason, token
             "model": model, "choices": [choice]}
 
 
-def logprobs_of(engine, sink: TokenSink, tokens: list[int], start: int, chat: bool, base: int = 0):
-    """The log-probabilities of `tokens` (the sink's entries from `start`); `base`: the text offset
-    of the first (completions)."""
-    entries = sink.entries[start:start + len(tokens)]
+def logprobs_of(engine, tokens: list[int], entries: list[TokenLogprob], chat: bool, base: int = 0):
+    """The log-probabilities of `tokens` (each token's TokenLogprob, in order) in OpenAI's shape;
+    `base`: the text offset of the first (completions)."""
+    entries = [(e.logprob, e.top) for e in entries]
     if chat:
         return _chat_logprobs(engine, tokens, entries)
     return _completion_logprobs(engine, tokens, entries, base)

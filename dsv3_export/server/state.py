@@ -8,8 +8,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from dsv3_export.engines.scheduler import Scheduler
 from dsv3_export.server.chat import ChatTemplate
-from dsv3_export.server.generation import ServingScheduler
 from dsv3_export.server.metrics import Metrics
 from dsv3_export.server.protocol import Limits
 
@@ -17,7 +17,7 @@ from dsv3_export.server.protocol import Limits
 @dataclass
 class State:
     engine: Any
-    scheduler: ServingScheduler
+    scheduler: Scheduler
     limits: Limits
     metrics: Metrics
     chat_template: ChatTemplate | None

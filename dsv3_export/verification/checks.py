@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Sequence
 
+from dsv3_export.core.build_dir import MAIN_GRAPH
 from dsv3_export.core.errors import ExportError
 from dsv3_export.verification.compare import CosineCompare, RelMaxCompare, step_figures
 from dsv3_export.verification.tolerances import Tolerance, output_group, tolerance_for
@@ -71,7 +72,7 @@ def greedy_check(backend: str, ref_tokens, tokens, tol: Tolerance) -> dict:
         agree.append(diff[0] if diff else n)
     fraction = min(agree) / n
     return {
-        "name": f"greedy {n} tokens [{backend}]", "kind": "greedy", "graph": "model.onnx", "runner": backend,
+        "name": f"greedy {n} tokens [{backend}]", "kind": "greedy", "graph": MAIN_GRAPH, "runner": backend,
         "metric": tol.metric, "tolerance": tol.limit, "passed": fraction >= tol.limit,
         "tokens": n, "agreement": fraction, "matching_prefix": agree,
         "first_divergence": [a if a < n else None for a in agree],

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
+from dsv3_export.core.build_dir import MAIN_GRAPH, TOKENIZER
 from dsv3_export.core.errors import ExportError
 from dsv3_export.exporter.precision_policy import Policy
 from dsv3_export.exporter.quant_numerics import emulate
@@ -86,7 +87,7 @@ def lm_checks(build_dir: Path, source, model, precision: str, backends, make_run
     reference) and, where the precision has "lm_cosine_emulated", the cosine against the reference
     emulating the quantized graph (exporter.quant_numerics.emulate). `make_runner(backend)` gives a
     Polygraphy runner of model.onnx; `tolerance(key)` the precision's Tolerance."""
-    ids = real_text_ids(Path(build_dir) / "tokenizer.json", model.cfg.vocab_size)
+    ids = real_text_ids(Path(build_dir) / TOKENIZER, model.cfg.vocab_size)
     past = {k: np.repeat(v[:1], ids.shape[0], 0) for k, v in empty_past.items()}
     ref = reference_logits(model, ids)
     emulated_ref = None
@@ -104,7 +105,7 @@ def lm_checks(build_dir: Path, source, model, precision: str, backends, make_run
             logits = runner_logits(make_runner(backend), ids, past)
         except Exception as e:  # a runner that cannot run fails its checks, with the reason
             text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            checks.append({"name": f"lm text [{backend}]", "kind": "error", "graph": "model.onnx",
+            checks.append({"name": f"lm text [{backend}]", "kind": "error", "graph": MAIN_GRAPH,
                            "runner": backend, "passed": False, "error": f"{type(e).__name__}: {text}"})
             continue
         figures = lm_metrics(ref, logits)
@@ -117,7 +118,7 @@ def lm_checks(build_dir: Path, source, model, precision: str, backends, make_run
         for key, what, value, figs in rows:
             tol = tolerance(key)
             ok = value <= tol.limit if tol.metric == "lm_kl" else value >= tol.limit
-            checks.append({"name": f"lm {what} [{backend}]", "kind": "lm", "graph": "model.onnx", "runner": backend,
+            checks.append({"name": f"lm {what} [{backend}]", "kind": "lm", "graph": MAIN_GRAPH, "runner": backend,
                            "metric": tol.metric, "key": key, "tolerance": tol.limit, "value": value,
                            "passed": bool(ok and np.isfinite(value)), "figures": figs,
                            "text": {"batch": int(ids.shape[0]), "seq": int(ids.shape[1]),

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from pathlib import Path
 
+from dsv3_export.core.build_dir import MAIN_GRAPH
+
 PLOT_FLOOR = 1e-12  # exact zeros drawn here on the log axis
 
 
@@ -40,7 +42,7 @@ def write_plot(checks: list[dict], path: Path) -> Path | None:
     except ImportError:
         return None
     outputs = [c for c in checks if c["kind"] == "outputs"]
-    graphs = list(OrderedDict.fromkeys(c["graph"] for c in outputs)) or ["model.onnx"]
+    graphs = list(OrderedDict.fromkeys(c["graph"] for c in outputs)) or [MAIN_GRAPH]
     fig, axes = plt.subplots(1, len(graphs), figsize=(6.5 * len(graphs), 4.2), squeeze=False, sharey=True)
     styles = [("-", "o"), ("--", "x"), (":", "s"), ("-.", "^")]
     runners = list(OrderedDict.fromkeys(c["runner"] for c in outputs))

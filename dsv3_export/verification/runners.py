@@ -17,7 +17,7 @@ from polygraphy.common import TensorMetadata
 
 import dsv3_export.engines.ort as ort_engine
 import dsv3_export.engines.trt as trt_engine
-from dsv3_export.core.build_dir import find_stages, takes_buffers
+from dsv3_export.core.build_dir import MAIN_GRAPH, find_stages, takes_buffers
 from dsv3_export.core.errors import ExportError
 from dsv3_export.engines.stages import StagedSession
 from dsv3_export.exporter.export import cache_width
@@ -145,7 +145,7 @@ def _staged_runner(build_dir: Path, stages: list[dict], backend: str, providers:
 
 def runners_for(build_dir: Path, graph: str, backends: list[str], providers: list[str], feeds: list[dict]):
     runners = []
-    stages = find_stages(build_dir) if graph == "model.onnx" else []
+    stages = find_stages(build_dir) if graph == MAIN_GRAPH else []
     if len(stages) > 1:  # a `--stages N` build: every runner chains the stages
         return [(b, _staged_runner(build_dir, stages, b, providers, f"{b}:{graph}")) for b in backends]
     for backend in backends:

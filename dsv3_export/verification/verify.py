@@ -80,7 +80,7 @@ def source_from_manifest(build_dir: str | Path, *, seed: int | None = None):
     manifest = find_manifest(build_dir)
     if manifest is None:
         raise ExportError(f"{build_dir}: no manifest.json (not a build directory?); give --source")
-    src = manifest.get("source") or {}
+    src = manifest.source
     if src.get("kind") == "preset":
         return open_source(src["name"], seed=src.get("seed", 0) if seed is None else seed), src["name"]
     if src.get("kind") == "checkpoint":
@@ -250,7 +250,8 @@ def verify(build_dir: str | Path, source=None, *, precision: str = "fp32", repor
         checks += _greedy_checks(build_dir, model, prompt, precision, runners, providers, feeds, io,
                                  greedy_tokens, reporter)
         if quantization is None:
-            quantization = (find_manifest(build_dir) or {}).get("quantization")
+            found = find_manifest(build_dir)
+            quantization = found.quantization if found is not None else None
         advance = reporter.stage("verify: language-model figures on real text", total=len(runners) + 1)
         checks += lm_checks(build_dir, source, model, precision, runners,
                             lambda b: runners_for(build_dir, "model.onnx", [b], providers, feeds)[0][1],

@@ -11,6 +11,7 @@ from onnx import TensorProto, helper
 
 from dsv3_export.core.build_dir import (
     FORMAT_VERSION,
+    MAIN_GRAPH,
     MANIFEST,
     cache_layout,
     check_backend,
@@ -19,6 +20,7 @@ from dsv3_export.core.build_dir import (
     graph_io,
     read_manifest,
     sha256_file,
+    stage_graphs,
     update_manifest,
     write_manifest,
 )
@@ -34,11 +36,21 @@ def build(tmp_path):
     return tmp_path
 
 
+def test_the_typed_view_gives_older_builds_their_defaults(build):
+    """A manifest without the newer entries reads as the build it was: fp32, ORT, absorbed MLA,
+    one graph, not lowered; every reader gets these from the view, none spells its own."""
+    m = read_manifest(build)
+    assert (m.precision, m.backend, m.mla, m.lowered, m.moe_form, m.stages, m.quantization) == (
+        "fp32", "ort", "absorbed", False, None, None, None)
+    assert (m.source, m.engine, m.verify, m.disk, m.cache_bytes_per_token) == ({}, {}, None, None, {})
+    assert stage_graphs(m) == [{"file": MAIN_GRAPH, "layers": [0, 1]}]
+
+
 def test_written_manifest_lists_every_file_with_its_hash(build):
     m = read_manifest(build)
-    assert m["format"] == FORMAT_VERSION and m["backend"] == "ort"
-    assert set(m["files"]) == {"model.onnx", "verify/report.json"}
-    assert m["files"]["model.onnx"] == {"sha256": sha256_file(build / "model.onnx"), "bytes": 5}
+    assert m.raw["format"] == FORMAT_VERSION and m.backend == "ort"
+    assert set(m.files) == {"model.onnx", "verify/report.json"}
+    assert m.files["model.onnx"] == {"sha256": sha256_file(build / "model.onnx"), "bytes": 5}
     check_file_hashes(build, m)  # passes as written
 
 
@@ -47,7 +59,7 @@ def test_update_relists_a_folder_and_sets_fields(build):
     (build / "verify" / "report.md").write_text("# ok")
     update_manifest(build, "verify", {"verify": {"passed": True}})
     m = read_manifest(build)
-    assert set(m["files"]) == {"model.onnx", "verify/report.json", "verify/report.md"} and m["verify"]["passed"]
+    assert set(m.files) == {"model.onnx", "verify/report.json", "verify/report.md"} and m.verify["passed"]
     check_file_hashes(build, m)
     assert not list(build.glob(f".{MANIFEST}.tmp"))  # written through a temporary, renamed
 
@@ -71,7 +83,7 @@ def test_damage_is_named(build, change, needle):
 
 def test_an_entry_outside_the_build_is_refused(build):
     m = read_manifest(build)
-    m["files"]["../elsewhere"] = {"sha256": "0" * 64}
+    m.files["../elsewhere"] = {"sha256": "0" * 64}
     with pytest.raises(ExportError, match="outside the build directory"):
         check_file_hashes(build, m)
 

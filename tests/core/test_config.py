@@ -2,7 +2,15 @@ import json
 
 import pytest
 
-from dsv3_export.core.config import PRESETS, ModelConfig, from_hf_dict, from_modelargs_dict, load_config, preset, to_hf_dict
+from dsv3_export.core.config import (
+    PRESETS,
+    ModelConfig,
+    from_hf_dict,
+    from_modelargs_dict,
+    load_config,
+    preset,
+    to_hf_dict,
+)
 from dsv3_export.core.errors import ConfigError
 from dsv3_export.exporter.checkpoint_writer import modelargs_dict
 

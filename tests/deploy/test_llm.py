@@ -18,7 +18,7 @@ from dsv3_export.engines.ort import CPU, session
 def fields(**kw) -> dict[str, np.ndarray]:
     """Inputs as the python backend hands them over: arrays of one element, text as bytes."""
     types = {"max_tokens": np.int32, "top_k": np.int32, "seed": np.int64, "temperature": np.float32,
-             "top_p": np.float32, "stream": np.bool_}
+             "top_p": np.float32, "min_p": np.float32, "stream": np.bool_}
     out = {"text_input": np.array([b"def f("], dtype=np.object_)}
     for k, v in kw.items():
         if k in ("text_input", "stop"):
@@ -32,10 +32,30 @@ def fields(**kw) -> dict[str, np.ndarray]:
     ({"max_tokens": -1}, "max_tokens"), ({"max_tokens": 0}, "max_tokens"), ({"temperature": -0.5}, "temperature"),
     ({"temperature": float("nan")}, "temperature"), ({"top_p": 0.0}, "top_p"), ({"top_p": 1.01}, "top_p"),
     ({"top_k": -2}, "top_k"), ({"seed": -1}, "seed"), ({"text_input": ""}, "text_input"),
+    ({"min_p": 1.5}, "min_p"),
 ])
 def test_bad_fields_are_named(bad, field):
     with pytest.raises(RequestError, match=field):
         parse_request(fields(**bad), eos=1)
+
+
+@pytest.mark.parametrize("name,value", [("top_p", 1.5), ("min_p", -0.25), ("top_k", -2), ("temperature", -1.0)])
+def test_bad_sampling_fields_have_the_wording_of_every_surface(name, value):
+    """Triton's error is SamplingParams' own message, as the CLI's and the OpenAI server's."""
+    from dsv3_export.engines.sampling import SamplingError, SamplingParams
+
+    with pytest.raises(SamplingError) as own:
+        SamplingParams(**{name: value})
+    with pytest.raises(RequestError) as got:
+        parse_request(fields(**{name: value}), eos=1)
+    assert str(got.value) == str(own.value)
+
+
+def test_every_sampling_field_is_a_model_input():
+    from dsv3_export.deploy.llm import INPUT_NAMES
+    from dsv3_export.engines.sampling import SamplingParams
+
+    assert {f.name for f in SamplingParams.wire_fields()} <= set(INPUT_NAMES)
 
 
 def test_fields_and_defaults():
@@ -120,6 +140,19 @@ def test_generator_gives_engine_generate_tokens(generator, engine):
     sampled = engine.generate("def main(", max_new_tokens=10, temperature=0.9, top_k=20, seed=7)
     assert run(generator, text_input="def main(", max_tokens=10, temperature=0.9, top_k=20, seed=7).texts == [
         sampled.text]
+
+
+def test_generator_applies_min_p(generator, engine):
+    """min_p through the Triton model's fields: the same text as Engine.generate with the same
+    min_p, and a min_p of 1 keeps only the most likely token: the greedy text, whatever the seed."""
+    kw = dict(max_new_tokens=12, temperature=1.5, seed=11)
+    with_min_p = engine.generate("def main(", **kw, min_p=0.3)
+    assert run(generator, text_input="def main(", max_tokens=12, temperature=1.5, seed=11, min_p=0.3).texts == [
+        with_min_p.text]
+    greedy = engine.generate("def main(", max_new_tokens=12).text
+    for seed in (1, 2, 3):
+        assert run(generator, text_input="def main(", max_tokens=12, temperature=1.5, seed=seed,
+                   min_p=1.0).texts == [greedy]
 
 
 def test_generator_stop_strings_and_errors(generator, engine):

@@ -64,7 +64,7 @@ def test_cpu_repository_follows_the_graphs(pipeline_build, tmp_path):
     for k, stage in enumerate(stages):
         cfg = cfgs[f"dsv3_stage{k}"]
         assert cfg.backend == "python" and not cfg.platform
-        assert_matches_contract(cfg, manifest["io"][stage["file"]])
+        assert_matches_contract(cfg, manifest.io[stage["file"]])
         [group] = cfg.instance_group
         assert (model_config_pb2.ModelInstanceGroup.Kind.Name(group.kind), group.count) == ("KIND_CPU", 2)
         params = {key: v.string_value for key, v in cfg.parameters.items()}
@@ -101,7 +101,7 @@ def test_gpu_repository_pins_one_stage_per_gpu_and_clones_the_graphs(pipeline_bu
     for k, stage in enumerate(stages):
         cfg = cfgs[f"dsv3_stage{k}"]
         assert cfg.backend == "onnxruntime"
-        assert_matches_contract(cfg, manifest["io"][stage["file"]])
+        assert_matches_contract(cfg, manifest.io[stage["file"]])
         [group] = cfg.instance_group
         assert model_config_pb2.ModelInstanceGroup.Kind.Name(group.kind) == "KIND_GPU"
         assert list(group.gpus) == [gpus[k]]
@@ -131,7 +131,7 @@ def test_tensorrt_build_gives_tensorrt_plan_models(demo_build, tmp_path):
     write_repository(build, repo, device="gpu", gpus=[2])
     cfg = configs(repo)["dsv3_stage0"]
     assert cfg.platform == "tensorrt_plan" and not cfg.backend
-    assert_matches_contract(cfg, manifest["io"]["model.onnx"])
+    assert_matches_contract(cfg, manifest.io["model.onnx"])
     assert list(cfg.instance_group[0].gpus) == [2] and list(cfg.instance_group[0].profile) == ["0", "1"]
     assert os.path.samefile(repo / "dsv3_stage0/1/model.plan", build / "model.plan")
 

@@ -117,6 +117,42 @@ def test_sampling_is_seeded(engine):
     assert engine.generate(PROMPT, max_new_tokens=24, temperature=1.0, top_p=1e-6, seed=4).ids == greedy
 
 
+def test_min_p_through_the_api(engine):
+    """min_p as a keyword or in SamplingParams: 1 keeps only the most likely token (greedy, where
+    plain sampling at that temperature is not); a middle value draws only tokens it keeps, checked
+    against the engine's own logits step by step."""
+    from dsv3_export import SamplingParams
+    from dsv3_export.engines.sampling import processed_probs
+
+    greedy = engine.generate(PROMPT, max_new_tokens=16, stop=[]).ids
+    hot = [engine.generate(PROMPT, max_new_tokens=16, temperature=2.0, seed=s, stop=[]).ids for s in (1, 2, 3)]
+    assert any(ids != greedy for ids in hot)
+    for s in (1, 2, 3):
+        assert engine.generate(PROMPT, SamplingParams(max_tokens=16, temperature=2.0, min_p=1.0, seed=s),
+                               stop=[]).ids == greedy
+    params = SamplingParams(max_tokens=16, temperature=2.0, min_p=0.2, seed=5)
+    ids = engine.generate(PROMPT, params, stop=[]).ids
+    for i, token in enumerate(ids):
+        logits, _, _ = engine.forward(np.array([PROMPT + ids[:i]]))
+        p = processed_probs(logits[0, -1], params)
+        assert p[token] > 0
+        plain = processed_probs(logits[0, -1], params.replace(min_p=0.0))
+        assert (p > 0).sum() <= (plain > 0).sum() and set(np.flatnonzero(p)) == set(
+            np.flatnonzero(plain >= 0.2 * plain.max()))
+
+
+@pytest.mark.parametrize("kwargs,field", [({"seed": -1}, "seed"), ({"min_p": 2.0}, "min_p"),
+                                          ({"top_k": -5}, "top_k"), ({"max_new_tokens": 0}, "max_tokens")])
+def test_api_names_a_bad_sampling_field(engine, kwargs, field):
+    from dsv3_export.engines.sampling import SamplingError
+
+    with pytest.raises(SamplingError) as e:
+        engine.generate(PROMPT, **kwargs)
+    assert e.value.param == field
+    with pytest.raises(ExportError, match="unknown sampling field"):
+        engine.generate(PROMPT, min_q=0.5)
+
+
 def test_batch_equals_alone(engine):
     other = [0, 400, 3, 99, 12, 250, 31]
     alone = [engine.generate(p, max_new_tokens=12, stop=[]).ids for p in (PROMPT, other)]
@@ -157,7 +193,7 @@ def test_text_prompts(engine):
     (dict(prompt=[0, 512]), "out of range"),
     (dict(prompt=[0, -1]), "out of range"),
     (dict(prompt=[0, 1], max_new_tokens=1023), "max_seq_len 1024"),
-    (dict(prompt=[0, 1], max_new_tokens=0), "max_new_tokens"),
+    (dict(prompt=[0, 1], max_new_tokens=0), "max_tokens must be >= 1"),
     (dict(prompt=[0, 1], temperature=-1.0), "temperature"),
     (dict(prompt=[0, 1], top_p=0.0), "top_p"),
     (dict(prompt=[0, 1], top_k=-2), "top_k"),
@@ -181,6 +217,18 @@ def test_cli_run_streams_text(engine, tiny_build):
             "--top-p", 0.9, "--seed", 5)
     assert r.exit_code == 0, r.output
     assert r.stdout == engine.generate(PROMPT, max_new_tokens=6, temperature=0.8, top_p=0.9, seed=5).text + "\n"
+
+
+def test_cli_run_min_p(engine, tiny_build):
+    """--min-p 1 keeps only the most likely token: the greedy text at any temperature and seed."""
+    greedy = engine.generate("Hello world", max_new_tokens=10).text
+    for seed in (1, 2):
+        r = cli("run", tiny_build, "--prompt", "Hello world", "--max-tokens", 10, "--temperature", 2.0,
+                "--min-p", 1.0, "--seed", seed)
+        assert r.exit_code == 0 and r.stdout == greedy + "\n", r.output
+    r = cli("run", tiny_build, "--prompt", "Hello world", "--max-new-tokens", 10, "--temperature", 2.0,
+            "--min-p", 0.1, "--seed", 3)
+    assert r.stdout == engine.generate("Hello world", max_new_tokens=10, temperature=2.0, min_p=0.1, seed=3).text + "\n"
 
 
 def test_cli_run_ids_without_tokenizer(engine, copy_build):
@@ -207,7 +255,9 @@ def test_cli_run_ids_without_tokenizer(engine, copy_build):
     (["--prompt", "hi", "--speculative", "--max-new-tokens", "2000"], "max_seq_len"),
     (["--prompt", "hi", "--backend", "trt"], "TensorRT"),
     (["--prompt", "hi", "--ids", "1"], "exactly one"),
-    (["--prompt", "hi", "--top-p", "1.5"], "top_p"),
+    (["--prompt", "hi", "--top-p", "1.5"], "top_p must be in (0, 1], got 1.5"),
+    (["--prompt", "hi", "--min-p", "1.5"], "min_p must be in [0.0, 1.0], got 1.5"),
+    (["--prompt", "hi", "--seed", "-1"], "seed must be in [0, 9223372036854775807], got -1"),
 ])
 def test_cli_run_bad_input(tiny_build, args, needle):
     assert_clean_error(cli("run", tiny_build, *args), needle)

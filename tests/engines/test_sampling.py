@@ -1,5 +1,6 @@
-"""Sampling: greedy, temperature, top-k, top-p; the distribution `sample` draws from equals
-`processed_probs`, and `draw` never lands on zero mass (chi-square goodness of fit)."""
+"""Sampling: SamplingParams checks itself and names the bad field; greedy, temperature, top-k,
+min-p, top-p; the distribution `sample` draws from equals `processed_probs`, and `draw` never lands
+on zero mass (chi-square goodness of fit)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,15 @@ import numpy as np
 import pytest
 
 from dsv3_export.core.errors import ExportError
-from dsv3_export.engines.sampling import NonFiniteLogits, check_generation_args, draw, processed_probs, sample
+from dsv3_export.engines.sampling import (
+    NonFiniteLogits,
+    SamplingError,
+    SamplingParams,
+    draw,
+    processed_probs,
+    sample,
+    token_logprob,
+)
 from tests.helpers import chi2_sf, chi_square
 
 
@@ -17,16 +26,18 @@ def test_chi2_sf_matches_known_quantiles():
     assert chi2_sf(124.34211340400407, 100) == pytest.approx(0.05, rel=1e-5)
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 3, 1.0), (1.3, 0, 0.8), (0.9, 5, 0.6)])
-def test_processed_probs_is_what_sample_draws_from(temperature, top_k, top_p):
+@pytest.mark.parametrize("temperature,top_k,top_p,min_p", [(1.0, 0, 1.0, 0.0), (0.7, 3, 1.0, 0.0), (1.3, 0, 0.8, 0.0),
+                                                         (0.9, 5, 0.6, 0.0), (1.0, 0, 1.0, 0.2), (1.2, 6, 0.9, 0.1)])
+def test_processed_probs_is_what_sample_draws_from(temperature, top_k, top_p, min_p):
     rng = np.random.default_rng(0)
     logits = rng.normal(size=8) * 2
-    p = processed_probs(logits, temperature=temperature, top_k=top_k, top_p=top_p)
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    p = processed_probs(logits, params)
     assert p.sum() == pytest.approx(1.0) and (p >= 0).all()
     if top_k:
         assert (p > 0).sum() <= top_k
     n = 20000
-    draws = sample(np.tile(logits, (n, 1)), np.random.default_rng(1), temperature=temperature, top_k=top_k, top_p=top_p)
+    draws = sample(np.tile(logits, (n, 1)), np.random.default_rng(1), params)
     stat, df, pval = chi_square(np.bincount(draws, minlength=8), p)
     assert pval > 1e-3, (stat, df, pval)
 
@@ -43,25 +54,78 @@ def test_sample_distribution():
     """top-k / top-p restrict the support; frequencies follow the softmax."""
     logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]] * 20000))
     rng = np.random.default_rng(0)
-    draws = sample(logits, rng, temperature=1.0)
+    draws = sample(logits, rng, SamplingParams(temperature=1.0))
     freq = np.bincount(draws, minlength=4) / draws.size
     assert np.allclose(freq, [0.5, 0.3, 0.15, 0.05], atol=0.015)
-    assert set(sample(logits, rng, temperature=1.0, top_k=2)) == {0, 1}
-    assert set(sample(logits, rng, temperature=1.0, top_p=0.7)) == {0, 1}  # 0.5 < 0.7 <= 0.8
-    assert set(sample(logits, rng, temperature=1.0, top_p=0.5)) == {0}
+    assert set(sample(logits, rng, SamplingParams(temperature=1.0, top_k=2))) == {0, 1}
+    assert set(sample(logits, rng, SamplingParams(temperature=1.0, top_p=0.7))) == {0, 1}  # 0.5 < 0.7 <= 0.8
+    assert set(sample(logits, rng, SamplingParams(temperature=1.0, top_p=0.5))) == {0}
+
+
+@pytest.mark.parametrize("min_p,kept", [(0.0, {0, 1, 2, 3}), (0.09, {0, 1, 2, 3}), (0.12, {0, 1, 2}), (0.31, {0, 1}), (0.61, {0}),
+                                        (1.0, {0})])
+def test_min_p_removes_what_is_less_likely_than_min_p_times_the_top(min_p, kept):
+    """probabilities 0.5, 0.3, 0.15, 0.05: min_p x 0.5 is the bar. The kept tokens keep their
+    relative odds (renormalized), the rest never come out."""
+    probs = np.array([0.5, 0.3, 0.15, 0.05])
+    logits = np.log(np.tile(probs, (20000, 1)))
+    params = SamplingParams(temperature=1.0, min_p=min_p)
+    p = processed_probs(logits[0], params)
+    assert set(np.flatnonzero(p)) == kept
+    want = np.where(np.isin(np.arange(4), list(kept)), probs, 0.0)
+    np.testing.assert_allclose(p, want / want.sum(), rtol=1e-12)
+    draws = sample(logits, np.random.default_rng(0), params)
+    assert set(draws.tolist()) == kept
+    assert chi_square(np.bincount(draws, minlength=4)[list(kept)], p[list(kept)])[2] > 1e-3
 
 
 def test_greedy_is_argmax_and_ties_go_to_the_lower_id():
     logits = np.array([[0.1, 2.0, 2.0, -1.0], [3.0, 0.0, 0.0, 3.0]])
-    assert sample(logits, None).tolist() == [1, 0]
-    assert sample(logits, np.random.default_rng(0), temperature=1.0, top_k=1).tolist() == [1, 0]
+    assert sample(logits, None, SamplingParams()).tolist() == [1, 0]
+    assert sample(logits, np.random.default_rng(0), SamplingParams(temperature=1.0, top_k=1)).tolist() == [1, 0]
 
 
-@pytest.mark.parametrize("kwargs,match", [({"max_new_tokens": 0}, "max_new_tokens"), ({"temperature": -1}, "temperature"),
-                                          ({"top_k": -2}, "top_k"), ({"top_p": 0}, "top_p"), ({"top_p": 1.5}, "top_p")])
-def test_bad_settings_are_named(kwargs, match):
-    with pytest.raises(ExportError, match=match):
-        check_generation_args(**kwargs)
+@pytest.mark.parametrize("field,value,wording", [
+    ("max_tokens", 0, "max_tokens must be >= 1, got 0"),
+    ("temperature", -1, "temperature must be >= 0.0 (0 = greedy), got -1.0"),
+    ("temperature", float("nan"), "temperature must be a finite number, got nan"),
+    ("temperature", "hot", "temperature must be a finite number, got 'hot'"),
+    ("top_k", -2, "top_k must be >= 0 (0 or -1 = no limit), got -2"),
+    ("top_k", 2.5, "top_k must be an integer, got 2.5"),
+    ("top_k", True, "top_k must be an integer, got True"),
+    ("top_p", 0, "top_p must be in (0, 1], got 0.0"),
+    ("top_p", 1.5, "top_p must be in (0, 1], got 1.5"),
+    ("min_p", -0.1, "min_p must be in [0.0, 1.0], got -0.1"),
+    ("min_p", 1.5, "min_p must be in [0.0, 1.0], got 1.5"),
+    ("seed", -1, "seed must be in [0, 9223372036854775807], got -1"),
+])
+def test_bad_fields_are_named(field, value, wording):
+    """One wording per bad field, the one every surface shows (CLI, API, OpenAI server, Triton)."""
+    with pytest.raises(SamplingError) as e:
+        SamplingParams(**{field: value})
+    assert e.value.param == field and str(e.value) == wording and isinstance(e.value, ExportError)
+
+
+def test_wire_fields_map_by_name_and_top_k_minus_one_is_no_limit():
+    params = SamplingParams.from_wire({"temperature": np.float32(0.5), "top_k": -1, "min_p": None, "other": 3})
+    assert params.temperature == 0.5 and params.top_k == 0 and params.min_p == 0.0
+    assert [f.name for f in SamplingParams.wire_fields()] == ["max_tokens", "temperature", "top_k", "top_p", "min_p",
+                                                              "seed"]
+
+
+@pytest.mark.parametrize("temperature", [1e-308, 5e-324, 1e-6])
+def test_a_tiny_temperature_is_greedy_never_nan(temperature):
+    logits = np.random.default_rng(0).normal(size=(4, 50)) * 5
+    got = sample(logits, np.random.default_rng(0), SamplingParams(temperature=temperature))
+    assert got.tolist() == logits.argmax(-1).tolist()
+
+
+def test_token_logprob_is_the_models_own_log_softmax():
+    logits = np.array([2.0, 1.0, 1.0, -3.0])
+    lp = logits - np.log(np.exp(logits).sum())
+    got = token_logprob(logits, 2, top=2)
+    assert got.logprob == pytest.approx(lp[2]) and [t for t, _ in got.top] == [0, 1]
+    assert got.top[1][1] == pytest.approx(lp[1])
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
@@ -70,4 +134,4 @@ def test_non_finite_logits_are_an_error_not_token_0(bad):
     logits[1, 3] = bad
     for temperature in (0.0, 1.0):
         with pytest.raises(NonFiniteLogits, match="non-finite logits"):
-            sample(logits, np.random.default_rng(0), temperature=temperature)
+            sample(logits, np.random.default_rng(0), SamplingParams(temperature=temperature))

@@ -12,7 +12,8 @@ import pytest
 
 from dsv3_export import engines
 from dsv3_export.core.errors import ExportError
-from dsv3_export.engines.scheduler import QueueFull, SamplingParams, Scheduler
+from dsv3_export.engines.sampling import SamplingParams
+from dsv3_export.engines.scheduler import QueueFull, Scheduler
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +105,7 @@ def demo_per_expert(tmp_path_factory):
     from dsv3_export.pipeline.build import build
 
     out = tmp_path_factory.mktemp("demo-per-expert")
-    assert build("demo", out, BuildOptions(verify=False, force=True, moe_form="per-expert"))["moe_form"] == "per-expert"
+    assert build("demo", out, BuildOptions(verify=False, force=True, moe_form="per-expert")).moe_form == "per-expert"
     return engines.load(out, threads=2)
 
 

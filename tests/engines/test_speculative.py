@@ -18,7 +18,7 @@ from dsv3_export.cli.main import main
 from dsv3_export.core.errors import ExportError
 from dsv3_export.engines import speculative
 from dsv3_export.engines.runtime import Engine
-from dsv3_export.engines.sampling import draw, processed_probs
+from dsv3_export.engines.sampling import SamplingParams, draw, processed_probs
 from dsv3_export.engines.speculative import accept_draft
 from tests.helpers import chi_square
 
@@ -59,7 +59,7 @@ def test_speculative_sampling_with_processed_logits():
     rng = np.random.default_rng(7)
     main_logits, draft_logits = rng.normal(size=12) * 1.5, rng.normal(size=12) * 1.5
     kw = dict(temperature=0.8, top_k=6, top_p=0.9)
-    p, q = processed_probs(main_logits, **kw), processed_probs(draft_logits, **kw)
+    p, q = processed_probs(main_logits, SamplingParams(**kw)), processed_probs(draft_logits, SamplingParams(**kw))
     n = 30000
     tokens = np.array([accept_draft(p, q, draw(q, rng), rng)[1] for _ in range(n)])
     assert chi_square(np.bincount(tokens, minlength=12), p)[2] > 1e-3
@@ -124,7 +124,7 @@ def test_caches_stay_right_through_accepts_and_rollbacks(engine, pattern):
              "every_third": lambda k: k % 3 != 2}[pattern]
     prompt, n = PROMPTS[0], 30
     oracle = Oracle(engine, prompt, n, right)
-    st = speculative.decode(oracle, np.array([prompt]), max_new_tokens=n, stops=engine.stop_ids())
+    st = speculative.decode(oracle, np.array([prompt]), SamplingParams(max_tokens=n, stop=engine.stop_ids()))
     assert st.tokens == oracle.tokens[len(prompt):len(prompt) + n]  # greedy, whatever the drafts
     if pattern == "always":
         assert st.acceptance_rate == 1.0 and st.tokens_per_step > 1.9
@@ -159,7 +159,7 @@ def test_sampling_speculative_keeps_the_engine_distribution(engine):
 
     def dist(ids):
         logits, _, _ = engine.forward(np.array([ids]))
-        return processed_probs(logits[0, -1], **kw)
+        return processed_probs(logits[0, -1], SamplingParams(**kw))
 
     exact = {}
     p1 = dist(prompt)

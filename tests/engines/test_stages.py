@@ -6,7 +6,8 @@ import numpy as np
 
 from dsv3_export import engines
 from dsv3_export.core.build_dir import main_io, read_manifest
-from dsv3_export.engines.scheduler import SamplingParams, Scheduler
+from dsv3_export.engines.sampling import SamplingParams
+from dsv3_export.engines.scheduler import Scheduler
 from dsv3_export.engines.stages import StagedSession
 from tests.helpers import rel_max_err
 
@@ -65,12 +66,12 @@ def test_tensorrt_profiles_cover_every_stage(staged_demo_build):
     from dsv3_export.engines.trt import TrtOptions, make_profiles
 
     m = read_manifest(staged_demo_build)
-    options = TrtOptions(max_batch=4, max_seq_len=256).resolve(m["config"]["max_seq_len"])
-    for stage in m["stages"]:
-        profiles = make_profiles(m["io"][stage["file"]]["inputs"], options)
+    options = TrtOptions(max_batch=4, max_seq_len=256).resolve(m.config["max_seq_len"])
+    for stage in m.stages:
+        profiles = make_profiles(m.io[stage["file"]]["inputs"], options)
         assert [p["name"] for p in profiles] == [p["name"] for p in make_profiles(
-            m["io"]["mtp.onnx"]["inputs"], options)]
+            m.io["mtp.onnx"]["inputs"], options)]
         for p in profiles:
             if "hidden_in" in p["inputs"]:
-                assert p["inputs"]["hidden_in"]["max"][2] == p["inputs"]["hidden_in"]["min"][2] == m["config"]["dim"]
-            assert set(p["inputs"]) == {i["name"] for i in m["io"][stage["file"]]["inputs"]}
+                assert p["inputs"]["hidden_in"]["max"][2] == p["inputs"]["hidden_in"]["min"][2] == m.config["dim"]
+            assert set(p["inputs"]) == {i["name"] for i in m.io[stage["file"]]["inputs"]}

@@ -17,9 +17,9 @@ import pytest
 from click.testing import CliRunner
 
 from dsv3_export.cli.main import main
+from dsv3_export.core.build_options import BuildOptions
 from dsv3_export.core.errors import ExportError
 from dsv3_export.pipeline import build as build_mod
-from dsv3_export.core.build_options import BuildOptions
 from dsv3_export.pipeline.build import build
 from dsv3_export.pipeline.output_dir import TMP_MARK, check_output, sweep_stale
 from tests.helpers import ROOT

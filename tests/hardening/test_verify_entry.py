@@ -13,8 +13,8 @@ from dsv3_export.cli.main import main
 from dsv3_export.core.build_dir import MANIFEST
 from dsv3_export.core.errors import ExportError
 from dsv3_export.exporter import open_source
-from tests.helpers import assert_clean_error
 from dsv3_export.verification.verify import verify
+from tests.helpers import assert_clean_error
 
 
 @pytest.fixture

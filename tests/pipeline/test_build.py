@@ -14,8 +14,8 @@ def run(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
-def assert_clean_error(result, *needles):
-    conftest_assert_clean_error(result, *needles, one_line=False)
+def assert_clean_error(result, *needles, code: int = 1):
+    conftest_assert_clean_error(result, *needles, one_line=False, code=code)
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,7 @@ def test_unreadable_source(tmp_path):
 
 def test_unknown_backend_and_precision(tmp_path):
     r = run("build", "tiny", "-o", tmp_path / "o", "--precision", "fp7")
-    assert_clean_error(r, "--precision")
+    assert_clean_error(r, "--precision", "'fp7' is not one of", code=2)
     assert not (tmp_path / "o").exists()
 
 

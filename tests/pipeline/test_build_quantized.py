@@ -7,18 +7,15 @@ import pytest
 from click.testing import CliRunner
 
 from dsv3_export.cli.main import main
+from tests import helpers
 
 
 def run(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
-def assert_clean_error(result, *needles):
-    assert result.exit_code == 1, result.output
-    last = result.output.strip().splitlines()[-1]
-    assert last.startswith("error: ") and "Traceback" not in result.output, result.output
-    for n in needles:
-        assert n in last, last
+def assert_clean_error(result, *needles, code: int = 1):
+    helpers.assert_clean_error(result, *needles, one_line=False, code=code)
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +52,7 @@ def test_quantized_engine_generates(int4_build):
 
 def test_bad_precision_and_keep_fp(tmp_path):
     assert_clean_error(run("build", "tiny", "-o", tmp_path / "a", "--precision", "int3", "--no-verify"),
-                       "--precision", "int4-wo")
+                       "--precision", "int4-wo", code=2)
     assert_clean_error(run("build", "tiny", "-o", tmp_path / "b", "--precision", "int8", "--keep-fp", "none",
                            "--keep-fp", "embed.weight", "--no-verify"), "--keep-fp none")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -31,7 +31,7 @@ def test_manifest_records_the_plan(staged_demo_build):
 def test_three_stages_continue_as_one_graph(tmp_path, demo_build):
     out = tmp_path / "demo-3"
     m = build("demo", out, BuildOptions(stages=3, verify=False))
-    assert len(m["stages"]) == 3
+    assert len(m.stages) == 3
     staged, whole = engines.load(out), engines.load(demo_build)
     prompt = np.random.default_rng(3).integers(2, whole.config.vocab_size, 14).tolist()
     a = staged.generate(prompt, max_new_tokens=24, add_bos=False)
@@ -43,7 +43,7 @@ def test_three_stages_continue_as_one_graph(tmp_path, demo_build):
 def test_every_precision_builds_staged(tmp_path, precision):
     one = build("tiny", tmp_path / "one", BuildOptions(precision=precision, verify=False, mtp=False))
     two = build("tiny", tmp_path / "two", BuildOptions(precision=precision, stages=2, verify=False, mtp=False))
-    assert len(two["stages"]) == 2 and one["quantization"]["tensors"] == two["quantization"]["tensors"]
+    assert len(two.stages) == 2 and one.quantization["tensors"] == two.quantization["tensors"]
     a, b = engines.load(tmp_path / "one"), engines.load(tmp_path / "two")
     ids = np.random.default_rng(4).integers(2, a.config.vocab_size, (2, 7))
     la, _, _ = a.forward(ids, a.empty_past(2))

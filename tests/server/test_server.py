@@ -142,6 +142,9 @@ BAD = [  # (body, status, param)
     ({"model": MODEL, "prompt": "x", "n": 2}, 400, "n"),
     ({"model": MODEL, "prompt": "x", "stop_token_ids": [10 ** 6]}, 400, "stop_token_ids"),
     ({"model": MODEL, "prompt": "x", "logprobs": 99}, 400, "logprobs"),
+    ({"model": MODEL, "prompt": "x", "min_p": 2}, 400, "min_p"),
+    ({"model": MODEL, "prompt": "x", "top_k": -2}, 400, "top_k"),
+    ({"model": MODEL, "prompt": "x", "seed": -1}, 400, "seed"),
 ]
 
 
@@ -152,6 +155,37 @@ def test_bad_request_names_the_field(server, body, status, param):
     err = r.json()["error"]
     assert err["param"] == param and err["type"] == "invalid_request_error" and err["code"] is None and err["message"]
     assert httpx.post(f"{server.url}/v1/completions", json={"prompt": "ok", "max_tokens": 1}).status_code == 200
+
+
+@pytest.mark.parametrize("name,value", [("top_p", 1.5), ("min_p", -0.25), ("top_k", -2), ("temperature", -1.0)])
+def test_bad_sampling_fields_have_the_wording_of_every_surface(server, name, value):
+    """The 400's message is SamplingParams' own, the one the CLI and Triton print."""
+    from dsv3_export.engines.sampling import SamplingError, SamplingParams
+
+    with pytest.raises(SamplingError) as own:
+        SamplingParams(**{name: value})
+    r = httpx.post(f"{server.url}/v1/completions", json={"prompt": "x", name: value}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"] == {"message": str(own.value), "type": "invalid_request_error",
+                                                          "param": name, "code": None}
+
+
+def test_min_p(server, engine):
+    """min_p as an extra field of the official client: the same tokens as Engine.generate with it;
+    min_p = 1 keeps only the most likely token (greedy tokens whatever the seed, where plain
+    sampling at that temperature leaves greedy)."""
+    c = client(server)
+    ids = engine.tokenize("def main(")
+
+    def sampled(seed, **extra):
+        return c.completions.create(model=MODEL, prompt=ids, max_tokens=12, temperature=1.5, seed=seed,
+                                    extra_body={"ignore_eos": True, **extra}).choices[0].model_extra["token_ids"]
+
+    expected = engine.generate(ids, max_new_tokens=12, temperature=1.5, seed=4, min_p=0.3, stop=[]).ids
+    assert sampled(4, min_p=0.3)[:len(expected)] == expected
+    greedy = c.completions.create(model=MODEL, prompt=ids, max_tokens=12, temperature=0,
+                                  extra_body={"ignore_eos": True}).choices[0].model_extra["token_ids"]
+    assert all(sampled(seed, min_p=1.0) == greedy for seed in (1, 2, 3))
+    assert any(sampled(seed) != greedy for seed in (1, 2, 3))
 
 
 def test_bad_chat_and_body(server):

@@ -11,8 +11,8 @@ from click.testing import CliRunner
 
 from dsv3_export.cli.main import main
 from dsv3_export.exporter import ExportError, load_reference, open_source
-from tests.helpers import buffered_feed, layer_pasts
 from dsv3_export.verification.verify import TOLERANCES, ReferenceRunner, tolerance_for, verify
+from tests.helpers import buffered_feed, layer_pasts
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -66,9 +66,9 @@ def test_report_files(verified):
     manifest = json.loads((build / "manifest.json").read_text())
     assert {"verify/report.json", "verify/report.md", "verify/error_per_step.png"} <= set(manifest["files"])
     assert manifest["verify"]["passed"] is True
-    from dsv3_export.core.build_dir import check_file_hashes
+    from dsv3_export.core.build_dir import Manifest, check_file_hashes
 
-    check_file_hashes(build, manifest)
+    check_file_hashes(build, Manifest(manifest))
 
 
 def test_wrong_source_fails(verified, tmp_path):

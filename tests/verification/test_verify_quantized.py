@@ -58,7 +58,7 @@ def fp8_verified(tmp_path_factory):
     from dsv3_export.pipeline.build import build
 
     out = tmp_path_factory.mktemp("q") / "tiny-fp8"
-    manifest = build("tiny", out, BuildOptions(precision="fp8", mtp=False, verify=False, force=True))
+    manifest = build("tiny", out, BuildOptions(precision="fp8", mtp=False, verify=False, force=True)).raw
     result = verify(out, None, precision="fp8", decode_steps=2, greedy_tokens=4, backends=["ort"])
     return out, manifest, result
 

@@ -163,7 +163,7 @@ def register(impl: str = "aot") -> None:
                  outputs: Tuple[trtp.Tensor], stream: int) -> None:
             import torch
 
-            from dsv3_export.plugins.latent_attention.triton import latent_attention  # lazy: triton is for GPU hosts only
+            from dsv3_export.plugins.latent_attention.triton import latent_attention  # lazy: GPU hosts only
 
             with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
                 latent_attention(as_torch(q), as_torch(latent), scale, kv_lora_rank, as_torch(cache_lengths),
