@@ -221,7 +221,7 @@ def bench(builds: list[str | Path], *, threads: int = 2, repeats: int = 5, prefi
     results = [merge_rounds(system_runs) for system_runs in runs]
     bandwidth = statistics.median(bandwidths)
     for r, b, m in zip(results, builds, manifests):
-        r.update(_disk(b, m), precision=m["precision"], mla=m["mla"], lowered=m.get("lowered", False))
+        r.update(_disk(b, m), precision=m.precision, mla=m.mla, lowered=m.lowered)
         if not all((b / s["file"]).is_file() for s in stage_graphs(m)):
             continue
         weights = main_step_bytes(b, m)

@@ -18,6 +18,18 @@ from dsv3_export.core.errors import ExportError
 SEED = click.IntRange(min=0, max=2**63 - 1)  # numpy's generators take non-negative seeds
 
 
+def sampling_params(values):
+    """SamplingParams from `run`'s flags; a bad value is one line naming the flag, then the wording
+    every surface uses for that field (engines.sampling)."""
+    from dsv3_export.engines.sampling import SamplingError, SamplingParams
+
+    try:
+        return SamplingParams.from_wire(values)
+    except SamplingError as e:
+        flag = "--max-new-tokens" if e.param == "max_tokens" else f"--{e.param.replace('_', '-')}"
+        raise ExportError(f"{flag}: {e}") from None
+
+
 def sampling_options(command):
     """A flag per sampling field of engines.sampling.SamplingParams (`--top-p` for top_p, ...), its
     default and help from the field: a new field reaches `run` with no change here. The values are
@@ -240,7 +252,6 @@ def _parse_ids(text: str) -> list[int]:
 def run(build_dir, prompt, ids_text, backend, speculative, **sampling) -> None:
     """Generate from a build (default: ./build): stream the continuation to stdout, a stats line to stderr."""
     from dsv3_export import engines
-    from dsv3_export.engines.sampling import SamplingParams
     from dsv3_export.engines.text import TextOutput
 
     if (prompt is None) == (ids_text is None):
@@ -248,7 +259,7 @@ def run(build_dir, prompt, ids_text, backend, speculative, **sampling) -> None:
     source = prompt if prompt is not None else _parse_ids(ids_text)
     if source == "":
         raise ExportError("empty prompt")
-    params = SamplingParams.from_wire(sampling)  # a bad value fails before the build loads
+    params = sampling_params(sampling)  # a bad value fails before the build loads
     engine = engines.load(build_dir, backend=backend)
     for hint in engine.hints:
         click.echo(f"hint: {hint}", err=True)

@@ -75,8 +75,9 @@ def test_cpu_repository_follows_the_graphs(pipeline_build, tmp_path):
     inputs = {t.name: (dtype_name(t.data_type), list(t.dims), t.optional) for t in text.input}
     assert inputs == {"text_input": ("TYPE_STRING", [1], False), "max_tokens": ("TYPE_INT32", [1], True),
                       "temperature": ("TYPE_FP32", [1], True), "top_p": ("TYPE_FP32", [1], True),
-                      "top_k": ("TYPE_INT32", [1], True), "seed": ("TYPE_INT64", [1], True),
-                      "stop": ("TYPE_STRING", [-1], True), "stream": ("TYPE_BOOL", [1], True)}
+                      "top_k": ("TYPE_INT32", [1], True), "min_p": ("TYPE_FP32", [1], True),
+                      "seed": ("TYPE_INT64", [1], True), "stop": ("TYPE_STRING", [-1], True),
+                      "stream": ("TYPE_BOOL", [1], True)}
     assert [(t.name, dtype_name(t.data_type)) for t in text.output] == [("text_output", "TYPE_STRING")]
     assert (repo / "dsv3/1/model.py").read_bytes() == (MODELS_DIR / "dsv3.py").read_bytes()
     assert os.path.samefile(repo / "dsv3/1/tokenizer.json", pipeline_build / "tokenizer.json")
@@ -126,7 +127,7 @@ def test_tensorrt_build_gives_tensorrt_plan_models(demo_build, tmp_path):
     manifest = read_manifest(demo_build)
     (build / "model.plan").write_bytes(b"not a real plan")
     (build / "profiles.json").write_text(json.dumps({"engines": {"model.plan": {"profiles": [{}, {}]}}}))
-    write_manifest(build, {k: v for k, v in manifest.items() if k not in ("files", "format")} | {"backend": "trt"})
+    write_manifest(build, {k: v for k, v in manifest.raw.items() if k not in ("files", "format")} | {"backend": "trt"})
     repo = tmp_path / "trt-repo"
     write_repository(build, repo, device="gpu", gpus=[2])
     cfg = configs(repo)["dsv3_stage0"]

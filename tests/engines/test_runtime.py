@@ -306,11 +306,12 @@ def test_a_build_that_failed_verification_is_refused(copy_build):
 def test_an_old_two_copy_build_gets_a_hint(tiny_build):
     import json
 
+    from dsv3_export.core.build_dir import Manifest
     from dsv3_export.engines.runtime import layout_hints
 
     m = json.loads((tiny_build / "manifest.json").read_text())
-    assert layout_hints(m) == [] and engines.load(tiny_build).hints == []
+    assert layout_hints(Manifest(m)) == [] and engines.load(tiny_build).hints == []
     for g in m["engine"]["graphs"].values():  # as builds before shared weights recorded it
         del g["shared"]
-    (hint,) = layout_hints(m)
+    (hint,) = layout_hints(Manifest(m))
     assert "second copy of its weights" in hint and "rebuild" in hint
