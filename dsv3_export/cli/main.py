@@ -6,6 +6,7 @@ at once, without loading torch, ONNX Runtime and the pipeline."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -406,13 +407,21 @@ def _bench_batches(builds, batches, threads, repeats, contexts, decode_steps, js
 @click.option("--backend", type=click.Choice(["ort", "trt"]), default=None, help="Default: the build's backend.")
 @click.option("--graceful-timeout", type=click.IntRange(min=0), default=30, show_default=True,
               help="Seconds open requests get to finish after SIGTERM.")
+@click.option("--client-timeout", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
+              help="Seconds a client has to send a request's headers (else its connection closes) and then its "
+                   "body (else 408).")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True)
 def serve(build_dir, host, port, max_batch, max_waiting, prefill_chunk, model_name, api_key, threads, backend,
-          graceful_timeout, log_level) -> None:
+          graceful_timeout, client_timeout, log_level) -> None:
     """Serve BUILD_DIR over the OpenAI HTTP API (/v1/completions, /v1/chat/completions, /v1/models,
     /health, /metrics) with continuous batching. SIGTERM stops it gracefully."""
     from dsv3_export import engines, server
+    from dsv3_export.server.protocol import check_api_key
+
+    if api_key is None and os.environ.get("DSV3_API_KEY") is not None:  # Click reads an empty variable as unset
+        api_key = os.environ["DSV3_API_KEY"]
+    check_api_key(api_key)  # before the build loads
     engine = engines.load(build_dir, backend=backend, threads=threads)
     for hint in engine.hints:
         click.echo(f"hint: {hint}", err=True)
@@ -420,7 +429,7 @@ def serve(build_dir, host, port, max_batch, max_waiting, prefill_chunk, model_na
     click.echo(f"serving {build_dir} as {name!r} on http://{host}:{port}/v1 (max batch {max_batch})", err=True)
     server.serve(engine, host=host, port=port, model_name=name, api_key=api_key, max_batch=max_batch,
                  max_waiting=max_waiting, prefill_chunk=prefill_chunk, log_level=log_level,
-                 graceful_timeout=graceful_timeout)
+                 graceful_timeout=graceful_timeout, client_timeout=client_timeout)
 
 
 @main.command("bench-serve")

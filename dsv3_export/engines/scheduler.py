@@ -38,6 +38,19 @@ _DONE = object()  # the stream's end marker
 log = logging.getLogger(__name__)
 
 
+def _message(e: BaseException) -> str:
+    """A request's error text: our own errors as they are, anything else with its type."""
+    return str(e) if isinstance(e, ExportError) else f"{type(e).__name__}: {e}"
+
+
+def _log_failure(e: BaseException, where: str) -> None:
+    """One log line for an error a request ends with; a traceback for what is not ours (a bug)."""
+    if isinstance(e, ExportError):
+        log.error("%s failed: %s", where, e)
+    else:
+        log.error("%s failed", where, exc_info=e)
+
+
 class QueueFull(ExportError):
     """Back-pressure: the waiting queue is full; try again later."""
 
@@ -242,10 +255,11 @@ class Scheduler:
         t0 = time.perf_counter()
         try:
             logits, _ = self.engine.step_in_place(ids, lengths, buffers)
-        except ExportError as e:  # these requests fail; the others go on
+        except Exception as e:  # these requests fail; the others go on
+            _log_failure(e, f"prefill of request(s) {', '.join(str(r.id) for r, _ in group)}")
             for req, _ in group:
                 self.prefilling.remove(req)
-                req._finish("error", str(e))
+                req._finish("error", _message(e))
             return
         self.stats.prefill_calls += 1
         self.stats.prefill_tokens += sum(n for _, n in group)
@@ -258,8 +272,8 @@ class Scheduler:
                 try:
                     self._join(req, logits[i, n - 1])
                 except Exception as e:  # e.g. no memory for a larger cache: this request fails, nobody waits
-                    log.exception("request %d failed joining the batch", req.id)
-                    self._fail(req, f"{type(e).__name__}: {e}")
+                    _log_failure(e, f"request {req.id} joining the batch")
+                    self._fail(req, _message(e))
 
     def _prefill_group(self) -> list[tuple[Request, int]]:
         """(request, tokens) of the next prefill call: the first request's chunk sets the width; a
@@ -295,7 +309,13 @@ class Scheduler:
         ids = np.asarray([[r.tokens[-1]] for r in self.running], np.int64)
         lengths = self.cache.lengths[:n].copy()
         t0 = time.perf_counter()
-        logits, _ = self.engine.step_in_place(ids, lengths, self.cache.views(0, n))
+        try:
+            logits, _ = self.engine.step_in_place(ids, lengths, self.cache.views(0, n))
+        except Exception as e:  # every running sequence was in this call; those waiting go on
+            _log_failure(e, f"decode step of {n} sequence(s)")
+            for req in list(self.running):
+                self._retire(req, "error", _message(e))
+            return
         self.stats.decode_seconds += time.perf_counter() - t0
         self.stats.decode_steps += 1
         self.stats.decode_tokens += n
@@ -308,14 +328,16 @@ class Scheduler:
 
     def _choose(self, req: Request, row: np.ndarray) -> None:
         """Sample `req`'s next token from its logits [V] (with its log-probability when asked) and
-        emit it; unusable logits end this request alone."""
+        emit it; unusable logits, or a failing `on_token`, end this request alone."""
         p = req.params
         try:
             token = int(sample(row[None], req._rng, p)[0])
-        except ExportError as e:
-            self._retire(req, "error", str(e))
+            req._emit(token, token_logprob(row, token, p.logprobs) if p.logprobs is not None else None)
+        except Exception as e:
+            if not isinstance(e, ExportError):
+                _log_failure(e, f"request {req.id} choosing its next token")
+            self._fail(req, _message(e))
             return
-        req._emit(token, token_logprob(row, token, p.logprobs) if p.logprobs is not None else None)
         if token in req.params.stop:
             self._retire(req, "stop")
         elif len(req.tokens) >= req.params.max_tokens:
@@ -367,9 +389,9 @@ class Scheduler:
             try:
                 self.step()
             except Exception as e:  # a bug must not leave clients waiting forever
-                log.exception("scheduler step failed; failing every request it holds")
+                _log_failure(e, "a scheduler step; failing every request it holds")
                 for req in list(self.waiting) + self.prefilling + self.running:
-                    req._finish("error", f"{type(e).__name__}: {e}")
+                    req._finish("error", _message(e))
                 self.waiting.clear()
                 self.prefilling.clear()
                 self.running.clear()

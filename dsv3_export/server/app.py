@@ -20,7 +20,7 @@ from dsv3_export.engines.sampling import SamplingParams
 from dsv3_export.engines.scheduler import Scheduler
 from dsv3_export.server.chat import ChatTemplate
 from dsv3_export.server.metrics import Metrics
-from dsv3_export.server.protocol import Limits
+from dsv3_export.server.protocol import Limits, check_api_key
 from dsv3_export.server.routes import ENDPOINTS, router
 from dsv3_export.server.state import State
 
@@ -55,13 +55,15 @@ class _CountRequests:
 
 
 def create_app(engine, *, model_name: str, api_key: str | None = None, max_batch: int = 8,
-               max_waiting: int = 256, prefill_chunk: int = 256) -> FastAPI:
+               max_waiting: int = 256, prefill_chunk: int = 256, client_timeout: float = 30.0) -> FastAPI:
     """The ASGI app serving `engine` (an engines.runtime.Engine over a buffered build)."""
+    check_api_key(api_key)
     scheduler = Scheduler(engine, max_batch=max_batch, max_waiting=max_waiting, prefill_chunk=prefill_chunk)
     cfg = engine.config
     state = State(engine=engine, scheduler=scheduler, metrics=Metrics(scheduler, max_batch),
                   limits=Limits(vocab_size=cfg.vocab_size, max_seq_len=cfg.max_seq_len, model_name=model_name),
-                  chat_template=ChatTemplate.from_build(engine.build_dir), api_key=api_key)
+                  chat_template=ChatTemplate.from_build(engine.build_dir), api_key=api_key,
+                  client_timeout=client_timeout)
     app = FastAPI(title="dsv3-export", lifespan=_lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.dsv3 = state
     app.add_middleware(_CountRequests, state_ref={"state": state})

@@ -8,6 +8,7 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
+from dsv3_export.core.errors import ExportError
 from dsv3_export.engines.sampling import SamplingError, SamplingParams
 
 MAX_BODY_BYTES = 1 << 20  # a larger request body answers 413
@@ -26,6 +27,14 @@ class APIError(Exception):
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def check_api_key(api_key: str | None) -> None:
+    """None: no authentication; otherwise a key that is not blank (an empty one would let every
+    client in with an empty `Authorization: Bearer`)."""
+    if api_key is not None and not api_key.strip():
+        raise ExportError("--api-key (or DSV3_API_KEY) is empty: give a key, or leave both unset to serve "
+                          "without authentication")
 
 
 def bad(message: str, param: str | None) -> APIError:

@@ -4,12 +4,14 @@ the fields, and hands the checked Generation to server.streaming."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
+from dsv3_export.core.errors import ExportError
 from dsv3_export.server.chat import TemplateError
 from dsv3_export.server.protocol import MAX_BODY_BYTES, APIError, bad, check_context, parse_chat, parse_completion
 from dsv3_export.server.responses import error_response
@@ -55,7 +57,7 @@ async def completions(request: Request):
     try:
         check_auth(state, request)
         check_ready(state)
-        g = parse_completion(await read_json(request), state.limits)
+        g = parse_completion(await read_json(request, state.client_timeout), state.limits)
         if g.prompt_ids is None:
             g.prompt_ids = tokenize(state, g.prompt_text, add_bos=True, param="prompt")
         g.max_tokens = check_context(g, len(g.prompt_ids), state.limits, prompt_param="prompt")
@@ -70,7 +72,7 @@ async def chat_completions(request: Request):
     try:
         check_auth(state, request)
         check_ready(state)
-        g = parse_chat(await read_json(request), state.limits)
+        g = parse_chat(await read_json(request, state.client_timeout), state.limits)
         if state.chat_template is None:
             raise bad("this build has no chat template (tokenizer_config.json with chat_template); "
                       "use /v1/completions", "messages")
@@ -104,7 +106,19 @@ def check_ready(state: State) -> None:
                        headers={"Retry-After": "1"})
 
 
-async def read_json(request: Request) -> Any:
+def _is_json(content_type: str) -> bool:
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
+async def read_json(request: Request, timeout: float) -> Any:
+    """The request's JSON body, or the 4xx that says why not. Only a JSON Content-Type is read
+    (415 otherwise): a browser sends text/plain and form types cross-site without a preflight, so
+    taking them would let any web page drive a loopback server. A body slower than the server's
+    client timeout (a short one: shorter than its Content-Length) answers 408 and closes the connection."""
+    content_type = request.headers.get("content-type", "")
+    if not _is_json(content_type):
+        raise APIError(415, f"Content-Type must be application/json, got {content_type or 'none'!r}", None)
     length = request.headers.get("content-length")
     if length is not None:
         try:
@@ -113,19 +127,41 @@ async def read_json(request: Request) -> Any:
             raise bad("invalid Content-Length header", None) from None
         if declared > MAX_BODY_BYTES:
             raise APIError(413, f"the request body is over {MAX_BODY_BYTES} bytes", None)
+    try:
+        body = await asyncio.wait_for(_read_body(request), timeout)
+    except asyncio.TimeoutError:
+        raise APIError(408, f"the request body did not arrive within {timeout:g} s", None,
+                       headers={"Connection": "close"}) from None
+    try:
+        value = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise bad(f"the request body is not valid JSON: {e}", None) from None
+    except RecursionError:
+        raise bad("the request body is not valid JSON: nested too deeply", None) from None
+    try:  # "\ud800" is valid JSON but no text: it could not be tokenized, nor echoed in an answer
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise bad("the request body holds a lone UTF-16 surrogate (\\ud800-\\udfff): not valid Unicode text",
+                  None) from None
+    except RecursionError:
+        raise bad("the request body is nested too deeply", None) from None
+    return value
+
+
+async def _read_body(request: Request) -> bytes:
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > MAX_BODY_BYTES:
             raise APIError(413, f"the request body is over {MAX_BODY_BYTES} bytes", None)
         chunks.append(chunk)
-    try:
-        return json.loads(b"".join(chunks))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise bad(f"the request body is not valid JSON: {e}", None) from None
+    return b"".join(chunks)
 
 
 def tokenize(state: State, text: str, *, add_bos: bool, param: str) -> list[int]:
     if state.engine.tokenizer is None:
         raise bad("this build has no tokenizer.json: send the prompt as a list of token ids", param)
-    return state.engine.tokenize(text, add_bos=add_bos)
+    try:
+        return state.engine.tokenize(text, add_bos=add_bos)
+    except ExportError as e:  # text that is no UTF-8
+        raise bad(f"{param}: {e}", param) from None

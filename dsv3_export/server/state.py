@@ -22,6 +22,7 @@ class State:
     metrics: Metrics
     chat_template: ChatTemplate | None
     api_key: str | None = None
+    client_timeout: float = 30.0  # seconds a request body may take to arrive (routes.read_json: else 408)
     created: int = field(default_factory=lambda: int(time.time()))
     ready: threading.Event = field(default_factory=threading.Event)
     warmup_error: str | None = None

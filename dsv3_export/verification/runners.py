@@ -19,6 +19,7 @@ import dsv3_export.engines.ort as ort_engine
 import dsv3_export.engines.trt as trt_engine
 from dsv3_export.core.build_dir import MAIN_GRAPH, find_stages, takes_buffers
 from dsv3_export.core.errors import ExportError
+from dsv3_export.engines.kv_cache import zero_cache
 from dsv3_export.engines.stages import StagedSession
 from dsv3_export.exporter.export import cache_width
 
@@ -37,9 +38,8 @@ def empty_past(io: dict, batch: int, capacity: int = 0) -> dict:
     out = {"cache_lengths": np.zeros(batch, np.int64)} if buffered else {}
     for inp in io["inputs"]:
         if inp["name"].startswith("past_latent"):
-            rows = capacity if buffered else 0
-            shape = [batch if i == 0 else rows if i == 1 else int(d) for i, d in enumerate(inp["shape"])]
-            out[inp["name"]] = np.zeros(shape, dtype=inp["dtype"])
+            row = tuple(int(d) for d in inp["shape"][2:])
+            out[inp["name"]], = zero_cache(1, batch, capacity if buffered else 0, row, inp["dtype"])
     return out
 
 

@@ -145,6 +145,18 @@ def test_generate_gives_engine_generate_text(server, engine):
     assert r.json()["text_output"] == full[:full.index(stop)]
 
 
+def test_generate_applies_min_p(server, engine):
+    """min_p reaches the model through Triton's own JSON: the tokens Engine.generate gives with it,
+    and min_p = 1 keeps only the most likely token (the greedy text at a high temperature)."""
+    kw = {"text_input": "def main(", "max_tokens": 12, "temperature": 1.5}
+    with_min_p = engine.generate("def main(", max_new_tokens=12, temperature=1.5, min_p=0.3, seed=5).text
+    assert server.generate({**kw, "min_p": 0.3, "seed": 5}).json()["text_output"] == with_min_p
+    greedy = engine.generate("def main(", max_new_tokens=12).text
+    assert all(server.generate({**kw, "min_p": 1.0, "seed": s}).json()["text_output"] == greedy for s in (1, 2))
+    r = server.generate({**kw, "min_p": 1.5})
+    assert r.status_code == 400 and "min_p must be in [0.0, 1.0], got 1.5" in r.text, r.text
+
+
 def test_generate_stream_sends_one_event_per_token(server, engine):
     expected = engine.generate("import sys\n", max_new_tokens=16)
     got = events(server.generate({"text_input": "import sys\n", "max_tokens": 16, "stream": True}, stream=True))

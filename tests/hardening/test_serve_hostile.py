@@ -1,0 +1,115 @@
+"""`dsv3-export serve` under hostile clients: every case ends in a clean 4xx (or the connection
+closed), and the server keeps serving. A real server process on 127.0.0.1, a free port."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import httpx
+import pytest
+
+from tests.server.conftest import start_server, stop_server
+
+CLIENT_TIMEOUT_S = 2
+
+
+@pytest.fixture(scope="module")
+def server(demo_build, tmp_path_factory):
+    s = start_server(demo_build, tmp_path_factory.mktemp("hostile") / "server.log", "--max-batch", "2",
+                     "--client-timeout", str(CLIENT_TIMEOUT_S))
+    yield s
+    assert stop_server(s) == 0, s.log.read_text()[-3000:]
+
+
+def still_serving(server) -> None:
+    r = httpx.post(f"{server.url}/v1/completions", json={"prompt": "ok", "max_tokens": 1}, timeout=60)
+    assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded",
+                                          "multipart/form-data; boundary=x"])
+def test_a_non_json_content_type_is_refused_415(server, content_type):
+    """A browser sends these cross-site without a preflight: they must not drive the server."""
+    headers = {} if content_type is None else {"Content-Type": content_type}
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        r = httpx.post(f"{server.url}{path}", content=json.dumps({"prompt": "x", "max_tokens": 1}).encode(),
+                       headers=headers, timeout=30)
+        assert r.status_code == 415 and r.json()["error"]["type"] == "invalid_request_error", r.text
+    still_serving(server)
+
+
+@pytest.mark.parametrize("body", [
+    b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",  # RecursionError in the JSON parser
+    b'{"prompt": "\\ud800 lone", "max_tokens": 1}',
+    b'{"model": "\\udfff", "prompt": "x"}',
+], ids=["nested", "surrogate-prompt", "surrogate-model"])
+def test_client_errors_answer_400_not_500(server, body):
+    r = httpx.post(f"{server.url}/v1/completions", content=body, headers={"Content-Type": "application/json"},
+                   timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["message"], r.text
+    chat = {"messages": [{"role": "user", "content": "\ud800"}], "max_tokens": 1}
+    r = httpx.post(f"{server.url}/v1/chat/completions", content=json.dumps(chat).encode(),
+                   headers={"Content-Type": "application/json"}, timeout=30)
+    assert r.status_code == 400, r.text
+    still_serving(server)
+
+
+def _raw(server, data: bytes) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+    s.sendall(data)
+    return s
+
+
+def _closed_within(sock: socket.socket, seconds: float) -> bytes:
+    """What the server sent before closing the connection (fails when it is still open after `seconds`)."""
+    sock.settimeout(seconds)
+    got = b""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            break
+        if not chunk:
+            return got
+        got += chunk
+    raise AssertionError(f"the connection is still open after {seconds} s (got {got[:200]!r})")
+
+
+def test_trickled_headers_and_short_bodies_are_cut_off(server):
+    """slowloris: 20 connections sending a header line now and then are closed once the client
+    timeout has passed; a body shorter than its Content-Length answers 408 and is closed."""
+    trickling = [_raw(server, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n") for _ in range(20)]
+    for s in trickling:
+        s.sendall(b"X-Slow: 1\r\n")
+    for s in trickling:
+        assert _closed_within(s, CLIENT_TIMEOUT_S + 10) == b""
+        s.close()
+    short = _raw(server, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 100\r\n\r\n{\"prompt\": ")
+    answer = _closed_within(short, CLIENT_TIMEOUT_S + 10)
+    short.close()
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    idle = _raw(server, b"")  # connected, nothing sent
+    assert _closed_within(idle, CLIENT_TIMEOUT_S + 10) == b""
+    idle.close()
+    still_serving(server)
+
+
+@pytest.mark.parametrize("args,env", [(["--api-key", ""], {}), (["--api-key", "  "], {}), ([], {"DSV3_API_KEY": ""})],
+                         ids=["flag", "blank", "env"])
+def test_an_empty_api_key_is_refused_at_start(demo_build, args, env, monkeypatch):
+    """An empty key would let every client in with `Authorization: Bearer`; refused in one line
+    before the build loads."""
+    from click.testing import CliRunner
+
+    from dsv3_export.cli.main import main
+    from tests.helpers import assert_clean_error
+
+    monkeypatch.delenv("DSV3_API_KEY", raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    r = CliRunner().invoke(main, ["serve", str(demo_build), "--port", "1", *args])
+    assert_clean_error(r, "--api-key (or DSV3_API_KEY) is empty")
