@@ -443,16 +443,21 @@ def serve(build_dir, host, port, max_batch, max_waiting, prefill_chunk, model_na
 @click.option("--model", default=None, help="Model id to send (default: the server's first in /v1/models).")
 @click.option("--api-key", default=None, envvar="DSV3_API_KEY")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the prompts' token ids.")
+@click.option("--timeout", type=click.FloatRange(min=0.1), default=600.0, show_default=True,
+              help="Seconds to wait for the server at each step of a request (connect, first byte, next byte).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the figures as JSON.")
-def bench_serve(url, concurrency, n_requests, prompt_tokens, max_tokens, model, api_key, seed, json_path) -> None:
+def bench_serve(url, concurrency, n_requests, prompt_tokens, max_tokens, model, api_key, seed, timeout,
+                json_path) -> None:
     """Load-test an OpenAI-compatible server at URL (e.g. http://127.0.0.1:8000) with streaming clients."""
     from dsv3_export.server import loadgen
 
     try:
         report = loadgen.run(url, concurrency=concurrency, requests=n_requests, prompt_tokens=prompt_tokens,
-                             max_tokens=max_tokens, model=model, api_key=api_key, seed=seed)
-    except Exception as e:  # connection refused, a bad answer to /v1/models
-        raise ExportError(f"{url}: {type(e).__name__}: {e}") from None
+                             max_tokens=max_tokens, model=model, api_key=api_key, seed=seed, timeout=timeout)
+    except ExportError:
+        raise
+    except Exception as e:  # anything else the client library raised, in words
+        raise ExportError(f"{url}: {loadgen.reason(e, timeout)}") from None
     if json_path:
         Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
     t, i = report["ttft_ms"], report["itl_ms"]

@@ -488,8 +488,18 @@ def preset(name: str) -> ModelConfig:
     return ModelConfig(**PRESETS[name])
 
 
+def check_unambiguous(source: str | Path, names) -> None:
+    """A bare name that is both one of `names` (a preset, "demo") and a file or folder here is
+    refused: silently taking either would build the wrong model (a preset's random weights for a
+    checkpoint named `v3` allocates tens of GB)."""
+    if isinstance(source, str) and source in names and Path(source).exists():
+        raise ConfigError(f"{source}: both a preset and a folder in this directory; give the folder as ./{source}, "
+                          f"or ask for the preset from another directory")
+
+
 def load_config(source: str | Path) -> ModelConfig:
     """A preset name, a config JSON file (HF or ModelArgs), or a checkpoint directory holding one."""
+    check_unambiguous(source, PRESETS)
     if isinstance(source, str) and source in PRESETS:
         return preset(source)
     path = Path(source)

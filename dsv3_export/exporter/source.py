@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from dsv3_export.core.config import PRESETS, preset
+from dsv3_export.core.config import PRESETS, check_unambiguous, preset
 from dsv3_export.core.errors import CheckpointError
 from dsv3_export.exporter.checkpoint import Checkpoint
 from dsv3_export.exporter.model import Transformer
@@ -24,7 +24,9 @@ def demo_path() -> Path:
 
 def open_source(source: str | Path, *, seed: int = 0):
     """A weight source: a checkpoint directory, "demo" (the embedded trained model), or a preset
-    name (seeded random weights; `seed` applies to these only)."""
+    name (seeded random weights; `seed` applies to these only). A bare name that is also a folder
+    here is refused (core.config.check_unambiguous)."""
+    check_unambiguous(source, (DEMO, *PRESETS))
     if isinstance(source, str) and source == DEMO:
         path = demo_path()
         if not (path / "config.json").is_file():

@@ -17,6 +17,8 @@ from typing import Any
 
 import httpx
 
+from dsv3_export.core.errors import ExportError
+
 
 @dataclass
 class _One:
@@ -38,7 +40,22 @@ def percentile(values: list[float], q: float) -> float | None:
     return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
 
 
-async def _one(client: httpx.AsyncClient, url: str, body: dict, headers: dict) -> _One:
+def reason(e: BaseException, timeout: float) -> str:
+    """Why a request to the server failed, in words (httpx's own messages are often empty)."""
+    while isinstance(e, BaseExceptionGroup) and e.exceptions:  # anyio's task groups wrap the cause
+        e = e.exceptions[0]
+    if isinstance(e, httpx.TimeoutException):
+        return f"no answer within {timeout:g} s ({type(e).__name__}); a slow server needs a larger --timeout"
+    if isinstance(e, httpx.ConnectError):
+        return f"cannot connect ({e or 'connection refused'}); is the server running at that address?"
+    if isinstance(e, (httpx.ReadError, httpx.RemoteProtocolError)):
+        return f"the server closed the connection ({type(e).__name__}{': ' + str(e) if str(e) else ''})"
+    if isinstance(e, httpx.HTTPStatusError):
+        return f"HTTP {e.response.status_code} from {e.request.url}"
+    return f"{type(e).__name__}: {e}"
+
+
+async def _one(client: httpx.AsyncClient, url: str, body: dict, headers: dict, timeout: float) -> _One:
     out = _One()
     t0 = time.perf_counter()
     last = usage = None
@@ -77,7 +94,7 @@ async def _one(client: httpx.AsyncClient, url: str, body: dict, headers: dict) -
                 last = now
                 out.tokens += n
     except httpx.HTTPError as e:
-        out.error = f"{type(e).__name__}: {e}"
+        out.error = reason(e, timeout)
     if usage is not None:
         out.tokens = usage
     out.seconds = time.perf_counter() - t0
@@ -95,9 +112,13 @@ async def _run(base_url: str, *, concurrency: int, requests: int, prompt_tokens:
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
         if model is None:
-            r = await client.get(f"{base}/models", headers=headers)
-            r.raise_for_status()
-            model = r.json()["data"][0]["id"]
+            try:
+                r = await client.get(f"{base}/models", headers=headers)
+                r.raise_for_status()
+                model = r.json()["data"][0]["id"]
+            except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as e:
+                why = reason(e, timeout) if isinstance(e, httpx.HTTPError) else "not an OpenAI model list"
+                raise ExportError(f"{base}/models: {why}") from None
         queue: asyncio.Queue = asyncio.Queue()
         for p in prompts:
             queue.put_nowait(p)
@@ -111,7 +132,7 @@ async def _run(base_url: str, *, concurrency: int, requests: int, prompt_tokens:
                     return
                 body = {"model": model, "prompt": p, "max_tokens": max_tokens, "temperature": 0.0,
                         "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
-                results.append(await _one(client, f"{base}/completions", body, headers))
+                results.append(await _one(client, f"{base}/completions", body, headers, timeout))
 
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))

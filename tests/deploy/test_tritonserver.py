@@ -227,6 +227,25 @@ def test_a_malformed_request_gets_tritons_error_and_the_server_keeps_serving(ser
     assert r.json()["text_output"] == engine.generate("def main(", max_new_tokens=4).text
 
 
+@pytest.mark.parametrize("ids", [[[-7]], [[10**9]]], ids=["negative", "beyond-vocab"])
+def test_a_stage_model_refuses_token_ids_out_of_range(server, pipeline_build, ids):
+    """ONNX Runtime's Gather would take -7 as an index from the end (token 4089): the stage model
+    refuses it with the range instead, and keeps serving."""
+    from dsv3_export.core.build_dir import read_manifest, stage_graphs
+
+    manifest = read_manifest(pipeline_build)
+    first = stage_graphs(manifest)[0]
+    inputs = [{"name": "input_ids", "shape": [1, 1], "datatype": "INT64", "data": ids[0]},
+              {"name": "cache_lengths", "shape": [1], "datatype": "INT64", "data": [0]}]
+    width = manifest.config["kv_lora_rank"] + manifest.config["qk_rope_head_dim"]
+    for layer in range(*first["layers"]):
+        inputs.append({"name": f"past_latent.{layer}", "shape": [1, 1, width], "datatype": "FP32",
+                       "data": [0.0] * width})
+    r = httpx.post(f"{server.http}/v2/models/dsv3_stage0/infer", json={"inputs": inputs}, timeout=TIMEOUT)
+    assert r.status_code == 400 and "out of range" in r.json()["error"], r.text
+    assert server.ready()
+
+
 def test_a_missing_binary_is_one_line_saying_how_to_get_it(monkeypatch, tmp_path):
     import importlib.util
 

@@ -169,3 +169,21 @@ def test_non_regular_safetensors_refused_without_hanging(tiny_ckpt, tmp_path, ki
             pass
         pytest.fail("inspect hung on a FIFO named *.safetensors")
     assert_clean_error(out["result"], "zz-extra.safetensors", "FIFO" if kind == "fifo" else "directory")
+
+
+@pytest.mark.parametrize("name", ["v3", "tiny", "demo"])
+def test_a_folder_named_like_a_preset_is_never_shadowed(tmp_path, monkeypatch, name):
+    """`build v3` in a folder holding a checkpoint `v3/` must not build the preset's random weights
+    (tens of GB for v3): the ambiguity is refused in one line; ./v3 names the folder."""
+    from dsv3_export.core.config import load_config
+    from dsv3_export.core.errors import ExportError
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / name).mkdir()
+    with pytest.raises(ExportError, match=f"{name}: both a preset and a folder in this directory"):
+        open_source(name)
+    if name != "demo":
+        with pytest.raises(ExportError, match="both a preset and a folder"):
+            load_config(name)
+    with pytest.raises(ExportError, match="no .safetensors files|no config.json"):
+        open_source(f"./{name}")  # the folder, as asked: an empty one is no checkpoint

@@ -113,3 +113,23 @@ def test_an_empty_api_key_is_refused_at_start(demo_build, args, env, monkeypatch
         monkeypatch.setenv(k, v)
     r = CliRunner().invoke(main, ["serve", str(demo_build), "--port", "1", *args])
     assert_clean_error(r, "--api-key (or DSV3_API_KEY) is empty")
+
+
+def test_bench_serve_against_a_dead_or_silent_url_says_why(tmp_path):
+    """Refused and silent servers each get one line with the reason, within --timeout."""
+    from click.testing import CliRunner
+
+    from dsv3_export.cli.main import main
+    from tests.helpers import assert_clean_error
+    from tests.server.conftest import free_port
+
+    dead = CliRunner().invoke(main, ["bench-serve", f"http://127.0.0.1:{free_port()}", "--requests", "1"])
+    assert_clean_error(dead, "cannot connect")
+    with socket.socket() as silent:  # accepts connections, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        t0 = time.monotonic()
+        r = CliRunner().invoke(main, ["bench-serve", f"http://127.0.0.1:{silent.getsockname()[1]}", "--requests", "1",
+                                      "--timeout", "1"])
+    assert_clean_error(r, "no answer within 1 s")
+    assert time.monotonic() - t0 < 30

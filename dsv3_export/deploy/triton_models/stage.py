@@ -14,7 +14,10 @@ from pathlib import Path
 
 import triton_python_backend_utils as pb_utils
 
+from dsv3_export.core.build_dir import read_manifest
+from dsv3_export.core.errors import ExportError
 from dsv3_export.engines.ort import CPU, session
+from dsv3_export.engines.runtime import check_token_ids
 
 
 def _first_line(e: BaseException) -> str:
@@ -30,6 +33,8 @@ class TritonPythonModel:
         self.session = session(Path(params["build_dir"]), Path(params["graph"]).stem, providers=[CPU],
                                threads=threads)
         self.inputs = [i["name"] for i in config["input"]]
+        # ONNX Runtime's Gather wraps a negative id round to the table's end: check ids here.
+        self.vocab = int(read_manifest(Path(params["build_dir"])).config["vocab_size"])
         self.outputs = [o.name for o in self.session.get_outputs()]
 
     def execute(self, requests):
@@ -37,10 +42,17 @@ class TritonPythonModel:
         for request in requests:
             try:
                 feeds = {name: pb_utils.get_input_tensor_by_name(request, name).as_numpy() for name in self.inputs}
+                if "input_ids" in feeds:
+                    check_token_ids(feeds["input_ids"], self.vocab)
+                if "cache_lengths" in feeds and feeds["cache_lengths"].size and feeds["cache_lengths"].min() < 0:
+                    raise ExportError(f"cache_lengths must be >= 0, got {int(feeds['cache_lengths'].min())}")
                 wanted = list(request.requested_output_names()) or self.outputs
                 values = self.session.run(wanted, feeds)
                 responses.append(pb_utils.InferenceResponse(
                     [pb_utils.Tensor(name, value) for name, value in zip(wanted, values)]))
+            except ExportError as e:  # a bad input: the client's error (HTTP 400)
+                error = pb_utils.TritonError(_first_line(e), pb_utils.TritonError.INVALID_ARG)
+                responses.append(pb_utils.InferenceResponse(error=error))
             except Exception as e:  # this request fails; the model keeps serving
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(_first_line(e))))
         return responses
