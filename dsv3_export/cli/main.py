@@ -500,8 +500,10 @@ def _gpu_list(ctx, param, value):
 @click.option("--http-port", type=click.IntRange(1, 65535), default=8000, show_default=True)
 @click.option("--grpc-port", type=click.IntRange(1, 65535), default=8001, show_default=True)
 @click.option("--metrics-port", type=click.IntRange(1, 65535), default=None, help="--serve: metrics (default: off).")
+@click.option("--client-timeout", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
+              help="--serve: seconds an HTTP client has to send a request's headers, then its body.")
 def triton(build_dir, repo, device, gpus, instances, threads, max_batch, force, serve, host, http_port, grpc_port,
-           metrics_port) -> None:
+           metrics_port, client_timeout) -> None:
     """Write BUILD_DIR as a Triton Inference Server model repository (docs/triton.md): one model per
     pipeline stage and the decoupled `dsv3` text model (generate / generate_stream, gRPC streaming)."""
     from dsv3_export.deploy.triton_repo import write_repository
@@ -515,7 +517,7 @@ def triton(build_dir, repo, device, gpus, instances, threads, max_batch, force, 
         from dsv3_export.deploy.tritonserver import serve as run_server
 
         sys.exit(run_server(repo, http_port, grpc_port, host, metrics_port=metrics_port,
-                            log=lambda m: click.echo(m, err=True)))
+                            client_timeout=client_timeout, log=lambda m: click.echo(m, err=True)))
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ import os
 import shutil
 import signal
 import site
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -44,6 +45,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dsv3_export.core.errors import ExportError
+from dsv3_export.core.http_limits import CLIENT_TIMEOUT_S
+from dsv3_export.deploy.guard import GuardServer
 from dsv3_export.deploy.model_config import parse
 
 ENV_BINARY = "DSV3_TRITONSERVER"
@@ -250,9 +253,10 @@ def server_environment(inst: Installation, python_bin: Path | None = None) -> di
 
 
 def command(inst: Installation, repo: Path, backends: Path, host: str, http_port: int, grpc_port: int,
-            metrics_port: int | None) -> list[str]:
+            metrics_port: int | None, http_host: str | None = None) -> list[str]:
     cmd = [str(inst.binary), f"--model-repository={repo}", f"--backend-directory={backends}",
-           f"--http-address={host}", f"--http-port={http_port}", f"--grpc-address={host}",
+           f"--http-address={host if http_host is None else http_host}", f"--http-port={http_port}",
+           f"--grpc-address={host}",
            f"--grpc-port={grpc_port}", f"--exit-timeout-secs={EXIT_TIMEOUT_S}",
            "--disable-auto-complete-config"]  # the configs are complete and checked: run them as written
     if metrics_port:
@@ -269,9 +273,10 @@ class TritonServer:
     nothing of it is left, and so that a terminal's Ctrl-C reaches it only through us."""
 
     def __init__(self, repo: str | Path, *, http_port: int, grpc_port: int, host: str = "127.0.0.1",
-                 metrics_port: int | None = None, log=print):
+                 metrics_port: int | None = None, log=print, http_host: str | None = None):
         self.repo = Path(repo).resolve()
         self.host, self.http_port, self.grpc_port, self.metrics_port = host, http_port, grpc_port, metrics_port
+        self.http_host = host if http_host is None else http_host  # the guard's upstream: loopback
         self.log = log
         self.proc: subprocess.Popen | None = None
         self.workdir: Path | None = None
@@ -279,7 +284,7 @@ class TritonServer:
 
     @property
     def url(self) -> str:
-        host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(self.host, self.host)  # where to reach it
+        host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(self.http_host, self.http_host)
         return f"http://{f'[{host}]' if ':' in host else host}:{self.http_port}"
 
     def start(self) -> None:
@@ -297,7 +302,8 @@ class TritonServer:
         python_bin = None
         if "python" in needed.values():
             python_bin = stub_environment(server_environment(inst), numpy1=inst.stubs is not None, log=self.log)
-        cmd = command(inst, self.repo, backends, self.host, self.http_port, self.grpc_port, self.metrics_port)
+        cmd = command(inst, self.repo, backends, self.host, self.http_port, self.grpc_port, self.metrics_port,
+                      http_host=self.http_host)
         self.proc = subprocess.Popen(cmd, env=server_environment(inst, python_bin), start_new_session=True,
                                      preexec_fn=_parent_death_signal())  # noqa: PLW1509  (see there)
 
@@ -393,24 +399,34 @@ def _end_group(pgid: int, grace: float = 5.0) -> None:
             time.sleep(0.1)
 
 
+def _free_loopback_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def serve(repo: str | Path, http_port: int = 8000, grpc_port: int = 8001, host: str = "127.0.0.1", *,
-          metrics_port: int | None = None, log=print) -> int:
+          metrics_port: int | None = None, client_timeout: float = CLIENT_TIMEOUT_S, log=print) -> int:
     """Run tritonserver over `repo` until SIGINT / SIGTERM (forwarded to it), in the foreground.
-    Returns its exit code (0 for a clean stop on a signal)."""
-    server = TritonServer(repo, http_port=http_port, grpc_port=grpc_port, host=host, metrics_port=metrics_port,
-                          log=log)
+    Clients reach its HTTP API through the guard (deploy/guard.py) on host:http_port; tritonserver's
+    own HTTP port is a private loopback one. Returns its exit code (0 for a clean stop on a signal)."""
+    server = TritonServer(repo, http_port=_free_loopback_port(), grpc_port=grpc_port, host=host,
+                          metrics_port=metrics_port, log=log, http_host="127.0.0.1")
+    guard = GuardServer(server.url, host, http_port, client_timeout)
     asked: list[float] = []
 
     def forward(signum, _frame):
         asked.append(time.monotonic())
+        guard.begin_stop()
         server.send_signal(signum)
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         server.start()
         if server.wait_ready():
-            log(f"tritonserver ready: HTTP {server.url} (POST /v2/models/dsv3/generate, generate_stream), "
-                f"gRPC {host}:{grpc_port}; Ctrl-C or SIGTERM stops it")
+            guard.start()
+            log(f"tritonserver ready: HTTP http://{host}:{http_port} (POST /v2/models/dsv3/generate, generate_stream; "
+                f"through the guard), gRPC {host}:{grpc_port}; Ctrl-C or SIGTERM stops it")
         while (rc := server.proc.poll()) is None:
             if asked and time.monotonic() - asked[0] > STOP_GRACE_S:
                 break  # close() kills it
@@ -420,6 +436,7 @@ def serve(repo: str | Path, http_port: int = 8000, grpc_port: int = 8001, host: 
             return 1
         return 0 if asked and rc in (0, -signal.SIGINT, -signal.SIGTERM) else rc
     finally:
+        guard.stop()
         server.close()
         for s, handler in previous.items():
             signal.signal(s, handler)

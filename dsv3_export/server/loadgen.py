@@ -9,6 +9,7 @@ against any OpenAI-compatible server that takes token-id prompts (llama.cpp's ll
 from __future__ import annotations
 
 import asyncio
+import builtins
 import json
 import random
 import time
@@ -40,9 +41,12 @@ def percentile(values: list[float], q: float) -> float | None:
     return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
 
 
+_GROUPS = getattr(builtins, "BaseExceptionGroup", ())  # Python 3.11+
+
+
 def reason(e: BaseException, timeout: float) -> str:
     """Why a request to the server failed, in words (httpx's own messages are often empty)."""
-    while isinstance(e, BaseExceptionGroup) and e.exceptions:  # anyio's task groups wrap the cause
+    while isinstance(e, _GROUPS) and e.exceptions:  # anyio's task groups wrap the cause
         e = e.exceptions[0]
     if isinstance(e, httpx.TimeoutException):
         return f"no answer within {timeout:g} s ({type(e).__name__}); a slow server needs a larger --timeout"

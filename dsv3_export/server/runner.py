@@ -5,42 +5,12 @@ from __future__ import annotations
 import logging
 import signal
 
-import h11
 import uvicorn
-from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from dsv3_export.core.http_limits import CLIENT_TIMEOUT_S, with_header_timeout
 from dsv3_export.server.app import create_app
 
 GRACEFUL_TIMEOUT_S = 30  # SIGTERM: open requests get this long to finish, then they are cancelled
-CLIENT_TIMEOUT_S = 30  # a request's headers, then its body, must arrive within this; else closed / 408
-
-
-class _HeaderTimeoutH11(H11Protocol):
-    """uvicorn's h11 protocol, plus what uvicorn lacks: a connection must complete a request's
-    headers within `header_timeout` seconds of opening (or of its previous answer), else it is
-    closed. uvicorn's keep-alive timer restarts on every byte, so a client trickling headers
-    (slowloris) would hold a connection, and a worker's file descriptor, forever. The body has its
-    own limit in the endpoints (routes.read_json)."""
-
-    header_timeout = CLIENT_TIMEOUT_S
-
-    def connection_made(self, transport) -> None:
-        super().connection_made(transport)
-        self._cycles = 0
-        self._arm()
-
-    def on_response_complete(self) -> None:
-        self._cycles += 1
-        super().on_response_complete()
-        self._arm()
-
-    def _arm(self) -> None:
-        cycle = self._cycles
-        self.loop.call_later(self.header_timeout, self._headers_overdue, cycle)
-
-    def _headers_overdue(self, cycle: int) -> None:
-        if cycle == self._cycles and self.conn.their_state is h11.IDLE and not self.transport.is_closing():
-            self.transport.close()  # no request is open on it: nothing to answer
 
 
 class _Server(uvicorn.Server):
@@ -60,7 +30,6 @@ def serve(engine, *, host: str = "127.0.0.1", port: int = 8000, model_name: str,
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO), format="%(levelname)s: %(message)s")
     app = create_app(engine, model_name=model_name, api_key=api_key, max_batch=max_batch, max_waiting=max_waiting,
                      prefill_chunk=prefill_chunk, client_timeout=client_timeout)
-    protocol = type("HeaderTimeoutH11", (_HeaderTimeoutH11,), {"header_timeout": client_timeout})
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
-                            timeout_graceful_shutdown=graceful_timeout, access_log=False, http=protocol)
+                            timeout_graceful_shutdown=graceful_timeout, access_log=False, http=with_header_timeout(client_timeout))
     _Server(config).run()

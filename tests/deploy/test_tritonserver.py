@@ -27,6 +27,7 @@ from tests.helpers import ROOT, run_together
 
 STARTUP_TRIES, STARTUP_PAUSE_S = 600, 0.5  # at most 5 minutes (the first run makes the stub's environment)
 TIMEOUT = httpx.Timeout(120.0)
+CLIENT_TIMEOUT_S = 3  # the guard's: headers, then the body, within this
 
 
 def free_port() -> int:
@@ -88,7 +89,8 @@ def server(pipeline_build, tmp_path_factory):
     http, grpc = free_port(), free_port()
     log = folder / "server.log"
     cmd = [sys.executable, "-m", "dsv3_export.cli.main", "triton", str(pipeline_build), "-o", str(folder / "repo"),
-           "--threads", "1", "--serve", "--http-port", str(http), "--grpc-port", str(grpc)]
+           "--threads", "1", "--serve", "--http-port", str(http), "--grpc-port", str(grpc),
+           "--client-timeout", str(CLIENT_TIMEOUT_S)]
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
                                 env={**os.environ, "PYTHONPATH": str(ROOT)})
