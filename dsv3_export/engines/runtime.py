@@ -41,6 +41,7 @@ from dsv3_export.engines.sampling import SamplingParams, sample
 from dsv3_export.engines.scheduler import Scheduler
 from dsv3_export.engines.stages import StagedSession
 from dsv3_export.engines.text import final_text, tokenize
+from dsv3_export.engines.trt_profiles import max_batch as trt_max_batch
 
 
 def prefix_in_buffer(prefix: np.ndarray, new: int) -> tuple[np.ndarray, np.ndarray]:
@@ -68,6 +69,34 @@ def layout_hints(manifest: Manifest) -> list[str]:
         hints.append("this build keeps a second copy of its weights in its optimized graphs (made before "
                      "dsv3-export shared them); rebuild it to store each weight once")
     return hints
+
+
+def check_graphs(manifest: Manifest, stages: list[dict], sessions: Sequence, where: Path) -> None:
+    """The manifest describes the graphs it sits beside, else one ExportError: its stages cover the
+    config's layers in order, each graph's inputs and outputs are the ones recorded, and each stage
+    takes the caches of exactly its layers (a mismatch would otherwise surface as a traceback from
+    the engine at the first call)."""
+    n_layers = int(manifest.config.get("n_layers", -1))
+    ends = [0] + [s["layers"][1] for s in stages]
+    if [s["layers"][0] for s in stages] != ends[:-1] or ends[-1] != n_layers:
+        covered = [tuple(s["layers"]) for s in stages]
+        raise ExportError(f"{where}: its stages cover layers {covered}, not 0..{n_layers - 1} (config n_layers) "
+                          "in order; the build is inconsistent, rebuild it")
+    for stage, sess in zip(stages, sessions):
+        recorded = manifest.io.get(stage["file"])
+        got = {"inputs": sorted(i.name for i in sess.get_inputs()),
+               "outputs": sorted(o.name for o in sess.get_outputs())}
+        for side in ("inputs", "outputs"):
+            want = sorted(i["name"] for i in (recorded or {}).get(side, []))
+            if want != got[side]:
+                raise ExportError(f"{where}: the {side} it records for {stage['file']} are not the graph's "
+                                  f"({', '.join(sorted(set(want) ^ set(got[side]))[:4]) or 'none recorded'} differ); "
+                                  "the build is inconsistent, rebuild it")
+        first, end = stage["layers"]
+        caches = sorted(int(n.rsplit(".", 1)[1]) for n in got["inputs"] if n.startswith("past_latent."))
+        if caches != list(range(first, end)):
+            raise ExportError(f"{where}: {stage['file']} takes the caches of layers {caches}, the manifest gives it "
+                              f"layers {first}..{end - 1}; the build is inconsistent, rebuild it")
 
 
 # ---- results ----------------------------------------------------------------------------------------
@@ -143,6 +172,7 @@ class Engine:
         self._threads = threads
         self.stages = stage_graphs(self.manifest)  # model.onnx alone, or a `--stages N` build's stages
         stage_sessions = [self._open_session(Path(s["file"]).stem) for s in self.stages]
+        check_graphs(self.manifest, self.stages, stage_sessions, self.build_dir / MANIFEST)
         self._chain = StagedSession(stage_sessions, [s["layers"] for s in self.stages])
         # The session of the main model: the graph's own, or the stages chained behind its interface.
         self.session = stage_sessions[0] if len(stage_sessions) == 1 else self._chain
@@ -158,6 +188,10 @@ class Engine:
         self.cache_shape, self.cache_dtype = cache_layout(io, self.latent_dim)
         # Graph contract v2: the graphs take cache buffers and their lengths, written in place.
         self.buffered = takes_buffers(io)
+        # The most sequences one call takes: a TensorRT engine's profiles set it; ONNX Runtime has no limit.
+        self.max_batch: int | None = None
+        if self.backend == "trt":
+            self.max_batch = min(trt_max_batch(s.profiles) for s in stage_sessions)
         self.tokenizer = self._load_tokenizer()
         self.hints = layout_hints(self.manifest)
 

@@ -165,6 +165,11 @@ class Scheduler:
         for name, value in (("max_batch", max_batch), ("max_waiting", max_waiting), ("prefill_chunk", prefill_chunk)):
             if not isinstance(value, int) or value < 1:
                 raise ExportError(f"{name} must be a positive integer, got {value!r}")
+        limit = getattr(engine, "max_batch", None)
+        if limit is not None and max_batch > limit:  # a decode step over more rows would fail every request
+            raise ExportError(f"max_batch {max_batch} exceeds the {limit} sequences this build's engine takes in one "
+                              f"call (its TensorRT profiles); use --max-batch {limit} or less, or rebuild with "
+                              f"dsv3-export build --backend trt --max-batch {max_batch}")
         self.engine = engine
         self.max_batch, self.max_waiting, self.prefill_chunk = max_batch, max_waiting, prefill_chunk
         self.cache = BatchCache(engine.n_layers, engine.cache_shape, engine.cache_dtype, max_batch, 0)

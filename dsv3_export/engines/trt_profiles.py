@@ -162,6 +162,12 @@ def _misfit(profile: Mapping[str, Any], shapes: Mapping[str, Sequence[int]]) -> 
     return None
 
 
+def max_batch(profiles: Sequence[Mapping[str, Any]]) -> int:
+    """The most sequences one call can take: the largest batch any profile admits (the first input's
+    leading dimension, input_ids or a stage's hidden_in)."""
+    return max(int(next(iter(p["inputs"].values()))["max"][0]) for p in profiles)
+
+
 def select_profile(profiles: Sequence[Mapping[str, Any]], shapes: Mapping[str, Sequence[int]],
                    graph: str = "model") -> int:
     """Index of the first profile that admits every input shape, else an ExportError that lists the

@@ -133,3 +133,20 @@ def test_engine_generate_reports_the_fault_as_one_error(engine, monkeypatch):
     monkeypatch.setattr(engine, "step_in_place", boom)
     with pytest.raises(ExportError, match="RuntimeError: injected fault"):
         engine.generate([[0, 5, 9], [0, 3]], max_new_tokens=4)
+
+
+def test_a_batch_over_the_engines_limit_is_refused_at_start(engine):
+    """A TensorRT engine's profiles cap the rows of one call: a scheduler asked for more would fail
+    every live request at its first full decode step, so it refuses at once, naming both figures."""
+    from dsv3_export.core.errors import ExportError
+    from dsv3_export.engines.trt_profiles import max_batch
+
+    profiles = [{"inputs": {"input_ids": {"min": [1, 1], "opt": [1, 64], "max": [2, 2048]}}},
+                {"inputs": {"input_ids": {"min": [1, 1], "opt": [2, 1], "max": [4, 2]}}}]
+    assert max_batch(profiles) == 4
+    limited = FaultyEngine(engine, lambda ids: False)
+    limited.max_batch = 4
+    with pytest.raises(ExportError, match="max_batch 8 exceeds the 4 sequences"):
+        Scheduler(limited, max_batch=8)
+    assert Scheduler(limited, max_batch=4).max_batch == 4
+    assert engine.max_batch is None  # ONNX Runtime: no limit

@@ -80,3 +80,25 @@ def test_failed_verification_is_recorded_in_the_manifest(build):
     verdict = json.loads((build / MANIFEST).read_text())["verify"]
     assert verdict["passed"] is False and verdict["report"] == "verify/report.json"
     assert (build / "verify" / "report.md").is_file()
+
+
+@pytest.mark.parametrize("edit,needle", [
+    (lambda m: m["config"].__setitem__("n_layers", m["config"]["n_layers"] + 1), "the manifest gives it layers 0..3"),
+    (lambda m: m["io"]["model.onnx"]["inputs"].pop(), "the inputs it records for model.onnx are not the graph's"),
+    (lambda m: m.__setitem__("stages", [{"file": "model.onnx", "layers": [0, 1]},
+                                        {"file": "model.onnx", "layers": [1, 3]}]), "takes the caches of layers"),
+    (lambda m: m.__setitem__("stages", [{"file": "model.onnx", "layers": [0, 2]}]), "not 0..2 .config n_layers."),
+], ids=["n_layers", "io", "stages", "coverage"])
+def test_a_manifest_that_disagrees_with_its_graphs_is_one_line(tiny_build, tmp_path, edit, needle):
+    """engines.load checks the manifest's config, io and stages against the graphs it opens."""
+    from dsv3_export import engines
+    from dsv3_export.core.build_dir import MANIFEST, write_manifest
+
+    b = tmp_path / "b"
+    shutil.copytree(tiny_build, b)
+    manifest = json.loads((b / MANIFEST).read_text())
+    edit(manifest)
+    write_manifest(b, {k: v for k, v in manifest.items() if k not in ("files", "format")})
+    with pytest.raises(ExportError, match=needle) as e:
+        engines.load(b)
+    assert "\n" not in str(e.value) and "rebuild it" in str(e.value)
