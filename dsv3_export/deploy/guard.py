@@ -13,9 +13,11 @@ The guard listens where clients connect and forwards to tritonserver on a privat
 - bodies up to MAX_BODY_BYTES, JSON nested at most MAX_JSON_DEPTH deep (400 otherwise);
 - every integer input of the text model within its declared type (400 naming the input);
 - headers and body within the client timeout (core.http_limits; closed, or 408);
-- the text model's `generate` is forwarded as `generate_stream` with `stream: true` and the pieces
-  joined into one answer, so that a client that leaves closes a stream Triton writes to at every
-  token, and the request is cancelled (its slot freed) as an abandoned stream's is.
+- a request of the text model for one answer (`generate`, or `generate_stream` without
+  `stream: true`) is forwarded as `generate_stream` with `stream: true` and the pieces joined into
+  that answer, so that a client that leaves closes a stream Triton writes to at every token, and
+  the request is cancelled (its slot freed) as an abandoned stream's is;
+- on SIGTERM, open answers get GRACEFUL_S seconds, then end properly (an error event, or 503).
 gRPC goes to tritonserver directly (its protobuf parser has none of these problems).
 """
 
@@ -31,7 +33,6 @@ from typing import Any
 import httpx
 import uvicorn
 from starlette.applications import Starlette
-from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -50,6 +51,10 @@ _STRINGS = re.compile(rb'"(?:[^"\\]|\\.)*"', re.S)
 _BRACKETS = re.compile(rb"[\[\]{}]")
 _HOP_BY_HOP = {"host", "content-length", "connection", "keep-alive", "transfer-encoding", "te", "upgrade",
                "proxy-connection", "trailer"}
+
+
+class _Stopped(Exception):
+    """The guard is stopping: the answer being relayed ends now."""
 
 
 class Refused(Exception):
@@ -116,12 +121,15 @@ class Guard:
     def __init__(self, upstream: str, client_timeout: float = CLIENT_TIMEOUT_S):
         self.upstream, self.client_timeout = upstream.rstrip("/"), client_timeout
         self.client: httpx.AsyncClient | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.stop_event: asyncio.Event | None = None  # set in the guard's loop when open answers must end
         self.app = Starlette(routes=[Route("/{path:path}", self.handle,
                                            methods=["GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS"])],
                              lifespan=self._lifespan)
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, app):
+        self.loop, self.stop_event = asyncio.get_running_loop(), asyncio.Event()
         try:
             yield
         finally:
@@ -145,8 +153,8 @@ class Guard:
                 except (ValueError, RecursionError):
                     fields = None  # Triton's own parse error answers it
                 check_text_fields(fields)
-                if route["kind"] == "generate" and isinstance(fields, dict):
-                    return await self._generate(request, fields)
+                if isinstance(fields, dict) and fields.get("stream") is not True:
+                    return await self._generate(request, fields, sse=route["kind"] == "generate_stream")
             return await self._forward(request, body)
         except Refused as e:
             return JSONResponse({"error": e.message}, status_code=e.status, headers=e.headers)
@@ -174,16 +182,68 @@ class Guard:
         url = f"{self.upstream}{path}" + (f"?{request.url.query}" if request.url.query else "")
         return self.client.build_request(request.method, url, headers=headers, content=body)
 
-    async def _forward(self, request: Request, body: bytes) -> Response:
-        upstream = await self.client.send(self._upstream_request(request, request.url.path, body), stream=True)
-        headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _HOP_BY_HOP}
-        return StreamingResponse(upstream.aiter_raw(), status_code=upstream.status_code, headers=headers,
-                                 background=BackgroundTask(upstream.aclose))
+    def close_open(self) -> None:
+        """Stopping (called in the guard's loop): every answer being relayed ends itself (a stream
+        with an error event), so that no client connection is cut and no connection to
+        tritonserver is left for it to wait on."""
+        self.stop_event.set()
 
-    async def _generate(self, request: Request, fields: dict) -> Response:
-        """`generate` as `generate_stream` (stream: true), the texts joined; the stream is closed,
-        and the request cancelled upstream, as soon as the client is gone."""
-        path = request.url.path[:-len("generate")] + "generate_stream"
+    async def _until_stop(self, pieces):
+        """The items of an async iterator until the guard stops (then _Stopped)."""
+        it = pieces.__aiter__()
+        stop = asyncio.ensure_future(self.stop_event.wait())
+        try:
+            while True:
+                step = asyncio.ensure_future(it.__anext__())
+                await asyncio.wait({step, stop}, return_when=asyncio.FIRST_COMPLETED)
+                if not step.done():
+                    step.cancel()
+                    raise _Stopped
+                try:
+                    item = step.result()
+                except StopAsyncIteration:
+                    return
+                yield item
+        finally:
+            stop.cancel()
+
+    async def _send(self, req: httpx.Request) -> httpx.Response:
+        """The upstream answer's head (streamed), or _Stopped when the guard stops first."""
+        stop = asyncio.ensure_future(self.stop_event.wait())
+        sending = asyncio.ensure_future(self.client.send(req, stream=True))
+        try:
+            await asyncio.wait({sending, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+        if not sending.done():
+            sending.cancel()  # closes the connection: tritonserver cancels the request
+            raise _Stopped
+        return sending.result()
+
+    async def _relay(self, upstream: httpx.Response, sse: bool):
+        try:
+            async for chunk in self._until_stop(upstream.aiter_raw()):
+                yield chunk
+        except _Stopped:
+            if sse:
+                yield b'data: {"error": "the server is shutting down"}\n\n'
+        finally:
+            await upstream.aclose()
+
+    async def _forward(self, request: Request, body: bytes) -> Response:
+        try:
+            upstream = await self._send(self._upstream_request(request, request.url.path, body))
+        except _Stopped:
+            return JSONResponse({"error": "the server is shutting down"}, status_code=503)
+        headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _HOP_BY_HOP}
+        sse = upstream.headers.get("content-type", "").startswith("text/event-stream")
+        return StreamingResponse(self._relay(upstream, sse), status_code=upstream.status_code, headers=headers)
+
+    async def _generate(self, request: Request, fields: dict, sse: bool) -> Response:
+        """A request for one answer (`generate`, or `generate_stream` without `stream: true`) as a
+        per-token `generate_stream`, the texts joined into that one answer (JSON, or one event);
+        the stream is closed, and the request cancelled upstream, as soon as the client is gone."""
+        path = request.url.path.rsplit("/", 1)[0] + "/generate_stream"
         body = json.dumps({**fields, "stream": True}).encode()
         task = asyncio.ensure_future(self._collect(self._upstream_request(request, path, body)))
         while not task.done():
@@ -192,16 +252,21 @@ class Guard:
                 task.cancel()  # closes the upstream stream: Triton cancels the request
                 return Response(status_code=499)
         status, answer = task.result()
+        if sse and status == 200:
+            return Response(f"data: {json.dumps(answer)}\n\n", media_type="text/event-stream")
         return JSONResponse(answer, status_code=status)
 
     async def _collect(self, req: httpx.Request) -> tuple[int, dict]:
         texts: list[str] = []
         last: dict = {}
-        r = await self.client.send(req, stream=True)
+        try:
+            r = await self._send(req)
+        except _Stopped:
+            return 503, {"error": "the server is shutting down; the generation was stopped"}
         try:
             if r.status_code != 200:
                 return r.status_code, _error_body(await r.aread())
-            async for line in r.aiter_lines():
+            async for line in self._until_stop(r.aiter_lines()):
                 if not line.startswith("data:"):
                     continue
                 event = json.loads(line[len("data:"):])
@@ -209,6 +274,8 @@ class Guard:
                     return 400, {"error": event["error"]}
                 texts.append(event.get("text_output", ""))
                 last = event
+        except _Stopped:
+            return 503, {"error": "the server is shutting down; the generation was stopped"}
         finally:
             await r.aclose()
         return 200, {**{k: v for k, v in last.items() if k != "text_output"}, "text_output": "".join(texts)}
@@ -218,7 +285,8 @@ class GuardServer:
     """The guard on host:port in a thread of its own (uvicorn), until `stop`."""
 
     def __init__(self, upstream: str, host: str, port: int, client_timeout: float = CLIENT_TIMEOUT_S):
-        config = uvicorn.Config(Guard(upstream, client_timeout).app, host=host, port=port, log_level="warning",
+        self.guard = Guard(upstream, client_timeout)
+        config = uvicorn.Config(self.guard.app, host=host, port=port, log_level="warning",
                                 lifespan="on", access_log=False, http=with_header_timeout(client_timeout),
                                 timeout_graceful_shutdown=GRACEFUL_S)
         self.server = uvicorn.Server(config)
@@ -235,9 +303,12 @@ class GuardServer:
                               f"{self.server.config.port} (in use?)")
 
     def begin_stop(self) -> None:
-        """Stop accepting; open requests get GRACEFUL_S seconds, then their connections close
-        (tritonserver, stopping at the same time, waits for them)."""
+        """Stop accepting; open requests get GRACEFUL_S seconds less a second, then the guard ends
+        them (tritonserver, stopping at the same time, waits for their connections)."""
         self.server.should_exit = True
+        loop = self.guard.loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(loop.call_later, max(0.0, GRACEFUL_S - 1), self.guard.close_open)
 
     def stop(self, timeout: float = GRACEFUL_S + 5) -> None:
         self.begin_stop()

@@ -376,6 +376,15 @@ class Scheduler:
         self._thread = threading.Thread(target=self._loop, name="dsv3-scheduler", daemon=True)
         self._thread.start()
 
+    def cancel_all(self) -> None:
+        """Cancel every request taken on (from any thread): each leaves at the next step, its stream
+        ending with reason "cancelled"."""
+        with self._lock:
+            requests = list(self.waiting) + list(self.prefilling) + list(self.running)
+            self._wake.notify()
+        for req in requests:
+            req.cancel()
+
     def stop(self, timeout: float | None = 10.0) -> None:
         with self._lock:
             self._stopping = True

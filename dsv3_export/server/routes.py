@@ -101,6 +101,8 @@ def check_auth(state: State, request: Request) -> None:
 
 
 def check_ready(state: State) -> None:
+    if state.stopping.is_set():
+        raise APIError(503, "the server is shutting down", None, type="server_error", headers={"Connection": "close"})
     if not state.ready.is_set():
         raise APIError(503, "the model is still loading", None, type="server_error",
                        headers={"Retry-After": "1"})

@@ -17,9 +17,13 @@ class _Server(uvicorn.Server):
     """uvicorn's server, except that a SIGTERM / SIGINT that it shut down for gracefully is not raised
     again afterwards (uvicorn re-raises it, which would end the process by the signal: exit 0 instead)."""
 
+    on_exit = None  # called once a stop is asked for (State.begin_shutdown)
+
     def handle_exit(self, sig, frame) -> None:
         super().handle_exit(sig, frame)
         self._captured_signals = [s for s in self._captured_signals if s not in (signal.SIGTERM, signal.SIGINT)]
+        if self.on_exit is not None:
+            self.on_exit()
 
 
 def serve(engine, *, host: str = "127.0.0.1", port: int = 8000, model_name: str, api_key: str | None = None,
@@ -32,4 +36,6 @@ def serve(engine, *, host: str = "127.0.0.1", port: int = 8000, model_name: str,
                      prefill_chunk=prefill_chunk, client_timeout=client_timeout)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
                             timeout_graceful_shutdown=graceful_timeout, access_log=False, http=with_header_timeout(client_timeout))
-    _Server(config).run()
+    server = _Server(config)
+    server.on_exit = lambda: app.state.dsv3.begin_shutdown(graceful_timeout)
+    server.run()

@@ -13,6 +13,8 @@ from dsv3_export.server.chat import ChatTemplate
 from dsv3_export.server.metrics import Metrics
 from dsv3_export.server.protocol import Limits
 
+SHUTDOWN_MARGIN_S = 1.0  # open requests are ended this long before the graceful timeout runs out
+
 
 @dataclass
 class State:
@@ -25,4 +27,16 @@ class State:
     client_timeout: float = 30.0  # seconds a request body may take to arrive (routes.read_json: else 408)
     created: int = field(default_factory=lambda: int(time.time()))
     ready: threading.Event = field(default_factory=threading.Event)
+    stopping: threading.Event = field(default_factory=threading.Event)  # SIGTERM came: the server drains
     warmup_error: str | None = None
+
+    def begin_shutdown(self, grace: float) -> None:
+        """SIGTERM: open requests get `grace` seconds less a margin to finish; then every request
+        still open is cancelled, so that each answer ends properly (a stream with an error event and
+        [DONE], a plain request with 503) before uvicorn's own deadline cuts the connections."""
+        if self.stopping.is_set():
+            return
+        self.stopping.set()
+        timer = threading.Timer(max(0.0, grace - SHUTDOWN_MARGIN_S), self.scheduler.cancel_all)
+        timer.daemon = True
+        timer.start()

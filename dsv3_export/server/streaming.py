@@ -102,6 +102,11 @@ def submit(state: State, g: Generation, on_token):
     return req
 
 
+def shutting_down() -> APIError:
+    return APIError(503, "the server is shutting down; the generation was stopped", None, type="server_error",
+                    headers={"Retry-After": "1"})
+
+
 async def watch(http_request: Request, req) -> None:
     """Cancel `req` when its client disconnects (the scheduler frees the slot at its next step)."""
     try:
@@ -142,7 +147,10 @@ async def events(r: _Run):
         if req.finish_reason == "cancelled" and not r.out.stopped:
             r.finished(count, "cancelled")
             done = True
-            return  # the client is gone
+            if r.state.stopping.is_set():  # the server is stopping: end the stream properly
+                yield sse(shutting_down().body())
+                yield "data: [DONE]\n\n"
+            return  # else the client is gone
         reason = r.out.finish_reason(req.finish_reason)
         yield sse(r.chunk(delta(r.out.finish(), chat), reason, []))
         if r.g.include_usage:
@@ -180,6 +188,8 @@ async def collect(r: _Run):
         raise APIError(500, f"generation failed: {req.error}", None, type="server_error")
     if req.finish_reason == "cancelled" and not r.out.stopped:
         r.finished(len(tokens), "cancelled")
+        if r.state.stopping.is_set():
+            raise shutting_down()
         return Response(status_code=499)  # the client is gone; nobody reads this
     r.out.finish()
     reason = r.out.finish_reason(req.finish_reason)

@@ -79,16 +79,15 @@ class Server:
             return False
 
 
-@pytest.fixture(scope="module")
-def server(pipeline_build, tmp_path_factory):
+def start_triton(build: Path, folder: Path) -> Server:
+    """`dsv3-export triton BUILD --serve` on free loopback ports, ready (skips without tritonserver)."""
     try:
         find_tritonserver()
     except ExportError as e:
         pytest.skip(f"no tritonserver binary here: {e}")
-    folder = tmp_path_factory.mktemp("triton")
     http, grpc = free_port(), free_port()
     log = folder / "server.log"
-    cmd = [sys.executable, "-m", "dsv3_export.cli.main", "triton", str(pipeline_build), "-o", str(folder / "repo"),
+    cmd = [sys.executable, "-m", "dsv3_export.cli.main", "triton", str(build), "-o", str(folder / "repo"),
            "--threads", "1", "--serve", "--http-port", str(http), "--grpc-port", str(grpc),
            "--client-timeout", str(CLIENT_TIMEOUT_S)]
     with open(log, "wb") as out:
@@ -104,14 +103,18 @@ def server(pipeline_build, tmp_path_factory):
         proc.kill()
         proc.wait(30)
         raise AssertionError(f"tritonserver did not get ready (exit {proc.poll()}):\n{log.read_text()[-4000:]}")
-    yield s
-    below = descendants(proc.pid)
+    return s
+
+
+def stop_triton(s: Server) -> None:
+    """SIGTERM by PID: exit 0, and none of its processes left."""
+    below = descendants(s.proc.pid)
     assert below, "tritonserver and its stubs should run below the CLI"
-    proc.send_signal(signal.SIGTERM)
+    s.proc.send_signal(signal.SIGTERM)
     try:
-        rc = proc.wait(STOP_GRACE_S + 15)
+        rc = s.proc.wait(STOP_GRACE_S + 15)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        s.proc.kill()
         rc = None
     deadline = time.monotonic() + 15
     for _ in range(75):  # the stubs exit with the server: at most 15 s
@@ -119,7 +122,14 @@ def server(pipeline_build, tmp_path_factory):
             break
         time.sleep(0.2)
     left = [p for p in below if alive(p)]
-    assert rc == 0 and not left, f"exit {rc}, left running {left}:\n{log.read_text()[-4000:]}"
+    assert rc == 0 and not left, f"exit {rc}, left running {left}:\n{s.log.read_text()[-4000:]}"
+
+
+@pytest.fixture(scope="module")
+def server(pipeline_build, tmp_path_factory):
+    s = start_triton(pipeline_build, tmp_path_factory.mktemp("triton"))
+    yield s
+    stop_triton(s)
 
 
 @pytest.fixture(scope="module")

@@ -133,3 +133,36 @@ def test_bench_serve_against_a_dead_or_silent_url_says_why(tmp_path):
                                       "--timeout", "1"])
     assert_clean_error(r, "no answer within 1 s")
     assert time.monotonic() - t0 < 30
+
+
+def test_streams_open_at_shutdown_end_with_an_error_and_done(demo_build, tmp_path):
+    """SIGTERM with three long streams open and --graceful-timeout 3: each stream ends with an error
+    event naming the shutdown and [DONE] (not a cut connection), the server exits 0 within the
+    timeout, and its log holds no traceback."""
+    import threading
+
+    s = start_server(demo_build, tmp_path / "server.log", "--max-batch", "4", "--graceful-timeout", "3",
+                     "--log-level", "info")
+    got: list[str] = []
+
+    def stream():
+        r = httpx.post(f"{s.url}/v1/completions", json={"prompt": [5, 6], "max_tokens": 1900, "stream": True,
+                                                         "ignore_eos": True}, timeout=120)
+        got.append(r.text)
+
+    threads = [threading.Thread(target=stream) for _ in range(3)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 60
+    while s.metric("dsv3_running_sequences") < 3 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    t0 = time.monotonic()
+    rc = stop_server(s)
+    for t in threads:
+        t.join(60)
+    assert rc == 0 and time.monotonic() - t0 < 20, s.log.read_text()[-3000:]
+    assert len(got) == 3
+    for text in got:
+        events = [line[6:] for line in text.splitlines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]" and "shutting down" in json.loads(events[-2])["error"]["message"], text[-500:]
+    assert "Traceback" not in s.log.read_text()

@@ -3,6 +3,7 @@ fooled tritonserver 2.51 end in a clean 4xx, or the safe behaviour, and the serv
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
@@ -12,7 +13,14 @@ import pytest
 
 from dsv3_export.deploy.guard import MAX_JSON_DEPTH, json_depth
 from tests.deploy.conftest import pipeline_build  # noqa: F401  (a fixture)
-from tests.deploy.test_tritonserver import CLIENT_TIMEOUT_S, TIMEOUT, engine, server  # noqa: F401  (fixtures)
+from tests.deploy.test_tritonserver import (  # noqa: F401  (engine, server: fixtures)
+    CLIENT_TIMEOUT_S,
+    TIMEOUT,
+    engine,
+    server,
+    start_triton,
+    stop_triton,
+)
 
 
 def generate(triton, body: bytes | dict, path: str = "generate", timeout: float = TIMEOUT) -> httpx.Response:
@@ -103,3 +111,34 @@ def test_slow_clients_are_cut_off(server, engine):  # noqa: F811
     short.close()
     assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
     still_serving(server, engine)
+
+
+def test_sigterm_with_streams_open_exits_0_and_leaves_no_shared_memory(pipeline_build, tmp_path, engine):  # noqa: F811
+    """Three long streams open at SIGTERM: the guard gives them GRACEFUL_S, closes them, Triton
+    cancels their requests, and the server exits 0 in time with no process and no /dev/shm region left."""
+    shm_before = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+    triton = start_triton(pipeline_build, tmp_path)
+    ends: list[str] = []
+
+    def stream(per_token: bool):
+        body = {"text_input": "def main(", "max_tokens": 1900, "temperature": 1.0, "stream": per_token}
+        try:
+            with httpx.stream("POST", f"{triton.http}/v2/models/dsv3/generate_stream", json=body, timeout=120) as r:
+                for line in r.iter_lines():
+                    ends.append(line)
+        except httpx.HTTPError as e:
+            ends.append(type(e).__name__)
+
+    threads = [threading.Thread(target=stream, args=(i < 2,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(3)  # the streams are running
+    t0 = time.monotonic()
+    stop_triton(triton)
+    for t in threads:
+        t.join(60)
+    assert time.monotonic() - t0 < 30, triton.log.read_text()[-3000:]
+    shm_after = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+    assert not (shm_after - shm_before), shm_after - shm_before
+    assert not any(t.is_alive() for t in threads)
+    assert "Traceback" not in triton.log.read_text()
