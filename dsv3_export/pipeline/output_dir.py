@@ -123,15 +123,30 @@ def atomic_dir(out: Path, force: bool, source_dir: Path | None = None) -> Iterat
             yield tmp
             (tmp / TMP_MARK).unlink()
             _replace(out, tmp, force)
-        except OSError as e:
+        except BaseException as e:
+            full = _disk_full(e, parent)  # measured before the temporary is removed
             shutil.rmtree(tmp, ignore_errors=True)
-            if e.errno == errno.ENOSPC:
+            if full:
                 raise ExportError(f"{parent}: No space left on device while writing {out.name}; nothing was "
                                   "left behind: free some space and build again") from None
             raise
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+
+
+DISK_FULL_BYTES = 4 << 20  # a write that failed with less than this left free failed for want of space
+
+
+def _disk_full(e: BaseException, folder: Path) -> bool:
+    """Whether a build failed because its disk filled: ENOSPC, or a failure that says no errno
+    (numpy's tofile: "N requested and M written"; ONNX Runtime: "Failed to write external
+    initializers") while the disk has almost nothing left."""
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return True
+    if not isinstance(e, (OSError, ExportError)) or (isinstance(e, OSError) and e.errno not in (None, errno.EIO)):
+        return False
+    try:
+        return shutil.disk_usage(folder).free < DISK_FULL_BYTES
+    except OSError:
+        return False
 
 
 def _replace(out: Path, tmp: Path, force: bool) -> None:

@@ -130,3 +130,38 @@ def test_sigterm_mid_build_leaves_no_temporary(tmp_path):
     os.kill(proc.pid, signal.SIGTERM)
     assert proc.wait(60) != 0
     assert not out.exists() and not list(tmp_path.glob(".out.*"))
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real filesystem that fills up: a tmpfs of `size` mounted here (root only)."""
+    mounted = []
+
+    def mount(size: str) -> Path:
+        where = tmp_path / f"disk-{size}"
+        where.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                              capture_output=True, text=True, timeout=30)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.strip() or done.returncode}")
+        mounted.append(where)
+        return where
+
+    yield mount
+    for where in mounted:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True, timeout=30)
+
+
+@pytest.mark.parametrize("size", ["600k", "3m"])
+def test_a_disk_that_fills_is_one_line_and_leaves_nothing(small_disk, size):
+    """600 KiB fills while the weights are written (numpy's tofile says only "N requested and M
+    written"), 3 MiB while ONNX Runtime saves its optimized graph: both are the one 'no space' line."""
+    disk = small_disk(size)
+    proc = subprocess.run([sys.executable, "-m", "dsv3_export.cli.main", "build", "tiny", "-o", str(disk / "out"),
+                           "--no-verify"], capture_output=True, text=True, timeout=600, cwd=disk,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == f"error: {disk}: No space left on device while writing out; nothing was left behind: free some " \
+                   "space and build again", proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and not list(disk.iterdir())

@@ -166,3 +166,11 @@ def test_streams_open_at_shutdown_end_with_an_error_and_done(demo_build, tmp_pat
         events = [line[6:] for line in text.splitlines() if line.startswith("data: ")]
         assert events[-1] == "[DONE]" and "shutting down" in json.loads(events[-2])["error"]["message"], text[-500:]
     assert "Traceback" not in s.log.read_text()
+
+
+def test_a_tiny_temperature_is_served_greedy(server):
+    greedy = httpx.post(f"{server.url}/v1/completions", json={"prompt": [5, 6, 7], "max_tokens": 6, "temperature": 0,
+                                                              "ignore_eos": True}, timeout=60).json()
+    tiny = httpx.post(f"{server.url}/v1/completions", json={"prompt": [5, 6, 7], "max_tokens": 6, "temperature": 1e-308,
+                                                            "seed": 9, "ignore_eos": True}, timeout=60).json()
+    assert tiny["choices"][0]["token_ids"] == greedy["choices"][0]["token_ids"]
