@@ -130,7 +130,7 @@ def _inspect_plan(source, plan_text, as_json, precision, batch, context, prefill
 
 
 @main.command("make-checkpoint")
-@click.option("--preset", "preset_name", default=None, help="Preset name (tiny, small, v2-lite, v2, v3).")
+@click.option("--preset", "preset_name", default=None, help="Preset name (tiny, small, demo, v2-lite, v2, v3).")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
               help="A config.json (Hugging Face or DeepSeek ModelArgs) instead of a preset.")
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Output directory.")

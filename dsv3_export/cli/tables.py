@@ -38,8 +38,9 @@ def print_description(source, info) -> None:
         ("MTP", f"yes ({human_count(params['mtp'])} parameters)" if info["mtp"] else "no"),
         ("KV cache / token (bf16)", f"latent {human_bytes(cache['latent'])} vs naive {human_bytes(cache['naive'])} "
                                     f"({info['cache_ratio']:.1f}x smaller)"),
-        ("KV cache at 32k context", f"latent {human_bytes(info['cache_bytes_32k']['latent'])} vs naive "
-                                    f"{human_bytes(info['cache_bytes_32k']['naive'])}"),
+        (f"KV cache at full context ({cfg['max_seq_len']} tokens)",
+         f"latent {human_bytes(info['cache_bytes_full_context']['latent'])} vs naive "
+         f"{human_bytes(info['cache_bytes_full_context']['naive'])}"),
         ("stored weights", ", ".join(f"{k}: {v}" for k, v in sorted(info["stored_dtypes"].items()))),
     ]
     for k, v in rows:

@@ -44,6 +44,8 @@ def describe(source) -> dict[str, Any]:
         "cache_bytes_per_token": cache,
         "cache_ratio": cache["naive"] / cache["latent"],
         "cache_bytes_32k": {k: v * 32768 for k, v in cache.items()},
+        # The cache of one sequence filling the model's own context (a 2k model holds no 32k).
+        "cache_bytes_full_context": {k: v * cfg.max_seq_len for k, v in cache.items()},
         "mtp": bool(source.has_mtp),
         "stored_dtypes": stored,
         "softmax_scale": cfg.softmax_scale,

@@ -1,6 +1,7 @@
 """The CLI: its commands, and one clear line (no traceback, exit 1) for every bad input."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 from dsv3_export.cli.main import main
-from tests.helpers import assert_clean_error
+from tests.helpers import ROOT, assert_clean_error
 
 
 def run(*args):
@@ -112,3 +113,17 @@ def test_console_script_no_traceback(tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.strip().startswith("error: ") and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("args", [["build", "tiny", "--precision", "int5"], ["build", "tiny", "--moe", "dense"],
+                                  ["build", "tiny", "--backend", "tvm"], ["run", "--prompt", "x", "--top-p", "2"]])
+def test_a_bad_flag_is_refused_before_torch_or_onnx_load(tmp_path, args):
+    """Flags whose values are known are checked before any heavy import: the error costs no torch."""
+    code = ("import sys\nfrom dsv3_export.cli.main import main\n"
+            f"try:\n    main({[*args, '-o', str(tmp_path / 'o')] if args[0] == 'build' else args!r})\n"
+            "except SystemExit as e:\n"
+            "    print(e.code, sorted(m for m in ('torch', 'onnx', 'onnxruntime') if m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.stdout.split("\n")[-2] in ("2 []", "1 []"), done.stdout + done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("error: ")
