@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -28,8 +29,13 @@ log = logging.getLogger("dsv3.server")
 WARMUP_TIMEOUT_S = 600.0
 
 
+access_log = logging.getLogger("dsv3.server.access")
+
+
 class _CountRequests:
-    """ASGI middleware: every answer counted by endpoint and status (streams included)."""
+    """ASGI middleware: every answer counted by endpoint and status (streams included), and logged
+    as one access line when it ends, uvicorn-style, with its tokens (generations put them in
+    scope["state"]["dsv3_tokens"]) and its latency."""
 
     def __init__(self, app, state_ref: dict):
         self.app, self.state_ref = app, state_ref
@@ -38,6 +44,7 @@ class _CountRequests:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         status = {"code": 500}
+        started = time.perf_counter()
 
         async def counting_send(message):
             if message["type"] == "http.response.start":
@@ -52,6 +59,18 @@ class _CountRequests:
             endpoint = path if path in ENDPOINTS else "other"
             if state is not None:
                 state.metrics.requests.labels(endpoint, str(status["code"])).inc()
+            _log_access(scope, status["code"], time.perf_counter() - started)
+
+
+def _log_access(scope, status: int, seconds: float) -> None:
+    if scope.get("path") in ("/health", "/metrics"):  # polled by machines: not worth a line each
+        return
+    client = scope.get("client")
+    who = f"{client[0]}:{client[1]}" if client else "-"
+    tokens = (scope.get("state") or {}).get("dsv3_tokens")
+    extra = f" {tokens[0]}+{tokens[1]} tokens ({tokens[2]})" if tokens else ""
+    access_log.info('%s - "%s %s" %d%s %.3f s', who, scope.get("method", "-"), scope.get("path", "-"), status, extra,
+                    seconds)
 
 
 def create_app(engine, *, model_name: str, api_key: str | None = None, max_batch: int = 8,

@@ -39,6 +39,7 @@ class _Run:
     created: int
     rid: str
     echo_text: str
+    http_scope: dict
     watcher: asyncio.Task | None = None
 
     def push(self, token: int) -> str:
@@ -61,6 +62,8 @@ class _Run:
         return logprobs_of(self.state.engine, tokens, entries, self.chat, base=base)
 
     def finished(self, completion_tokens: int, reason: str) -> None:
+        # For the access line (server.app): prompt and completion tokens, and how it ended.
+        self.http_scope.setdefault("state", {})["dsv3_tokens"] = (len(self.g.prompt_ids), completion_tokens, reason)
         m = self.state.metrics
         m.completion_tokens.inc(completion_tokens)
         m.finished.labels(reason).inc()
@@ -77,7 +80,7 @@ async def run(state: State, http_request: Request, g: Generation, *, chat: bool)
     r = _Run(state=state, g=g, chat=chat, req=req,
              out=TextOutput(state.engine.tokenizer, stop_strings=g.stop, stop_ids=req.params.stop),
              created=int(time.time()), rid=("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex,
-             echo_text=echo_text)
+             echo_text=echo_text, http_scope=http_request.scope)
     r.watcher = asyncio.create_task(watch(http_request, req))
     if g.stream:
         return StreamingResponse(events(r), media_type="text/event-stream",

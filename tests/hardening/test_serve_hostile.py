@@ -4,6 +4,7 @@ closed), and the server keeps serving. A real server process on 127.0.0.1, a fre
 from __future__ import annotations
 
 import json
+import re
 import socket
 import time
 
@@ -144,6 +145,9 @@ def test_streams_open_at_shutdown_end_with_an_error_and_done(demo_build, tmp_pat
     s = start_server(demo_build, tmp_path / "server.log", "--max-batch", "4", "--graceful-timeout", "3",
                      "--log-level", "info")
     got: list[str] = []
+    done = httpx.post(f"{s.url}/v1/completions", json={"prompt": [5, 6], "max_tokens": 4, "ignore_eos": True},
+                      timeout=60)
+    assert done.status_code == 200
 
     def stream():
         r = httpx.post(f"{s.url}/v1/completions", json={"prompt": [5, 6], "max_tokens": 1900, "stream": True,
@@ -165,7 +169,10 @@ def test_streams_open_at_shutdown_end_with_an_error_and_done(demo_build, tmp_pat
     for text in got:
         events = [line[6:] for line in text.splitlines() if line.startswith("data: ")]
         assert events[-1] == "[DONE]" and "shutting down" in json.loads(events[-2])["error"]["message"], text[-500:]
-    assert "Traceback" not in s.log.read_text()
+    log = s.log.read_text()
+    assert "Traceback" not in log
+    # one access line per request, with its tokens and latency (serve logs requests at --log-level info)
+    assert re.search(r'127\.0\.0\.1:\d+ - "POST /v1/completions" 200 2\+4 tokens \(length\) \d+\.\d+ s', log), log[-2000:]
 
 
 def test_a_tiny_temperature_is_served_greedy(server):
