@@ -172,7 +172,8 @@ def test_streams_open_at_shutdown_end_with_an_error_and_done(demo_build, tmp_pat
     log = s.log.read_text()
     assert "Traceback" not in log
     # one access line per request, with its tokens and latency (serve logs requests at --log-level info)
-    assert re.search(r'127\.0\.0\.1:\d+ - "POST /v1/completions" 200 2\+4 tokens \(length\) \d+\.\d+ s', log), log[-2000:]
+    line = r'127\.0\.0\.1:\d+ - "POST /v1/completions" 200 2\+4 tokens \(length\) \d+\.\d+ s'
+    assert re.search(line, log), log[-2000:]
 
 
 def test_a_tiny_temperature_is_served_greedy(server):
