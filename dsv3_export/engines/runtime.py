@@ -366,6 +366,9 @@ class Engine:
         if longest + params.max_tokens > self.config.max_seq_len:
             raise ExportError(f"prompt ({longest} tokens) + max_new_tokens ({params.max_tokens}) exceeds the "
                               f"model's context length (max_seq_len {self.config.max_seq_len})")
+        if params.penalized and (speculative or not self.buffered):
+            raise ExportError("repetition, presence and frequency penalties need the batched path: not with speculative "
+                              "decoding, nor on a build whose graphs take no cache buffers (--mla naive)")
         if speculative:
             ids = self._speculative_ids(rows)
             return self._speculative_result(ids, batched, params.stop,

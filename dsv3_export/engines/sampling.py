@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -58,6 +58,13 @@ class SamplingParams:
     min_p: float = field(default=0.0, metadata=_wire(
         "Drop tokens less likely than MIN_P x the most likely one's probability (0 = off).", low=0.0, high=1.0))
     seed: int = field(default=0, metadata=_wire("Seed of this request's random generator.", low=0, high=MAX_SEED))
+    repetition_penalty: float = field(default=1.0, metadata=_wire(
+        "Logits of tokens already in the prompt or the output: positive ones divided by this, negative ones "
+        "multiplied (above 1: less repetition; 1 = off).", low=0.0, low_open=True))
+    presence_penalty: float = field(default=0.0, metadata=_wire(
+        "Subtracted from the logit of every token already in the output (0 = off).", low=-2.0, high=2.0))
+    frequency_penalty: float = field(default=0.0, metadata=_wire(
+        "Subtracted, times its count in the output, from each token's logit (0 = off).", low=-2.0, high=2.0))
     stop: frozenset[int] = frozenset()
     logprobs: int | None = None
 
@@ -80,6 +87,11 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_BELOW
+
+    @property
+    def penalized(self) -> bool:
+        """Whether the logits depend on the tokens so far (a penalty is set)."""
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
     def replace(self, **changes) -> "SamplingParams":
         return dataclasses.replace(self, **changes)
@@ -120,13 +132,35 @@ def _checked(f: dataclasses.Field, value):
             raise SamplingError(name, f"{name} must be a finite number, got {value!r}")
         value = float(value)
     low, high = meta.get("low"), meta.get("high")
-    if (low is not None and value < low) or (high is not None and value > high):
-        span = f">= {low}" if high is None else f"in [{low}, {high}]"
+    below = value <= low if meta.get("low_open") else value < low if low is not None else False
+    if below or (high is not None and value > high):
+        span = (f"> {low}" if meta.get("low_open") else f">= {low}") if high is None else f"in [{low}, {high}]"
         raise SamplingError(name, f"{name} must be {span}{meta.get('note', '')}, got {value}")
     return value
 
 
 # ---- choosing tokens ----------------------------------------------------------------------------------
+def apply_penalties(logits: np.ndarray, params: SamplingParams, prompt: Sequence[int],
+                    output: Sequence[int]) -> np.ndarray:
+    """One row of logits [V] with the request's penalties applied, as vLLM and OpenAI define them:
+    the repetition penalty on every token seen in the prompt or the output (a positive logit
+    divided by it, a negative one multiplied), then the presence penalty once and the frequency
+    penalty per occurrence subtracted for each token of the output. Unchanged (not copied) when
+    no penalty is set."""
+    if not params.penalized:
+        return logits
+    x = np.array(logits, np.float64)
+    if params.repetition_penalty != 1.0:
+        seen = np.unique(np.asarray([*prompt, *output], np.int64))
+        v = x[seen]
+        x[seen] = np.where(v > 0, v / params.repetition_penalty, v * params.repetition_penalty)
+    if len(output) and (params.presence_penalty or params.frequency_penalty):
+        ids, counts = np.unique(np.asarray(output, np.int64), return_counts=True)
+        x[ids] -= params.presence_penalty + params.frequency_penalty * counts
+    return x
+
+
+
 def ranked_probs(logits: np.ndarray, params: SamplingParams) -> tuple[np.ndarray, np.ndarray]:
     """(candidates [B, n], their probabilities [B, n]) of sampling from logits [B, V] (float64):
     most likely first, among equals the lower id (as argmax, so top_k=1 is greedy); softmax of

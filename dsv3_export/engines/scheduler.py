@@ -32,7 +32,7 @@ import numpy as np
 
 from dsv3_export.core.errors import ExportError
 from dsv3_export.engines.kv_cache import BatchCache
-from dsv3_export.engines.sampling import SamplingParams, TokenLogprob, sample, token_logprob
+from dsv3_export.engines.sampling import SamplingParams, TokenLogprob, apply_penalties, sample, token_logprob
 
 _DONE = object()  # the stream's end marker
 log = logging.getLogger(__name__)
@@ -336,7 +336,7 @@ class Scheduler:
         emit it; unusable logits, or a failing `on_token`, end this request alone."""
         p = req.params
         try:
-            token = int(sample(row[None], req._rng, p)[0])
+            token = int(sample(apply_penalties(row, p, req.prompt, req.tokens)[None], req._rng, p)[0])
             req._emit(token, token_logprob(row, token, p.logprobs) if p.logprobs is not None else None)
         except Exception as e:
             if not isinstance(e, ExportError):

@@ -99,7 +99,25 @@ def sampling_params(body: dict[str, Any], *, chat: bool) -> SamplingParams:
     return params
 
 
+# The fields each endpoint takes besides the sampling fields (engines.sampling.SamplingParams, by
+# name). Anything else is refused with 400 naming it: OpenAI clients send logit_bias, tools,
+# response_format, ... expecting them to act, and ignoring them silently would answer something else.
+_COMMON = {"model", "max_tokens", "stop", "stop_token_ids", "ignore_eos", "stream", "stream_options", "n", "best_of",
+           "logprobs", "user"}
+FIELDS = {"completions": _COMMON | {"prompt", "echo"},
+          "chat": _COMMON | {"messages", "max_completion_tokens", "top_logprobs"}}
+
+
+def _known_fields(body: dict[str, Any], chat: bool) -> None:
+    known = FIELDS["chat" if chat else "completions"] | {f.name for f in SamplingParams.wire_fields()}
+    unknown = sorted(k for k in body if k not in known and body[k] is not None)
+    if unknown:
+        raise bad(f"{unknown[0]} is not supported by this server (it takes: {', '.join(sorted(known))})",
+                  unknown[0])
+
+
 def _common(body: dict[str, Any], limits: Limits, g: Generation, *, chat: bool) -> None:
+    _known_fields(body, chat)
     model = body.get("model")
     if model is not None and model != limits.model_name:
         raise bad(f"The model `{model}` does not exist: this server serves `{limits.model_name}`", "model")

@@ -76,7 +76,9 @@ def test_cpu_repository_follows_the_graphs(pipeline_build, tmp_path):
     assert inputs == {"text_input": ("TYPE_STRING", [1], False), "max_tokens": ("TYPE_INT32", [1], True),
                       "temperature": ("TYPE_FP32", [1], True), "top_p": ("TYPE_FP32", [1], True),
                       "top_k": ("TYPE_INT32", [1], True), "min_p": ("TYPE_FP32", [1], True),
-                      "seed": ("TYPE_INT64", [1], True), "stop": ("TYPE_STRING", [-1], True),
+                      "seed": ("TYPE_INT64", [1], True), "repetition_penalty": ("TYPE_FP32", [1], True),
+                      "presence_penalty": ("TYPE_FP32", [1], True), "frequency_penalty": ("TYPE_FP32", [1], True),
+                      "stop": ("TYPE_STRING", [-1], True),
                       "stream": ("TYPE_BOOL", [1], True)}
     assert [(t.name, dtype_name(t.data_type)) for t in text.output] == [("text_output", "TYPE_STRING")]
     assert (repo / "dsv3/1/model.py").read_bytes() == (MODELS_DIR / "dsv3.py").read_bytes()

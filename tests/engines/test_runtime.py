@@ -141,6 +141,36 @@ def test_min_p_through_the_api(engine):
             np.flatnonzero(plain >= 0.2 * plain.max()))
 
 
+def greedy_by_hand(engine, prompt, n, params):
+    """Greedy decoding with penalties, one full forward per token, the penalties applied by hand."""
+    from dsv3_export.engines.sampling import apply_penalties
+
+    out = []
+    for _ in range(n):
+        logits, _, _ = engine.forward(np.array([prompt + out]))
+        out.append(int(np.argmax(apply_penalties(logits[0, -1], params, prompt, out))))
+    return out
+
+
+def test_penalties_through_the_api_and_the_cli(engine, tiny_build):
+    """Penalties change greedy decoding exactly as applying them by hand to the engine's logits does
+    (from the scheduler's batched path and `run`'s flags), and leave a penalty-free run alone."""
+    from dsv3_export import SamplingParams
+
+    n = 40  # long enough for the unpenalized tokens to repeat
+    params = SamplingParams(max_tokens=n, repetition_penalty=1.3, presence_penalty=0.4, frequency_penalty=0.3)
+    want = greedy_by_hand(engine, PROMPT, n, params)
+    got = engine.generate(PROMPT, params, stop=[]).ids
+    assert got == want and got != engine.generate(PROMPT, max_new_tokens=n, stop=[]).ids
+    batch = engine.generate([PROMPT, [0, 400, 3, 99]], params, stop=[]).ids
+    assert batch[0] == want and batch[1] == greedy_by_hand(engine, [0, 400, 3, 99], n, params)
+    r = cli("run", tiny_build, "--ids", ",".join(map(str, PROMPT)), "--max-new-tokens", n, "--repetition-penalty",
+            1.3, "--presence-penalty", 0.4, "--frequency-penalty", 0.3)
+    assert r.exit_code == 0 and r.stdout.strip() == engine.generate(PROMPT, params).text.strip(), r.output
+    with pytest.raises(ExportError, match="not with speculative decoding"):
+        engine.generate(PROMPT, params, speculative=True)
+
+
 @pytest.mark.parametrize("kwargs,field", [({"seed": -1}, "seed"), ({"min_p": 2.0}, "min_p"),
                                           ({"top_k": -5}, "top_k"), ({"max_new_tokens": 0}, "max_tokens")])
 def test_api_names_a_bad_sampling_field(engine, kwargs, field):

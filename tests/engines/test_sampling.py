@@ -98,6 +98,9 @@ def test_greedy_is_argmax_and_ties_go_to_the_lower_id():
     ("min_p", -0.1, "min_p must be in [0.0, 1.0], got -0.1"),
     ("min_p", 1.5, "min_p must be in [0.0, 1.0], got 1.5"),
     ("seed", -1, "seed must be in [0, 9223372036854775807], got -1"),
+    ("repetition_penalty", 0, "repetition_penalty must be > 0.0, got 0.0"),
+    ("presence_penalty", 2.5, "presence_penalty must be in [-2.0, 2.0], got 2.5"),
+    ("frequency_penalty", -3, "frequency_penalty must be in [-2.0, 2.0], got -3.0"),
 ])
 def test_bad_fields_are_named(field, value, wording):
     """One wording per bad field, the one every surface shows (CLI, API, OpenAI server, Triton)."""
@@ -110,7 +113,8 @@ def test_wire_fields_map_by_name_and_top_k_minus_one_is_no_limit():
     params = SamplingParams.from_wire({"temperature": np.float32(0.5), "top_k": -1, "min_p": None, "other": 3})
     assert params.temperature == 0.5 and params.top_k == 0 and params.min_p == 0.0
     assert [f.name for f in SamplingParams.wire_fields()] == ["max_tokens", "temperature", "top_k", "top_p", "min_p",
-                                                              "seed"]
+                                                              "seed", "repetition_penalty", "presence_penalty",
+                                                              "frequency_penalty"]
 
 
 @pytest.mark.parametrize("temperature", [1e-308, 5e-324, 1e-6])
@@ -135,3 +139,17 @@ def test_non_finite_logits_are_an_error_not_token_0(bad):
     for temperature in (0.0, 1.0):
         with pytest.raises(NonFiniteLogits, match="non-finite logits"):
             sample(logits, np.random.default_rng(0), SamplingParams(temperature=temperature))
+
+
+def test_penalties_by_hand():
+    """The repetition penalty on what the prompt or the output holds (divide a positive logit,
+    multiply a negative one), then presence once and frequency per occurrence in the output."""
+    from dsv3_export.engines.sampling import apply_penalties
+
+    logits = np.array([1.0, -1.0, 3.0, 0.5, 2.0])
+    params = SamplingParams(repetition_penalty=2.0, presence_penalty=0.5, frequency_penalty=0.25)
+    got = apply_penalties(logits, params, prompt=[0], output=[1, 1, 3])
+    np.testing.assert_allclose(got, [1.0 / 2, -1.0 * 2 - 0.5 - 0.25 * 2, 3.0, 0.5 / 2 - 0.5 - 0.25, 2.0])
+    assert apply_penalties(logits, SamplingParams(), [0], [1]) is logits  # none set: untouched
+    only_output = apply_penalties(logits, SamplingParams(presence_penalty=1.0), prompt=[2], output=[])
+    np.testing.assert_array_equal(only_output, logits)  # presence counts the output only

@@ -188,6 +188,34 @@ def test_min_p(server, engine):
     assert any(sampled(seed) != greedy for seed in (1, 2, 3))
 
 
+def test_presence_and_frequency_penalties_by_hand(server, engine):
+    """The OpenAI penalties act: greedy tokens equal a greedy decoding with the penalties applied by
+    hand to the engine's own logits, and differ from plain greedy."""
+    import numpy as np
+
+    from dsv3_export.engines.sampling import SamplingParams, apply_penalties
+
+    prompt, n = engine.tokenize("def main():\n    "), 24
+    params = SamplingParams(presence_penalty=1.5, frequency_penalty=0.8)
+    by_hand: list[int] = []
+    for _ in range(n):
+        logits, _, _ = engine.forward(np.array([prompt + by_hand]))
+        by_hand.append(int(np.argmax(apply_penalties(logits[0, -1], params, prompt, by_hand))))
+    r = client(server).completions.create(model=MODEL, prompt=prompt, max_tokens=n, temperature=0, presence_penalty=1.5,
+                                          frequency_penalty=0.8, extra_body={"ignore_eos": True})
+    got = r.choices[0].model_extra["token_ids"]
+    plain = engine.generate(prompt, max_new_tokens=n, stop=[]).ids
+    assert got == by_hand and got != plain
+
+
+@pytest.mark.parametrize("field,value", [("logit_bias", {"5": 10}), ("response_format", {"type": "json_object"}),
+                                         ("tools", []), ("suffix", "x")])
+def test_a_field_the_server_does_not_support_is_refused(server, field, value):
+    r = httpx.post(f"{server.url}/v1/completions", json={"prompt": "x", "max_tokens": 1, field: value}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
+    assert "is not supported" in r.json()["error"]["message"]
+
+
 def test_bad_chat_and_body(server):
     url = f"{server.url}/v1/chat/completions"
     r = httpx.post(url, json={"model": MODEL, "messages": []})
