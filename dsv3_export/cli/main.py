@@ -250,7 +250,10 @@ def _parse_ids(text: str) -> list[int]:
 @click.option("--speculative", is_flag=True,
               help="MTP self-speculative decoding (batch 1): the MTP graph drafts one token, one main step checks "
                    "two; same output (greedy) or same distribution (sampling), acceptance in the stats line.")
-def run(build_dir, prompt, ids_text, backend, speculative, **sampling) -> None:
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="ONNX Runtime intra-op threads.")
+@click.option("--echo/--no-echo", default=True, show_default=True,
+              help="Print the --prompt text before its continuation.")
+def run(build_dir, prompt, ids_text, backend, speculative, threads, echo, **sampling) -> None:
     """Generate from a build (default: ./build): stream the continuation to stdout, a stats line to stderr."""
     from dsv3_export import engines
     from dsv3_export.engines.text import TextOutput
@@ -261,14 +264,18 @@ def run(build_dir, prompt, ids_text, backend, speculative, **sampling) -> None:
     if source == "":
         raise ExportError("empty prompt")
     params = sampling_params(sampling)  # a bad value fails before the build loads
-    engine = engines.load(build_dir, backend=backend)
+    engine = engines.load(build_dir, backend=backend, threads=threads)
     for hint in engine.hints:
         click.echo(f"hint: {hint}", err=True)
     params = engine.sampling_params(params)
     out = TextOutput(engine.tokenizer, stop_ids=params.stop)
     first = [True]
+    echoed = [not echo or prompt is None]
 
     def on_token(row: int, token: int) -> None:
+        if not echoed[0]:  # as llama-cli: the prompt, then its continuation (once the input was accepted)
+            click.echo(prompt, nl=False)
+            echoed[0] = True
         if engine.tokenizer is not None:
             click.echo(out.push(token), nl=False)
         else:
@@ -417,11 +424,13 @@ def serve(build_dir, host, port, max_batch, max_waiting, prefill_chunk, model_na
     """Serve BUILD_DIR over the OpenAI HTTP API (/v1/completions, /v1/chat/completions, /v1/models,
     /health, /metrics) with continuous batching. SIGTERM stops it gracefully."""
     from dsv3_export import engines, server
+    from dsv3_export.core.http_limits import check_port_free
     from dsv3_export.server.protocol import check_api_key
 
     if api_key is None and os.environ.get("DSV3_API_KEY") is not None:  # Click reads an empty variable as unset
         api_key = os.environ["DSV3_API_KEY"]
     check_api_key(api_key)  # before the build loads
+    check_port_free(host, port, "--port")
     engine = engines.load(build_dir, backend=backend, threads=threads)
     for hint in engine.hints:
         click.echo(f"hint: {hint}", err=True)
@@ -438,7 +447,8 @@ def serve(build_dir, host, port, max_batch, max_waiting, prefill_chunk, model_na
 @click.option("--requests", "n_requests", type=click.IntRange(min=1), default=32, show_default=True,
               help="Requests in all.")
 @click.option("--prompt-tokens", type=click.IntRange(min=1), default=128, show_default=True)
-@click.option("--max-tokens", type=click.IntRange(min=1), default=64, show_default=True,
+@click.option("--max-tokens", "--max-new-tokens", "max_tokens", type=click.IntRange(min=1), default=64,
+              show_default=True,
               help="Completion tokens per request (EOS ignored).")
 @click.option("--model", default=None, help="Model id to send (default: the server's first in /v1/models).")
 @click.option("--api-key", default=None, envvar="DSV3_API_KEY")
@@ -506,6 +516,11 @@ def triton(build_dir, repo, device, gpus, instances, threads, max_batch, force, 
            metrics_port, client_timeout) -> None:
     """Write BUILD_DIR as a Triton Inference Server model repository (docs/triton.md): one model per
     pipeline stage and the decoupled `dsv3` text model (generate / generate_stream, gRPC streaming)."""
+    if serve:  # taken ports fail before the repository is written
+        from dsv3_export.core.http_limits import check_port_free
+
+        check_port_free(host, http_port, "--http-port")
+        check_port_free(host, grpc_port, "--grpc-port")
     from dsv3_export.deploy.triton_repo import write_repository
 
     done = write_repository(build_dir, repo, device=device, gpus=gpus, instances=instances, threads=threads,

@@ -7,8 +7,12 @@ read (a 408)."""
 
 from __future__ import annotations
 
+import socket
+
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from dsv3_export.core.errors import ExportError
 
 CLIENT_TIMEOUT_S = 30.0  # a request's headers, then its body, must arrive within this
 
@@ -41,3 +45,18 @@ class HeaderTimeoutH11(H11Protocol):
 def with_header_timeout(seconds: float) -> type[HeaderTimeoutH11]:
     """The protocol class for uvicorn.Config(http=...) with that deadline."""
     return type("HeaderTimeoutH11", (HeaderTimeoutH11,), {"header_timeout": float(seconds)})
+
+
+def check_port_free(host: str, port: int, flag: str) -> None:
+    """One line naming the flag when host:port is taken (`serve` and Triton both default to 8000),
+    before anything is loaded; port 0 (any free port) always passes."""
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise ExportError(f"{flag} {port}: {host}:{port} is not free ({e.strerror}); another server holds it "
+                              f"(dsv3-export serve and Triton's HTTP both default to 8000): pick another "
+                              f"{flag}") from None

@@ -241,7 +241,9 @@ def test_cli_run_streams_text(engine, tiny_build):
     r = cli("run", tiny_build, "--prompt", "Hello world", "--max-new-tokens", 12)
     assert r.exit_code == 0, r.output
     want = engine.generate("Hello world", max_new_tokens=12)
-    assert r.stdout == want.text + "\n"
+    assert r.stdout == "Hello world" + want.text + "\n"  # the prompt echoed, as llama-cli does
+    quiet = cli("run", tiny_build, "--prompt", "Hello world", "--max-new-tokens", 12, "--no-echo", "--threads", 1)
+    assert quiet.exit_code == 0 and quiet.stdout == want.text + "\n", quiet.output
     assert "new tokens" in r.stderr and "tokens/s" in r.stderr
     r = cli("run", tiny_build, "--ids", ",".join(map(str, PROMPT)), "--max-new-tokens", 6, "--temperature", 0.8,
             "--top-p", 0.9, "--seed", 5)
@@ -253,10 +255,10 @@ def test_cli_run_min_p(engine, tiny_build):
     """--min-p 1 keeps only the most likely token: the greedy text at any temperature and seed."""
     greedy = engine.generate("Hello world", max_new_tokens=10).text
     for seed in (1, 2):
-        r = cli("run", tiny_build, "--prompt", "Hello world", "--max-tokens", 10, "--temperature", 2.0,
+        r = cli("run", tiny_build, "--prompt", "Hello world", "--no-echo", "--max-tokens", 10, "--temperature", 2.0,
                 "--min-p", 1.0, "--seed", seed)
         assert r.exit_code == 0 and r.stdout == greedy + "\n", r.output
-    r = cli("run", tiny_build, "--prompt", "Hello world", "--max-new-tokens", 10, "--temperature", 2.0,
+    r = cli("run", tiny_build, "--prompt", "Hello world", "--no-echo", "--max-new-tokens", 10, "--temperature", 2.0,
             "--min-p", 0.1, "--seed", 3)
     assert r.stdout == engine.generate("Hello world", max_new_tokens=10, temperature=2.0, min_p=0.1, seed=3).text + "\n"
 

@@ -182,3 +182,22 @@ def test_a_tiny_temperature_is_served_greedy(server):
     tiny = httpx.post(f"{server.url}/v1/completions", json={"prompt": [5, 6, 7], "max_tokens": 6, "temperature": 1e-308,
                                                             "seed": 9, "ignore_eos": True}, timeout=60).json()
     assert tiny["choices"][0]["token_ids"] == greedy["choices"][0]["token_ids"]
+
+
+@pytest.mark.parametrize("command", [["serve", "{build}", "--port", "{port}"],
+                                     ["triton", "{build}", "-o", "{tmp}/repo", "--serve", "--http-port", "{port}"]])
+def test_a_port_in_use_is_one_line_naming_the_flag(demo_build, tmp_path, command):
+    """serve and Triton both default to 8000: the second one started says so before loading anything."""
+    from click.testing import CliRunner
+
+    from dsv3_export.cli.main import main
+    from tests.helpers import assert_clean_error
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        args = [a.format(build=demo_build, port=port, tmp=tmp_path) for a in command]
+        r = CliRunner().invoke(main, args)
+    assert_clean_error(r, f"{port}: 127.0.0.1:{port} is not free")
+    assert not (tmp_path / "repo").exists()
