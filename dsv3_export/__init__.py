@@ -58,11 +58,11 @@ def load_reference(source, *, dtype: "torch.dtype | None" = None, mla: str = "ab
     return load_ref(source, dtype=dtype, mla=mla, mtp=mtp, seed=seed)
 
 
-def open_source(source: str | Path, *, seed: int = 0):
-    """A weight source: a checkpoint directory, "demo", or a preset name."""
+def open_source(source: str | Path, *, seed: int = 0, revision: str | None = None):
+    """A weight source: a checkpoint directory, a Hugging Face id ORG/NAME, "demo", or a preset name."""
     from dsv3_export.exporter import open_source as open_
 
-    return open_(source, seed=seed)
+    return open_(source, seed=seed, revision=revision)
 
 
 def demo_path() -> Path:

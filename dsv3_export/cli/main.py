@@ -17,6 +17,8 @@ from dsv3_export.core.build_options import BACKENDS, MLA_FORMS, MOE_FORMS, PRECI
 from dsv3_export.core.errors import ExportError
 
 SEED = click.IntRange(min=0, max=2**63 - 1)  # numpy's generators take non-negative seeds
+REVISION_HELP = ("For a Hugging Face id ORG/NAME: the branch, tag or commit (default main); the local cache is "
+                 "looked up first, then the hub.")
 
 
 def sampling_params(values):
@@ -86,11 +88,12 @@ def main() -> None:
               help="With --plan: tokens each sequence must hold (default: report what fits).")
 @click.option("--prefill", type=click.IntRange(min=1), default=None,
               help="With --plan: prompt tokens in one call (default 2048).")
-def inspect(source: str, as_json: bool, plan, precision, batch, context, prefill) -> None:
-    """Describe a checkpoint dir or preset: shape, parameters, cache cost, MTP, stored precision.
-    With --plan: the stage plan over N GPUs, each stage's memory and the cache it holds."""
+@click.option("--revision", default=None, help=REVISION_HELP)
+def inspect(source: str, as_json: bool, plan, precision, batch, context, prefill, revision) -> None:
+    """Describe a checkpoint dir, Hugging Face id or preset: shape, parameters, cache cost, MTP, stored
+    precision. With --plan: the stage plan over N GPUs, each stage's memory and the cache it holds."""
     if plan is not None:
-        _inspect_plan(source, plan, as_json, precision or "fp32", batch, context, prefill)
+        _inspect_plan(source, plan, as_json, precision or "fp32", batch, context, prefill, revision)
         return
     given = [f for f, v in (("--precision", precision), ("--batch", batch), ("--context", context),
                             ("--prefill", prefill)) if v is not None]
@@ -99,26 +102,36 @@ def inspect(source: str, as_json: bool, plan, precision, batch, context, prefill
     from dsv3_export.exporter.describe import describe
     from dsv3_export.exporter.source import open_source
 
-    info = describe(open_source(source))
+    info = describe(open_source(source, revision=revision))
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
     tables.print_description(source, info)
 
 
-def _inspect_plan(source, plan_text, as_json, precision, batch, context, prefill) -> None:
+def _config_path(source, revision):
+    """What load_config reads for SOURCE: the demo's folder, a Hugging Face id's config.json (alone:
+    sizing needs no weights), else SOURCE as given."""
+    from dsv3_export.exporter import hub
+
+    if source == "demo":
+        from dsv3_export.exporter.source import demo_path
+
+        return demo_path()
+    if hub.is_hub_id(source):
+        return hub.resolve(source, revision, config_only=True, log=lambda m: click.echo(m, err=True))
+    if revision is not None:
+        raise ExportError(f"--revision {revision}: for a Hugging Face id (ORG/NAME), not {source}")
+    return source
+
+
+def _inspect_plan(source, plan_text, as_json, precision, batch, context, prefill, revision=None) -> None:
     """`inspect --plan`: sized from the config alone, so a config.json (or a preset) suffices."""
     from dsv3_export.core.config import load_config
     from dsv3_export.exporter import deploy_plan
 
     devices = deploy_plan.parse_plan(plan_text)
-    if source == "demo":
-        from dsv3_export.exporter.source import demo_path
-
-        source_path = demo_path()
-    else:
-        source_path = source
-    cfg = load_config(source_path)
+    cfg = load_config(_config_path(source, revision))
     options = {k: v for k, v in (("batch", batch), ("context", context), ("prefill", prefill)) if v is not None}
     plan = deploy_plan.size_plan(cfg, devices.count, devices.memory, precision, **options)
     if as_json:
@@ -131,8 +144,8 @@ def _inspect_plan(source, plan_text, as_json, precision, batch, context, prefill
 
 @main.command("make-checkpoint")
 @click.option("--preset", "preset_name", default=None, help="Preset name (tiny, small, demo, v2-lite, v2, v3).")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
-              help="A config.json (Hugging Face or DeepSeek ModelArgs) instead of a preset.")
+@click.option("--config", "config_path", default=None,
+              help="A config.json (Hugging Face or DeepSeek ModelArgs), or a Hugging Face id, instead of a preset.")
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Output directory.")
 @click.option("--fp8", is_flag=True, help="FP8 E4M3 weights with 128x128 block scales (DeepSeek's format).")
 @click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", help="Dtype of unquantized weights.")
@@ -140,7 +153,8 @@ def _inspect_plan(source, plan_text, as_json, precision, batch, context, prefill
 @click.option("--layout", type=click.Choice(["hf", "deepseek"]), default="hf", show_default=True)
 @click.option("--mp", type=click.IntRange(min=1), default=1, show_default=True, help="Model-parallel shards (deepseek layout).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
-def make_checkpoint(preset_name, config_path, out, fp8, dtype, seed, layout, mp, force) -> None:
+@click.option("--revision", default=None, help="With --config ORG/NAME: " + REVISION_HELP)
+def make_checkpoint(preset_name, config_path, out, fp8, dtype, seed, layout, mp, force, revision) -> None:
     """Write a seeded random checkpoint (with MTP layer and tokenizer) for a preset or config."""
     from rich.progress import Progress
 
@@ -151,7 +165,7 @@ def make_checkpoint(preset_name, config_path, out, fp8, dtype, seed, layout, mp,
 
     if (preset_name is None) == (config_path is None):
         raise ExportError("give exactly one of --preset or --config")
-    cfg = load_config(preset_name or config_path)
+    cfg = load_config(preset_name or _config_path(config_path, revision))
     total = len(names.expected_shapes(cfg))
     with Progress(transient=True) as progress:
         task = progress.add_task("writing tensors", total=total)
@@ -197,6 +211,7 @@ class _RichReporter:
 @click.option("--no-lower", is_flag=True, help="Keep the portable function-body graph (no ORT-native Attention/MoE).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of a preset's random weights.")
+@click.option("--revision", default=None, help=REVISION_HELP)
 @click.option("--max-batch", type=int, default=None, help="TensorRT: largest batch the engine takes (default 8).")
 @click.option("--max-seq-len", type=int, default=None,
               help="TensorRT: longest context (past + new tokens) the engine takes (default: the model's, at most 4096).")
@@ -207,7 +222,7 @@ class _RichReporter:
 @click.option("--moe", "moe_form", default="fused", show_default=True, type=click.Choice(MOE_FORMS),
               help="fp32 ORT experts: fused (ORT's MoE kernel; best one sequence at a time) or per-expert "
                    "(MatMuls per expert; faster batched decode and prefill, slower session start).")
-def build(source, out, precision, keep_fp, backend, mla, no_mtp, no_verify, no_lower, force, seed, max_batch,
+def build(source, out, precision, keep_fp, backend, mla, no_mtp, no_verify, no_lower, force, seed, revision, max_batch,
           max_seq_len, max_prefill, stages, moe_form) -> None:
     """Build a verified engine directory from a checkpoint dir or preset (default: demo, the embedded
     trained model)."""
@@ -215,7 +230,7 @@ def build(source, out, precision, keep_fp, backend, mla, no_mtp, no_verify, no_l
 
     options = BuildOptions(precision=precision, keep_fp=keep_fp or None, backend=backend, mla=mla, moe_form=moe_form,
                            lower=not no_lower, mtp=not no_mtp, verify=not no_verify, force=force, seed=seed,
-                           stages=stages, trt=dict(max_batch=max_batch, max_seq_len=max_seq_len,
+                           revision=revision, stages=stages, trt=dict(max_batch=max_batch, max_seq_len=max_seq_len,
                                                    max_prefill=max_prefill)).check()
     from dsv3_export.pipeline.build import build as run_build
 
@@ -303,7 +318,8 @@ def run(build_dir, prompt, ids_text, backend, speculative, threads, echo, **samp
 @click.option("--report-dir", type=click.Path(file_okay=False), default=None,
               help="Where to write the report (default: BUILD_DIR/verify, recorded in the manifest).")
 @click.option("--json", "as_json", is_flag=True, help="Print the verdict as JSON.")
-def verify(build_dir, source, seed, decode_steps, greedy_tokens, backends, report_dir, as_json) -> None:
+@click.option("--revision", default=None, help="With --source ORG/NAME: " + REVISION_HELP)
+def verify(build_dir, source, seed, decode_steps, greedy_tokens, backends, report_dir, as_json, revision) -> None:
     """Compare a build's graphs and engines with the PyTorch reference (Polygraphy); exit 1 on failure.
 
     Writes report.json, report.md and error_per_step.png to BUILD_DIR/verify (or --report-dir)."""
@@ -321,7 +337,7 @@ def verify(build_dir, source, seed, decode_steps, greedy_tokens, backends, repor
     if source is None:
         src, spec = source_from_manifest(build, seed=seed)
     else:
-        src, spec = open_source(source, seed=seed or 0), source
+        src, spec = open_source(source, seed=seed or 0, revision=revision), source
     with Progress(transient=True) as progress:
         result = run_verify(build, src, precision=manifest.precision if manifest is not None else "fp32",
                             reporter=_RichReporter(progress), decode_steps=decode_steps,

@@ -33,7 +33,8 @@ class BuildOptions:
     (latent cache) or naive; moe_form: fused or per-expert experts in a lowered ORT graph; lower:
     ONNX Runtime's native kernels in place of the portable bodies; mtp: export mtp.onnx when the
     checkpoint has the layer; verify: compare with the PyTorch reference; force: replace OUT;
-    seed: a preset's random weights; stages: pipeline-stage graphs; trt: TensorRT options
+    seed: a preset's random weights; revision: of a Hugging Face id (default: main); stages:
+    pipeline-stage graphs; trt: TensorRT options
     (engines.trt.TrtOptions fields, e.g. {"max_batch": 4}), backend trt only."""
 
     precision: str = "fp32"
@@ -46,6 +47,7 @@ class BuildOptions:
     verify: bool = True
     force: bool = False
     seed: int = 0
+    revision: str | None = None
     stages: int = 1
     trt: Mapping[str, Any] | None = None
 

@@ -24,11 +24,12 @@ def demo_path() -> Path:
     return path()
 
 
-def open_source(source: str | Path, *, seed: int = 0):
-    """A weight source: a checkpoint directory, "demo", or a preset name (exporter.source.open_source)."""
+def open_source(source: str | Path, *, seed: int = 0, revision: str | None = None):
+    """A weight source: a checkpoint directory, a Hugging Face id, "demo", or a preset name
+    (exporter.source.open_source)."""
     from dsv3_export.exporter.source import open_source as open_
 
-    return open_(source, seed=seed)
+    return open_(source, seed=seed, revision=revision)
 
 
 def load_reference(source, *, dtype: "torch.dtype | None" = None, mla: str = "absorbed", mtp: bool = True,

@@ -112,6 +112,7 @@ class Checkpoint:
         self._sources = sources
         self.layout = layout
         self._handles: dict[Path, object] = dict(handles or {})
+        self.hub: dict | None = None  # {"id", "revision", "commit"} when opened by Hugging Face id (exporter.hub)
         self._validate()
 
     def file(self, name: str, *, required: bool = True) -> Path | None:

@@ -9,6 +9,7 @@ import torch
 
 from dsv3_export.core.config import PRESETS, check_unambiguous, preset
 from dsv3_export.core.errors import CheckpointError
+from dsv3_export.exporter import hub
 from dsv3_export.exporter.checkpoint import Checkpoint
 from dsv3_export.exporter.model import Transformer
 from dsv3_export.exporter.weights import RandomWeights, load_weights
@@ -22,11 +23,18 @@ def demo_path() -> Path:
     return Path(__file__).resolve().parent / "data" / "demo"
 
 
-def open_source(source: str | Path, *, seed: int = 0):
-    """A weight source: a checkpoint directory, "demo" (the embedded trained model), or a preset
-    name (seeded random weights; `seed` applies to these only). A bare name that is also a folder
-    here is refused (core.config.check_unambiguous)."""
+def open_source(source: str | Path, *, seed: int = 0, revision: str | None = None):
+    """A weight source: a checkpoint directory, a Hugging Face id ORG/NAME (at `revision`; the
+    local cache first, exporter.hub), "demo" (the embedded trained model), or a preset name (seeded
+    random weights; `seed` applies to these only). A bare name that is also a folder here is
+    refused (core.config.check_unambiguous)."""
     check_unambiguous(source, (DEMO, *PRESETS))
+    if hub.is_hub_id(source):
+        ckpt = Checkpoint.open(hub.resolve(source, revision))
+        ckpt.hub = {"id": source, "revision": revision or "main", "commit": ckpt.path.name}
+        return ckpt
+    if revision is not None:
+        raise CheckpointError(f"--revision {revision}: for a Hugging Face id (ORG/NAME), not {source}")
     if isinstance(source, str) and source == DEMO:
         path = demo_path()
         if not (path / "config.json").is_file():

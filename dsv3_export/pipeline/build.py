@@ -65,8 +65,9 @@ def tool_versions() -> dict[str, str]:
 def source_info(source, spec: str | Path) -> dict[str, Any]:
     if isinstance(source, Checkpoint):
         # The checkpoint's own folder: a preset name like "demo" opens an embedded checkpoint.
-        return {"kind": "checkpoint", "path": str(Path(source.path).resolve()), "layout": source.layout,
+        info = {"kind": "checkpoint", "path": str(Path(source.path).resolve()), "layout": source.layout,
                 "fingerprint": source.fingerprint()}
+        return {**info, "hub": source.hub} if getattr(source, "hub", None) else info
     blob = json.dumps({"preset": str(spec), "seed": source.seed, "config": source.config.to_dict()}, sort_keys=True)
     return {"kind": "preset", "name": str(spec), "seed": source.seed,
             "fingerprint": hashlib.sha256(blob.encode()).hexdigest()}
@@ -151,7 +152,7 @@ def build(source_spec: str | Path = "demo", out: str | Path = "build", options: 
     policy = Policy.make(o.precision, o.keep_fp)  # a bad --keep-fp pattern fails here
     if o.backend == "trt":
         trt_engine.require_tensorrt()  # before any work: one line when TensorRT, a GPU or Triton is missing
-    source = open_source(source_spec, seed=o.seed)
+    source = open_source(source_spec, seed=o.seed, revision=o.revision)
     if o.stages > source.config.n_layers:
         raise ExportError(f"--stages {o.stages}: the model has only {source.config.n_layers} layers "
                           "(at most one stage per layer)")
