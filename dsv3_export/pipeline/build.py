@@ -42,6 +42,7 @@ from dsv3_export.exporter.passes.plugin_attrs import plugin_attrs
 from dsv3_export.exporter.passes.pretranspose import pretranspose
 from dsv3_export.exporter.passes.quantize import quantize
 from dsv3_export.exporter.precision_policy import Policy
+from dsv3_export.exporter.resources import check_build_fits, check_reference_fits
 from dsv3_export.exporter.source import has_gate_bias, open_source
 from dsv3_export.exporter.stage_plan import plan_stages
 from dsv3_export.exporter.tokenizer_training import train_tokenizer
@@ -157,6 +158,9 @@ def build(source_spec: str | Path = "demo", out: str | Path = "build", options: 
         raise ExportError(f"--stages {o.stages}: the model has only {source.config.n_layers} layers "
                           "(at most one stage per layer)")
     policy.check_patterns(n for n, _ in meta_model(source.config, mla=o.mla, mtp=o.mtp).named_parameters())
+    check_build_fits(source.config, Path(out), o.precision, o.keep_fp, mtp=o.mtp and source.has_mtp)
+    if o.verify:
+        check_reference_fits(source.config, "the build's verification")
     if o.backend == "trt":  # bad options fail before the export, not after
         resolved_trt = trt_engine.TrtOptions.from_dict(o.trt).resolve(source.config.max_seq_len)
     started = time.time()

@@ -37,6 +37,8 @@ from polygraphy.comparator import Comparator
 from polygraphy.logger import G_LOGGER
 
 from dsv3_export.core.build_dir import (
+    MAIN_GRAPH,
+    MTP_GRAPH,
     cache_layout,
     chain_io,
     check_file_hashes,
@@ -48,6 +50,7 @@ from dsv3_export.core.build_dir import (
 from dsv3_export.core.errors import ExportError
 from dsv3_export.core.progress import Reporter
 from dsv3_export.exporter.checkpoint import Checkpoint
+from dsv3_export.exporter.resources import check_reference_fits
 from dsv3_export.exporter.source import load_reference, open_source
 from dsv3_export.verification.checks import compare_funcs, graph_checks, greedy_check
 from dsv3_export.verification.inputs import make_inputs, step_labels
@@ -159,13 +162,13 @@ def _greedy_checks(build_dir: Path, model, prompt, precision: str, runners: list
     tol = tolerance_for(precision, "greedy")
     for backend in runners:
         try:
-            (_, runner), = runners_for(build_dir, "model.onnx", [backend], providers, feeds)
+            (_, runner), = runners_for(build_dir, MAIN_GRAPH, [backend], providers, feeds)
             first = empty_past(io, prompt.shape[0], prompt.shape[1] + greedy_tokens)
             tokens = runner_greedy(runner, prompt, greedy_tokens, first, advance)
             checks.append(greedy_check(backend, ref_tokens, tokens, tol))
         except Exception as e:
             checks.append({"name": f"greedy {greedy_tokens} tokens [{backend}]", "kind": "error",
-                           "graph": "model.onnx", "runner": backend, "passed": False, "error": _one_line(e)})
+                           "graph": MAIN_GRAPH, "runner": backend, "passed": False, "error": _one_line(e)})
     reporter.done("verify: greedy continuations")
     return checks
 
@@ -222,11 +225,12 @@ def verify(build_dir: str | Path, source=None, *, precision: str = "fp32", repor
     runners, skipped = _choose_runners(build_dir, backends)
 
     io = chain_io([graph_io(build_dir / s["file"]) for s in stages])
-    mtp_io = graph_io(build_dir / "mtp.onnx") if (build_dir / "mtp.onnx").is_file() else None
+    mtp_io = graph_io(build_dir / MTP_GRAPH) if (build_dir / MTP_GRAPH).is_file() else None
     mla = "naive" if len(cache_layout(io, 0)[0]) == 2 else "absorbed"  # per-head K|V, or the latent row
     dtype = getattr(torch, REFERENCE_DTYPE.get(precision, "float32"))
     started = time.time()
 
+    check_reference_fits(source.config)  # before loading it: one line instead of an allocation failure
     reporter.stage("verify: loading the reference")
     model = load_reference(source, dtype=dtype, mla=mla, mtp=mtp_io is not None)
     reporter.done("verify: loading the reference")
@@ -243,8 +247,8 @@ def verify(build_dir: str | Path, source=None, *, precision: str = "fp32", repor
     feeds, mtp_feeds = make_inputs(reference, io, prompt=prompt, decode_steps=decode_steps,
                                    mtp_reference=mtp_reference, mtp_io=mtp_io, advance=advance)
     reporter.done("verify: reference inputs")
-    graphs = [("model.onnx", reference, feeds, io)] + (
-        [("mtp.onnx", mtp_reference, mtp_feeds, mtp_io)] if mtp_io is not None else [])
+    graphs = [(MAIN_GRAPH, reference, feeds, io)] + (
+        [(MTP_GRAPH, mtp_reference, mtp_feeds, mtp_io)] if mtp_io is not None else [])
     with G_LOGGER.verbosity(G_LOGGER.CRITICAL):
         checks = _compare_graphs(build_dir, graphs, precision, runners, providers, reporter)
         checks += _greedy_checks(build_dir, model, prompt, precision, runners, providers, feeds, io,
@@ -254,7 +258,7 @@ def verify(build_dir: str | Path, source=None, *, precision: str = "fp32", repor
             quantization = found.quantization if found is not None else None
         advance = reporter.stage("verify: language-model figures on real text", total=len(runners) + 1)
         checks += lm_checks(build_dir, source, model, precision, runners,
-                            lambda b: runners_for(build_dir, "model.onnx", [b], providers, feeds)[0][1],
+                            lambda b: runners_for(build_dir, MAIN_GRAPH, [b], providers, feeds)[0][1],
                             empty_past(io, 1, LM_SEQ), lambda key: tolerance_for(precision, key),
                             quantization=quantization, advance=advance)
         reporter.done("verify: language-model figures on real text")
