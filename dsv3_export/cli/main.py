@@ -5,7 +5,9 @@ at once, without loading torch, ONNX Runtime and the pipeline."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -175,6 +177,32 @@ def make_checkpoint(preset_name, config_path, out, fp8, dtype, seed, layout, mp,
     click.echo(f"wrote {path} ({human_bytes(size)}, {'fp8' if fp8 else dtype}, {layout} layout)")
 
 
+@contextlib.contextmanager
+def _progress(transient: bool):
+    """The reporter of a long command: rich progress bars on a terminal; elsewhere (a pipe, a CI
+    log) the default Reporter's log lines on stderr, periodic inside each stage."""
+    if sys.stderr.isatty():
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TimeElapsedColumn())
+        with Progress(*columns, transient=transient) as progress:
+            yield _RichReporter(progress)
+        return
+    from dsv3_export.core.progress import Reporter
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    logger = logging.getLogger("dsv3_export")
+    logger.addHandler(handler)
+    level, logger.level = logger.level, logging.INFO
+    try:
+        yield Reporter()
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 class _RichReporter:
     """build's progress as rich bars: one line per stage, a bar where the stage has a size."""
 
@@ -226,17 +254,14 @@ def build(source, out, precision, keep_fp, backend, mla, no_mtp, no_verify, no_l
           max_seq_len, max_prefill, stages, moe_form) -> None:
     """Build a verified engine directory from a checkpoint dir or preset (default: demo, the embedded
     trained model)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
     options = BuildOptions(precision=precision, keep_fp=keep_fp or None, backend=backend, mla=mla, moe_form=moe_form,
                            lower=not no_lower, mtp=not no_mtp, verify=not no_verify, force=force, seed=seed,
                            revision=revision, stages=stages, trt=dict(max_batch=max_batch, max_seq_len=max_seq_len,
                                                    max_prefill=max_prefill)).check()
     from dsv3_export.pipeline.build import build as run_build
 
-    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, transient=False) as progress:
-        manifest = run_build(source, out, options, reporter=_RichReporter(progress))
+    with _progress(transient=False) as reporter:
+        manifest = run_build(source, out, options, reporter=reporter)
     tables.print_build_summary(out, manifest)
     verdict = manifest.verify
     if verdict is not None and not verdict.get("passed"):
@@ -323,7 +348,6 @@ def verify(build_dir, source, seed, decode_steps, greedy_tokens, backends, repor
     """Compare a build's graphs and engines with the PyTorch reference (Polygraphy); exit 1 on failure.
 
     Writes report.json, report.md and error_per_step.png to BUILD_DIR/verify (or --report-dir)."""
-    from rich.progress import Progress
 
     from dsv3_export.core.build_dir import find_manifest
     from dsv3_export.exporter.source import open_source
@@ -338,9 +362,9 @@ def verify(build_dir, source, seed, decode_steps, greedy_tokens, backends, repor
         src, spec = source_from_manifest(build, seed=seed)
     else:
         src, spec = open_source(source, seed=seed or 0, revision=revision), source
-    with Progress(transient=True) as progress:
+    with _progress(transient=True) as reporter:
         result = run_verify(build, src, precision=manifest.precision if manifest is not None else "fp32",
-                            reporter=_RichReporter(progress), decode_steps=decode_steps,
+                            reporter=reporter, decode_steps=decode_steps,
                             greedy_tokens=greedy_tokens, backends=list(backends) or None, report_dir=report_dir)
     if as_json:
         click.echo(json.dumps(result, indent=2))
