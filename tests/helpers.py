@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -133,3 +134,19 @@ def run_together(fn, n: int, timeout: float = 120.0) -> list:
         t.join(timeout)
     assert not errors, errors
     return [results.get(i) for i in range(n)]
+
+
+def closed_within(sock, seconds: float) -> bytes:
+    """What a server sent on `sock` before closing the connection; fails when it is still open
+    after `seconds` (a bounded loop: every recv waits at most what is left)."""
+    got, deadline = b"", time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        sock.settimeout(left)
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            break
+        if not chunk:
+            return got
+        got += chunk
+    raise AssertionError(f"the connection is still open after {seconds} s (got {got[:200]!r})")

@@ -11,6 +11,7 @@ import time
 import httpx
 import pytest
 
+from tests.helpers import closed_within
 from tests.server.conftest import start_server, stop_server
 
 CLIENT_TIMEOUT_S = 2
@@ -63,22 +64,6 @@ def _raw(server, data: bytes) -> socket.socket:
     return s
 
 
-def _closed_within(sock: socket.socket, seconds: float) -> bytes:
-    """What the server sent before closing the connection (fails when it is still open after `seconds`)."""
-    sock.settimeout(seconds)
-    got = b""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            chunk = sock.recv(65536)
-        except TimeoutError:
-            break
-        if not chunk:
-            return got
-        got += chunk
-    raise AssertionError(f"the connection is still open after {seconds} s (got {got[:200]!r})")
-
-
 def test_trickled_headers_and_short_bodies_are_cut_off(server):
     """slowloris: 20 connections sending a header line now and then are closed once the client
     timeout has passed; a body shorter than its Content-Length answers 408 and is closed."""
@@ -86,15 +71,15 @@ def test_trickled_headers_and_short_bodies_are_cut_off(server):
     for s in trickling:
         s.sendall(b"X-Slow: 1\r\n")
     for s in trickling:
-        assert _closed_within(s, CLIENT_TIMEOUT_S + 10) == b""
+        assert closed_within(s, CLIENT_TIMEOUT_S + 10) == b""
         s.close()
     short = _raw(server, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                          b"Content-Length: 100\r\n\r\n{\"prompt\": ")
-    answer = _closed_within(short, CLIENT_TIMEOUT_S + 10)
+    answer = closed_within(short, CLIENT_TIMEOUT_S + 10)
     short.close()
     assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
     idle = _raw(server, b"")  # connected, nothing sent
-    assert _closed_within(idle, CLIENT_TIMEOUT_S + 10) == b""
+    assert closed_within(idle, CLIENT_TIMEOUT_S + 10) == b""
     idle.close()
     still_serving(server)
 

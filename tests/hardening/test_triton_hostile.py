@@ -21,6 +21,7 @@ from tests.deploy.test_tritonserver import (  # noqa: F401  (engine, server: fix
     start_triton,
     stop_triton,
 )
+from tests.helpers import closed_within
 
 
 def generate(triton, body: bytes | dict, path: str = "generate", timeout: float = TIMEOUT) -> httpx.Response:
@@ -80,20 +81,6 @@ def test_abandoned_requests_free_their_slots(server, engine):  # noqa: F811
     assert time.monotonic() - t0 < 60
 
 
-def _closed_within(sock: socket.socket, seconds: float) -> bytes:
-    sock.settimeout(seconds)
-    got, deadline = b"", time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            chunk = sock.recv(65536)
-        except TimeoutError:
-            break
-        if not chunk:
-            return got
-        got += chunk
-    raise AssertionError(f"still open after {seconds} s (got {got[:200]!r})")
-
-
 def test_slow_clients_are_cut_off(server, engine):  # noqa: F811
     port = int(server.http.rsplit(":", 1)[1])
     trickling = []
@@ -102,12 +89,12 @@ def test_slow_clients_are_cut_off(server, engine):  # noqa: F811
         s.sendall(b"POST /v2/models/dsv3/generate HTTP/1.1\r\nHost: x\r\n")
         trickling.append(s)
     for s in trickling:
-        assert _closed_within(s, CLIENT_TIMEOUT_S + 10) == b""
+        assert closed_within(s, CLIENT_TIMEOUT_S + 10) == b""
         s.close()
     short = socket.create_connection(("127.0.0.1", port), timeout=30)
     short.sendall(b"POST /v2/models/dsv3/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                   b"Content-Length: 100\r\n\r\n{\"text_input\": ")
-    answer = _closed_within(short, CLIENT_TIMEOUT_S + 10)
+    answer = closed_within(short, CLIENT_TIMEOUT_S + 10)
     short.close()
     assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
     still_serving(server, engine)
