@@ -114,7 +114,7 @@ def inspect(source: str, as_json: bool, plan, precision, batch, context, prefill
 def _config_path(source, revision):
     """What load_config reads for SOURCE: the demo's folder, a Hugging Face id's config.json (alone:
     sizing needs no weights), else SOURCE as given."""
-    from dsv3_export.exporter import hub
+    import dsv3_export.exporter.hub as hub
 
     if source == "demo":
         from dsv3_export.exporter.source import demo_path

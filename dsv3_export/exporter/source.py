@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
+import dsv3_export.exporter.hub as hub
 from dsv3_export.core.config import PRESETS, check_unambiguous, preset
 from dsv3_export.core.errors import CheckpointError
-from dsv3_export.exporter import hub
 from dsv3_export.exporter.checkpoint import Checkpoint
 from dsv3_export.exporter.model import Transformer
 from dsv3_export.exporter.weights import RandomWeights, load_weights
