@@ -309,18 +309,13 @@ def run(build_dir, prompt, ids_text, backend, speculative, threads, echo, **samp
         click.echo(f"hint: {hint}", err=True)
     params = engine.sampling_params(params)
     out = TextOutput(engine.tokenizer, stop_ids=params.stop)
-    first = [True]
-    echoed = [not echo or prompt is None]
 
     def on_token(row: int, token: int) -> None:
-        if not echoed[0]:  # as llama-cli: the prompt, then its continuation (once the input was accepted)
+        starting = not out.token_ids
+        if starting and echo and prompt is not None:  # as llama-cli: the prompt (once accepted), then the rest
             click.echo(prompt, nl=False)
-            echoed[0] = True
-        if engine.tokenizer is not None:
-            click.echo(out.push(token), nl=False)
-        else:
-            click.echo(("" if first[0] else " ") + str(token), nl=False)
-            first[0] = False
+        piece = out.push(token)
+        click.echo(piece if engine.tokenizer is not None else ("" if starting else " ") + str(token), nl=False)
         sys.stdout.flush()
 
     result = engine.generate(source, params, speculative=speculative, on_token=on_token)

@@ -130,18 +130,16 @@ class Guard:
     @contextlib.asynccontextmanager
     async def _lifespan(self, app):
         self.loop, self.stop_event = asyncio.get_running_loop(), asyncio.Event()
+        # No idle connections kept to tritonserver: on SIGTERM it waits for every open HTTP
+        # connection to close before it exits.
+        self.client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=10.0),
+                                        limits=httpx.Limits(max_keepalive_connections=0))
         try:
             yield
         finally:
-            if self.client is not None:
-                await self.client.aclose()
+            await self.client.aclose()
 
     async def handle(self, request: Request) -> Response:
-        if self.client is None:
-            # No idle connections kept to tritonserver: on SIGTERM it waits for every open HTTP
-            # connection to close before it exits.
-            self.client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=10.0),
-                                            limits=httpx.Limits(max_keepalive_connections=0))
         try:
             body = await self._body(request)
             check_body(body, request.headers.get("content-type", ""),

@@ -101,8 +101,12 @@ class TextOutput:
         self.stop_ids = frozenset(int(t) for t in stop_ids)
         self.token_ids: list[int] = []
         self.logprobs: list[TokenLogprob] = []
-        self.text = ""
+        self._sent: list[str] = []
         self.stop_token = False
+
+    @property
+    def text(self) -> str:
+        return "".join(self._sent)
 
     @property
     def stopped(self) -> bool:
@@ -121,17 +125,14 @@ class TextOutput:
             return ""
         return self._send(self.stops.push(self.stream.push(token))[0])
 
-    def finish_text(self) -> str:
+    def finish(self) -> str:
         """The text still held back (none once a stop string matched)."""
         if self.stream is None or self.stops.stopped:
             return ""
-        return self.stops.push(self.stream.flush())[0] + self.stops.finish()
-
-    def finish(self) -> str:
-        return self._send(self.finish_text())
+        return self._send(self.stops.push(self.stream.flush())[0] + self.stops.finish())
 
     def _send(self, piece: str) -> str:
-        self.text += piece
+        self._sent.append(piece)
         return piece
 
     def finish_reason(self, scheduler_reason: str | None) -> str:

@@ -18,7 +18,7 @@ from dsv3_export.core.config import ModelConfig
 from dsv3_export.core.errors import ExportError
 from dsv3_export.exporter.describe import CACHE_DTYPE_BYTES, human_bytes
 from dsv3_export.exporter.precision_policy import check_precision
-from dsv3_export.exporter.stage_plan import Stage, plan_stages, weight_bytes
+from dsv3_export.exporter.stage_plan import Stage, model_bytes, plan_stages
 
 GB = 10**9
 GIB = 2**30
@@ -185,8 +185,7 @@ def size_plan(cfg: ModelConfig, devices: int, device_bytes: int, precision: str 
         r["headroom_bytes"] = device_bytes - r["used_bytes"]
         r["shortfall_bytes"] = max(0, needed_tokens * r["cache_bytes_per_token"] - r["free_bytes"])
         r["fits"] = r["shortfall_bytes"] == 0
-    sizes = weight_bytes(cfg, precision, keep_fp, mtp=mtp)
-    model_bytes = sizes["embed"] + sum(sizes["layers"]) + sizes["head"] + sizes["mtp"]
+    total = model_bytes(cfg, precision, keep_fp, mtp=mtp)
     worst = max(rows, key=lambda r: r["shortfall_bytes"])
     return {
         "devices": devices, "device_bytes": device_bytes, "precision": precision, "batch": batch,
@@ -196,7 +195,7 @@ def size_plan(cfg: ModelConfig, devices: int, device_bytes: int, precision: str 
         "totals": {
             **{k: sum(r[k] for r in rows) for k in ("weight_bytes", "activation_bytes", "reserve_bytes",
                                                       "cache_bytes", "used_bytes", "headroom_bytes")},
-            "model_weight_bytes": model_bytes, "device_bytes": devices * device_bytes,
+            "model_weight_bytes": total, "device_bytes": devices * device_bytes,
             "cache_bytes_per_token": sum(r["cache_bytes_per_token"] for r in rows),
             "cache_tokens": pipeline_tokens, "tokens_per_sequence": pipeline_tokens // batch,
             "max_batch_at_context": pipeline_tokens // context if context else None,

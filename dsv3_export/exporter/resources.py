@@ -10,7 +10,7 @@ from pathlib import Path
 from dsv3_export.core.config import ModelConfig
 from dsv3_export.core.errors import ExportError
 from dsv3_export.exporter.describe import human_bytes, parameter_counts
-from dsv3_export.exporter.stage_plan import weight_bytes
+from dsv3_export.exporter.stage_plan import model_bytes
 
 REFERENCE_MARGIN = 2 << 30  # activations, the tokenizer, the engine being compared: beyond the fp32 weights
 # The disk a build holds at its peak, per byte of stored weights: ONNX Runtime writes its optimized
@@ -45,8 +45,7 @@ def reference_bytes(cfg: ModelConfig) -> int:
 
 
 def build_bytes(cfg: ModelConfig, precision: str, keep_fp=None, mtp: bool = True) -> int:
-    sizes = weight_bytes(cfg, precision, keep_fp, mtp=mtp)
-    return int((sizes["embed"] + sum(sizes["layers"]) + sizes["head"] + sizes["mtp"]) * BUILD_DISK_FACTOR)
+    return int(model_bytes(cfg, precision, keep_fp, mtp=mtp) * BUILD_DISK_FACTOR)
 
 
 def check_reference_fits(cfg: ModelConfig, what: str = "verify") -> None:

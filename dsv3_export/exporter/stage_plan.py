@@ -81,6 +81,12 @@ def weight_bytes(cfg: ModelConfig, precision: str = "fp32", keep_fp=None, mtp: b
     return out
 
 
+def model_bytes(cfg: ModelConfig, precision: str = "fp32", keep_fp=None, mtp: bool = True) -> int:
+    """Every stored weight of the model at `precision`: the sum of `weight_bytes`."""
+    sizes = weight_bytes(cfg, precision, keep_fp, mtp=mtp)
+    return sizes["embed"] + sum(sizes["layers"]) + sizes["head"] + sizes["mtp"]
+
+
 def split_layers(costs: list[int], n: int, first_extra: int = 0, last_extra: int = 0) -> list[tuple[int, int]]:
     """Cut items 0..L-1 into n non-empty contiguous ranges minimising the largest range's cost; the
     first range also carries `first_extra`, the last `last_extra`. Exact (dynamic programming over

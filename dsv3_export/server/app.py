@@ -116,8 +116,7 @@ async def _lifespan(app: FastAPI):
         yield
     finally:
         # uvicorn has already let the open requests finish (--graceful-timeout); stop stepping.
-        for req in list(scheduler.waiting) + list(scheduler.prefilling) + list(scheduler.running):
-            req.cancel()
+        scheduler.cancel_all()
         scheduler.stop()
 
 

@@ -82,14 +82,14 @@ def _max_tokens(body: dict[str, Any], chat: bool):
     return next((body[n] for n in names if body.get(n) is not None), None)
 
 
-def sampling_params(body: dict[str, Any], *, chat: bool) -> SamplingParams:
+def sampling_params(body: dict[str, Any], max_tokens) -> SamplingParams:
     """The request's sampling fields, by their names (engines.sampling.SamplingParams checks them:
     a bad one answers 400 naming it). OpenAI's defaults: temperature 1; without a seed a sampled
     request gets a fresh random one. max_tokens stays 1 when absent: check_context sets it."""
-    values = {**body, "max_tokens": _max_tokens(body, chat)}
+    values = {**body, "max_tokens": max_tokens}
     values["temperature"] = 1.0 if body.get("temperature") is None else body["temperature"]
     try:
-        params = SamplingParams.from_wire(values, max_tokens=values["max_tokens"] or 1)
+        params = SamplingParams.from_wire(values, max_tokens=max_tokens or 1)
         if body.get("seed") is None:
             params = params.replace(seed=0 if params.greedy else secrets.randbits(63))
     except SamplingError as e:
@@ -127,8 +127,10 @@ def _common(body: dict[str, Any], limits: Limits, g: Generation, *, chat: bool) 
     best_of = body.get("best_of")
     if best_of is not None and best_of != 1:
         raise bad("only best_of=1 is supported", "best_of")
-    g.sampling = sampling_params(body, chat=chat)
-    g.max_tokens = g.sampling.max_tokens if _max_tokens(body, chat) is not None else g.max_tokens
+    given = _max_tokens(body, chat)
+    g.sampling = sampling_params(body, given)
+    if given is not None:
+        g.max_tokens = g.sampling.max_tokens
     stop = body.get("stop")
     stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > MAX_STOP:
