@@ -43,7 +43,7 @@ from dsv3_export.deploy.llm import INPUTS
 
 MAX_BODY_BYTES = 64 << 20  # tritonserver's own default --http-max-input-size
 MAX_JSON_DEPTH = 32
-GRACEFUL_S = 5  # on SIGTERM, open requests through the guard get this long (tritonserver waits 15 s for them)
+GRACEFUL_S = 5  # on SIGTERM, open requests through the guard get this long; tritonserver is signalled after
 TEXT_MODEL = "dsv3"
 _INT_RANGE = {"TYPE_INT32": (-2**31, 2**31 - 1), "TYPE_INT64": (-2**63, 2**63 - 1)}
 _GENERATE = re.compile(r"^/v2/models/(?P<model>[^/]+)(?:/versions/[^/]+)?/(?P<kind>generate|generate_stream)$")
@@ -302,7 +302,7 @@ class GuardServer:
 
     def begin_stop(self) -> None:
         """Stop accepting; open requests get GRACEFUL_S seconds less a second, then the guard ends
-        them (tritonserver, stopping at the same time, waits for their connections)."""
+        them (closing their upstream streams, which cancels them in tritonserver)."""
         self.server.should_exit = True
         loop = self.guard.loop
         if loop is not None and not loop.is_closed():

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import signal
@@ -60,6 +61,10 @@ PYTHON_BACKEND_FILES = ("libtriton_python.so", "triton_python_backend_utils.py")
 READY_TIMEOUT_S, READY_PAUSE_S = 240.0, 0.5  # model loading: every stub starts a Python interpreter
 EXIT_TIMEOUT_S = 15  # Triton's --exit-timeout-secs: in-flight requests get this long after a signal
 STOP_GRACE_S = EXIT_TIMEOUT_S + 30  # then we kill what is left of the process group
+# After the guard has ended its requests, the text model's scheduler still finishes the step it is
+# in; tritonserver is signalled only once no stage model has executed for QUIET_S (at most DRAIN_S):
+# a scheduler calling a stage model (BLS) that tritonserver is unloading can crash it.
+QUIET_S, DRAIN_S = 1.0, 10.0
 ENV_CHECK_TIMEOUT_S, PIP_TIMEOUT_S = 120, 900
 
 
@@ -405,22 +410,52 @@ def _free_loopback_port() -> int:
         return s.getsockname()[1]
 
 
+def _executions(url: str) -> int | None:
+    """The executions tritonserver has counted over all its models (None when it does not answer)."""
+    try:
+        with urllib.request.urlopen(f"{url}/v2/models/stats", timeout=2) as r:
+            stats = json.loads(r.read())
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+    return sum(int(m.get("execution_count", 0)) for m in stats.get("model_stats", []))
+
+
+def wait_quiet(url: str, quiet: float = QUIET_S, limit: float = DRAIN_S) -> bool:
+    """Wait until tritonserver's execution count has not moved for `quiet` seconds (True), or
+    `limit` seconds have passed or it stopped answering (False)."""
+    deadline = time.monotonic() + limit
+    last, since = _executions(url), time.monotonic()
+    for _ in range(int(limit / 0.1) + 1):
+        if last is None or time.monotonic() > deadline:
+            return False
+        if time.monotonic() - since >= quiet:
+            return True
+        time.sleep(0.1)
+        now = _executions(url)
+        if now != last:
+            last, since = now, time.monotonic()
+    return False
+
+
 def serve(repo: str | Path, http_port: int = 8000, grpc_port: int = 8001, host: str = "127.0.0.1", *,
           metrics_port: int | None = None, client_timeout: float = CLIENT_TIMEOUT_S, log=print) -> int:
-    """Run tritonserver over `repo` until SIGINT / SIGTERM (forwarded to it), in the foreground.
-    Clients reach its HTTP API through the guard (deploy/guard.py) on host:http_port; tritonserver's
-    own HTTP port is a private loopback one. Returns its exit code (0 for a clean stop on a signal)."""
+    """Run tritonserver over `repo` until SIGINT / SIGTERM, in the foreground. Clients reach its
+    HTTP API through the guard (deploy/guard.py) on host:http_port; tritonserver's own HTTP port is
+    a private loopback one. On the signal the guard ends its requests (GRACEFUL_S), the text
+    model's scheduler goes quiet, and then tritonserver gets the signal; a second signal goes to it
+    at once. Returns its exit code (0 for a clean stop on a signal)."""
     server = TritonServer(repo, http_port=_free_loopback_port(), grpc_port=grpc_port, host=host,
                           metrics_port=metrics_port, log=log, http_host="127.0.0.1")
     guard = GuardServer(server.url, host, http_port, client_timeout)
-    asked: list[float] = []
+    asked: list[tuple[float, int]] = []
 
-    def forward(signum, _frame):
-        asked.append(time.monotonic())
+    def on_signal(signum, _frame):
+        asked.append((time.monotonic(), signum))
         guard.begin_stop()
-        server.send_signal(signum)
+        if len(asked) > 1 or not guard.thread.is_alive():  # impatient, or nothing served yet
+            server.send_signal(signum)
 
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         server.start()
         if server.wait_ready():
@@ -428,7 +463,10 @@ def serve(repo: str | Path, http_port: int = 8000, grpc_port: int = 8001, host: 
             log(f"tritonserver ready: HTTP http://{host}:{http_port} (POST /v2/models/dsv3/generate, generate_stream; "
                 f"through the guard), gRPC {host}:{grpc_port}; Ctrl-C or SIGTERM stops it")
         while (rc := server.proc.poll()) is None:
-            if asked and time.monotonic() - asked[0] > STOP_GRACE_S:
+            if asked and not server.stopping and not guard.thread.is_alive():
+                wait_quiet(server.url)
+                server.send_signal(asked[0][1])
+            if asked and time.monotonic() - asked[0][0] > STOP_GRACE_S:
                 break  # close() kills it
             time.sleep(0.2)
         if rc is None:
