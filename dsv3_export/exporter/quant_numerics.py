@@ -21,7 +21,7 @@ from torch import nn
 from dsv3_export.core.fp8 import FP8_ACT_EPS, FP8_BLOCK, FP8_DTYPE, FP8_MAX, dequantize_blocks
 from dsv3_export.exporter.model import Linear, MoE
 from dsv3_export.exporter.precision_policy import HEAD_BITS, HEAD_BLOCK, INT8_ACT_EPS, Policy, Scheme, is_head
-from dsv3_export.exporter.weights import source_fp8, source_tensor
+from dsv3_export.exporter.weights import expert_of, expert_tensor, source_fp8, source_tensor
 
 
 # ---- activations (the torch emulation of the graph's Q/DQ) ----------------------------------------
@@ -139,6 +139,13 @@ def quantized_int(source, fqn: str, scheme: Scheme, block: int) -> tuple[torch.T
     if role == "head":
         return quantize_int(w, HEAD_BITS, HEAD_BLOCK)
     return quantize_int(w, scheme.bits, block)
+
+
+def quantized_expert(source, fqn: str, e: int, scheme: Scheme, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expert e of quantized_int(source, fqn, ...) for an expert stack: the same values (its scales
+    are per row or per block of one row, so one expert quantizes alone)."""
+    prefix, rest = expert_of(source, fqn)
+    return quantize_int(expert_tensor(source, prefix, rest, e, torch.float32), scheme.bits, block)
 
 
 def graph_weight(source, fqn: str, policy: Policy, block: int | None = None) -> torch.Tensor:

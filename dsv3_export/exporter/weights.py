@@ -152,26 +152,58 @@ def _fp8(source, name: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _fp8_experts(source, p: str, rest: str) -> tuple[torch.Tensor, torch.Tensor]:
     cfg = source.config
-    n_e, inter, d = cfg.n_routed_experts, cfg.moe_inter_dim, cfg.dim
+    pairs = [expert_fp8(source, p, rest, e) for e in range(cfg.n_routed_experts)]
+    return torch.stack([q for q, _ in pairs]), torch.stack([s for _, s in pairs])
+
+
+def is_expert_stack(fqn: str) -> bool:
+    """A routed-expert stack parameter ([E, ...]): made, quantized and written one expert at a time."""
+    return fqn.endswith(("ffn.w_gate_up", "ffn.w_down"))
+
+
+def expert_of(source, fqn: str) -> tuple[str, str]:
+    """(checkpoint layer prefix, "ffn.w_gate_up" | "ffn.w_down") of an expert stack parameter."""
+    prefix, rest = resolve(source, fqn)
+    if not prefix or rest not in ("ffn.w_gate_up", "ffn.w_down"):
+        raise CheckpointError(f"{fqn!r} is not a routed-expert stack")
+    return prefix, rest
+
+
+def expert_fp8(source, p: str, rest: str, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expert e of source_fp8's stack: (q [2Ip, D] or [D, Ip], 128x128 block scales)."""
+    cfg = source.config
+    inter, d = cfg.moe_inter_dim, cfg.dim
     padded = -(-inter // FP8_BLOCK) * FP8_BLOCK
     nb_i, nb_d = padded // FP8_BLOCK, -(-d // FP8_BLOCK)
     if rest == "ffn.w_gate_up":
-        q = torch.zeros(n_e, 2 * padded, d, dtype=torch.uint8).view(FP8_DTYPE)
-        scale = torch.zeros(n_e, 2 * nb_i, nb_d)
+        q = torch.zeros(2 * padded, d, dtype=torch.uint8).view(FP8_DTYPE)
+        scale = torch.zeros(2 * nb_i, nb_d)
+        for j, w in enumerate(("w1", "w3")):  # gate rows, then up rows, each from a block boundary
+            qe, se = _fp8(source, f"{p}.ffn.experts.{e}.{w}.weight")
+            q[j * padded: j * padded + inter] = qe
+            scale[j * nb_i: j * nb_i + se.shape[0]] = se
     else:
-        q = torch.zeros(n_e, d, padded, dtype=torch.uint8).view(FP8_DTYPE)
-        scale = torch.zeros(n_e, nb_d, nb_i)
-    for e in range(n_e):
-        if rest == "ffn.w_gate_up":
-            for j, w in enumerate(("w1", "w3")):  # gate rows, then up rows, each from a block boundary
-                qe, se = _fp8(source, f"{p}.ffn.experts.{e}.{w}.weight")
-                q[e, j * padded: j * padded + inter] = qe
-                scale[e, j * nb_i: j * nb_i + se.shape[0]] = se
-        else:
-            qe, se = _fp8(source, f"{p}.ffn.experts.{e}.w2.weight")
-            q[e, :, :inter] = qe
-            scale[e, :, : se.shape[1]] = se
+        q = torch.zeros(d, padded, dtype=torch.uint8).view(FP8_DTYPE)
+        scale = torch.zeros(nb_d, nb_i)
+        qe, se = _fp8(source, f"{p}.ffn.experts.{e}.w2.weight")
+        q[:, :inter] = qe
+        scale[:, : se.shape[1]] = se
+    _release(source)
     return q, scale
+
+
+def expert_tensor(source, p: str, rest: str, e: int, dtype: torch.dtype) -> torch.Tensor:
+    """Expert e of the stack `rest` of layer `p`: [2I, D] (gate rows, then up rows) or [D, I]."""
+    parts = ("w1", "w3") if rest == "ffn.w_gate_up" else ("w2",)
+    rows = [_dense(source, f"{p}.ffn.experts.{e}.{w}.weight", dtype) for w in parts]
+    _release(source)
+    return rows[0] if len(rows) == 1 else torch.cat(rows)
+
+
+def _release(source) -> None:
+    """Unmap the checkpoint's files after an expert: a stack streams through with one expert's pages."""
+    if hasattr(source, "release"):
+        source.release()
 
 
 def _block_tensor(source, p: str, rest: str, dtype: torch.dtype, keep_fp8: bool):
@@ -181,14 +213,13 @@ def _block_tensor(source, p: str, rest: str, dtype: torch.dtype, keep_fp8: bool)
         w = _dense(source, f"{p}.attn.wkv_b.weight", dtype).view(cfg.n_heads, dn + cfg.v_head_dim, cfg.kv_lora_rank)
         return (w[:, :dn] if rest == "attn.w_uk" else w[:, dn:]).contiguous()
     if rest in ("ffn.w_gate_up", "ffn.w_down"):
-        # The largest tensors of the model: filled in place, so the peak is one stack, not two.
-        parts = ("w1", "w3") if rest == "ffn.w_gate_up" else ("w2",)
-        stack = None
-        for e in range(cfg.n_routed_experts):
-            rows = [_dense(source, f"{p}.ffn.experts.{e}.{w}.weight", dtype) for w in parts]
-            if stack is None:
-                stack = torch.empty(cfg.n_routed_experts, sum(r.shape[0] for r in rows), rows[0].shape[1], dtype=dtype)
-            torch.cat(rows, out=stack[e])  # [2I, D] gate rows then up rows, or [D, I]
+        # Filled in place, so the peak is one stack, not two. The build never asks for a whole
+        # stack (it writes expert by expert, exporter/expert_stack.py); the full reference does.
+        first = expert_tensor(source, p, rest, 0, dtype)
+        stack = torch.empty(cfg.n_routed_experts, *first.shape, dtype=dtype)
+        stack[0] = first
+        for e in range(1, cfg.n_routed_experts):
+            stack[e] = expert_tensor(source, p, rest, e, dtype)
         return stack
     return _tensor(source, f"{p}.{rest}", dtype, keep_fp8)
 

@@ -36,6 +36,7 @@ import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
 from dsv3_export.core.build_options import MOE_FORMS
+from dsv3_export.exporter.expert_stack import ExpertStack
 from dsv3_export.exporter.passes.ir_values import dims
 from dsv3_export.exporter.quant_numerics import SharedLoads
 from dsv3_export.plugins import DOMAIN
@@ -82,26 +83,51 @@ def _moe_with_shared_check(context, x, topk_idx, topk_weight, w_gate_up, w_down,
 
 
 # ---- per-expert: each expert its own MatMuls ------------------------------------------------------
-def _expert_weight(op, name: str, loads: SharedLoads, key: str, parts: int, make, pick, shape, dtype) -> ir.Value:
+def _shared_weight(op, name: str, loads: SharedLoads, key: str, parts: int, make, pick, shape, dtype) -> ir.Value:
     """An initializer holding pick(make()) ([in, out], C order), made when the saver writes it; make()
-    (a whole expert stack) runs once for the `parts` weights cut from it."""
+    (the shared MLP's weights) runs once for the `parts` weights cut from it."""
     def load() -> ir.Tensor:
         return ir.Tensor(np.ascontiguousarray(pick(loads.get(key, parts, make))), name=name)
 
     return op.initializer(ir.LazyTensor(load, dtype=dtype, shape=ir.Shape(shape), name=name))
 
 
-def _routed_weights(op, w_gate_up, w_down, loads: SharedLoads) -> list[tuple[ir.Value, ir.Value]]:
-    """(gate_up [D, 2I], down [I, D]) of every routed expert, cut from the stacks [E, 2I, D], [E, D, I]."""
+def _routed_weights(op, w_gate_up, w_down) -> list[tuple[ir.Value, ir.Value]]:
+    """(gate_up [D, 2I], down [I, D]) of every routed expert, cut from the stacks [E, 2I, D], [E, D, I]
+    one expert at a time."""
     e, two_i, d = dims(w_gate_up)
+    gate_up, down = _stack(w_gate_up), _stack(w_down)
     out = []
     for j in range(e):
-        gu = _expert_weight(op, f"{w_gate_up.name}.expert{j}", loads, w_gate_up.name, e,
-                            w_gate_up.const_value.numpy, lambda w, j=j: w[j].T, (d, two_i), w_gate_up.dtype)
-        dn = _expert_weight(op, f"{w_down.name}.expert{j}", loads, w_down.name, e,
-                            w_down.const_value.numpy, lambda w, j=j: w[j].T, (two_i // 2, d), w_down.dtype)
+        gu = _expert_weight(op, f"{w_gate_up.name}.expert{j}", gate_up, j, (d, two_i))
+        dn = _expert_weight(op, f"{w_down.name}.expert{j}", down, j, (two_i // 2, d))
         out.append((gu, dn))
     return out
+
+
+def _stack(value: ir.Value) -> ExpertStack:
+    """The value's expert stack as an ExpertStack (a plain tensor, in a small test graph: read once,
+    then held)."""
+    tensor = value.const_value
+    if isinstance(tensor, ExpertStack):
+        return tensor
+    held: list[np.ndarray] = []
+
+    def slab(j: int) -> np.ndarray:
+        if not held:
+            held.append(tensor.numpy())
+        return held[0][j]
+
+    shape = tuple(int(d) for d in tensor.shape)
+    return ExpertStack(shape[0], slab, shape[1:], tensor.dtype, name=value.name)
+
+
+def _expert_weight(op, name: str, stack: ExpertStack, j: int, shape) -> ir.Value:
+    """Expert j of the stack as [in, out] (C order), made when the saver writes it."""
+    def load() -> ir.Tensor:
+        return ir.Tensor(np.ascontiguousarray(stack.checked_slab(j).T), name=name)
+
+    return op.initializer(ir.LazyTensor(load, dtype=stack.dtype, shape=ir.Shape(shape), name=name))
 
 
 def _shared_weights(op, w1, w3, w2, inter: int, loads: SharedLoads) -> list[tuple[ir.Value, ir.Value]]:
@@ -111,10 +137,10 @@ def _shared_weights(op, w1, w3, w2, inter: int, loads: SharedLoads) -> list[tupl
     out = []
     for s in range(n):
         rows = slice(s * inter, (s + 1) * inter)
-        gu = _expert_weight(op, f"{w1.name}.shared{s}", loads, "gate_up", n,
+        gu = _shared_weight(op, f"{w1.name}.shared{s}", loads, "gate_up", n,
                             lambda: np.stack([w1.const_value.numpy(), w3.const_value.numpy()]),  # [2, n·I, D]
                             lambda w, rows=rows: w[:, rows].reshape(2 * inter, -1).T, (d, 2 * inter), w1.dtype)
-        dn = _expert_weight(op, f"{w2.name}.shared{s}", loads, w2.name, n, w2.const_value.numpy,
+        dn = _shared_weight(op, f"{w2.name}.shared{s}", loads, w2.name, n, w2.const_value.numpy,
                             lambda w, rows=rows: w[:, rows].T, (inter, d), w2.dtype)
         out.append((gu, dn))
     return out
@@ -153,13 +179,13 @@ def _experts(op, x, idx, weight, experts: list[tuple[ir.Value, ir.Value]], share
 
 
 def _per_expert_native(op, x, topk_idx, topk_weight, w_gate_up, w_down, **_):
-    return _experts(op, x, topk_idx, topk_weight, _routed_weights(op, w_gate_up, w_down, SharedLoads()), shared=0)
+    return _experts(op, x, topk_idx, topk_weight, _routed_weights(op, w_gate_up, w_down), shared=0)
 
 
 def _per_expert_with_shared_native(op, x, topk_idx, topk_weight, w_gate_up, w_down, w1, w3, w2, **_):
     loads = SharedLoads()
     shared = _shared_weights(op, w1, w3, w2, dims(w_gate_up)[1] // 2, loads)
-    experts = _routed_weights(op, w_gate_up, w_down, loads) + shared
+    experts = _routed_weights(op, w_gate_up, w_down) + shared
     return _experts(op, x, topk_idx, topk_weight, experts, shared=len(shared))
 
 
@@ -206,19 +232,8 @@ def _ort_moe(op, x, topk_idx, topk_weight, w_gate_up, w_down, routed: int, alway
 def _fused_native(op, x, topk_idx, topk_weight, w_gate_up, w_down, **_):
     e, _, inter = dims(w_down)
     parts = _expert_parts(inter)
-    if parts == 1:
-        _interleave_gate_up(w_gate_up)
-        return _ort_moe(op, x, topk_idx, topk_weight, w_gate_up, w_down, routed=e)
-    gate_up, down = w_gate_up.const_value, w_down.const_value
-
-    def fill_gate_up(out: np.ndarray) -> None:
-        w = gate_up.numpy()
-        _fill_gate_up(out, 0, e, w[:, :inter], w[:, inter:], parts)
-
-    def fill_down(out: np.ndarray) -> None:
-        _fill_down(out, 0, e, down.numpy(), parts)
-
-    gu, dn = _expert_weights(op, w_gate_up, w_down, e, inter, parts, fill_gate_up, fill_down, suffix="")
+    gu, dn = _expert_weights(op, w_gate_up, w_down, _stack(w_gate_up).checked_slab, _stack(w_down).checked_slab,
+                             e, inter, parts, suffix="")
     return _ort_moe(op, x, topk_idx, topk_weight, gu, dn, routed=e, parts=parts)
 
 
@@ -229,22 +244,24 @@ def _fused_with_shared_native(op, x, topk_idx, topk_weight, w_gate_up, w_down, w
     the down projection is linear, so the split sums back exactly."""
     inter = dims(w_gate_up)[1] // 2
     n = dims(w1)[0] // inter
-    routed, down, g, u, d = (v.const_value for v in (w_gate_up, w_down, w1, w3, w2))
-    e = dims(w_gate_up)[0] + n
+    routed = dims(w_gate_up)[0]
+    gate_up, down, g, u, d = _stack(w_gate_up), _stack(w_down), w1.const_value, w3.const_value, w2.const_value
+
+    def expert_gate_up(j: int) -> np.ndarray:  # [2I, D]: gate rows, then up rows
+        if j < routed:
+            return gate_up.checked_slab(j)
+        rows = slice((j - routed) * inter, (j - routed + 1) * inter)
+        return np.concatenate([g.numpy()[rows], u.numpy()[rows]])
+
+    def expert_down(j: int) -> np.ndarray:  # [D, I]
+        if j < routed:
+            return down.checked_slab(j)
+        return d.numpy()[:, (j - routed) * inter:(j - routed + 1) * inter]
+
     parts = _expert_parts(inter)
-
-    def fill_gate_up(out: np.ndarray) -> None:  # peak memory: the routed tensor plus the result
-        w = routed.numpy()
-        _fill_gate_up(out, 0, e, w[:, :inter], w[:, inter:], parts)
-        del w
-        _fill_gate_up(out, e - n, e, g.numpy().reshape(n, inter, -1), u.numpy().reshape(n, inter, -1), parts)
-
-    def fill_down(out: np.ndarray) -> None:
-        _fill_down(out, 0, e, down.numpy(), parts)
-        _fill_down(out, e - n, e, d.numpy().reshape(d.shape[0], n, inter).transpose(1, 0, 2), parts)  # [n, D, I]
-
-    gu, dn = _expert_weights(op, w_gate_up, w_down, e, inter, parts, fill_gate_up, fill_down, suffix=".with_shared")
-    return _ort_moe(op, x, topk_idx, topk_weight, gu, dn, routed=e - n, always=n, parts=parts)
+    gu, dn = _expert_weights(op, w_gate_up, w_down, expert_gate_up, expert_down, routed + n, inter, parts,
+                             suffix=".with_shared")
+    return _ort_moe(op, x, topk_idx, topk_weight, gu, dn, routed=routed, always=n, parts=parts)
 
 
 def _expert_parts(inter: int) -> int:
@@ -252,58 +269,32 @@ def _expert_parts(inter: int) -> int:
     return MOE_PARTS if inter % MOE_PARTS == 0 else 1
 
 
-def _fill_gate_up(out: np.ndarray, first: int, total: int, gate: np.ndarray, up: np.ndarray, parts: int) -> None:
-    """Experts first.. (gate, up: [n, I, D]) into out [parts·total, 2I/parts, D]: piece p of expert j
-    at p·total + j, its rows interleaved (gate_0, up_0, gate_1, ...) for the kernel's fused SwiGLU."""
-    n, inter = gate.shape[:2]
-    width = inter // parts
-    for p in range(parts):
-        rows = out[p * total + first: p * total + first + n]
-        rows[:, 0::2], rows[:, 1::2] = gate[:, p * width:(p + 1) * width], up[:, p * width:(p + 1) * width]
+def _expert_weights(op, w_gate_up, w_down, gate_up, down, e: int, inter: int, parts: int, suffix: str):
+    """New gate/up [parts·e, 2I/parts, D] and down [parts·e, D, I/parts] stacks for `e` experts
+    (gate_up(j) [2I, D], down(j) [D, I]) cut into `parts`: piece p of expert j at p·e + j, its
+    gate/up rows interleaved (gate_0, up_0, gate_1, ...) for the kernel's fused SwiGLU. Written
+    one piece at a time."""
+    d, width = dims(w_down)[1], inter // parts
+    tag = suffix + (f".parts{parts}" if parts > 1 else ".fused")
 
+    def gate_up_piece(i: int) -> np.ndarray:
+        p, j = divmod(i, e)
+        w = gate_up(j)
+        out = np.empty((2 * width, d), w.dtype)
+        out[0::2], out[1::2] = w[p * width:(p + 1) * width], w[inter + p * width: inter + (p + 1) * width]
+        return out
 
-def _fill_down(out: np.ndarray, first: int, total: int, down: np.ndarray, parts: int) -> None:
-    """Experts first.. (down: [n, D, I]) into out [parts·total, D, I/parts], piece p at p·total + j."""
-    n, width = down.shape[0], down.shape[2] // parts
-    for p in range(parts):
-        out[p * total + first: p * total + first + n] = down[:, :, p * width:(p + 1) * width]
+    def down_piece(i: int) -> np.ndarray:
+        p, j = divmod(i, e)
+        return down(j)[:, p * width:(p + 1) * width]
 
-
-def _expert_weights(op, w_gate_up, w_down, e: int, inter: int, parts: int, fill_gate_up, fill_down, suffix: str):
-    """New gate/up and down initializers for `e` experts cut into `parts`, written lazily (at save)."""
-    d = dims(w_down)[1]
-    tag = suffix + (f".parts{parts}" if parts > 1 else "")
     values = []
-    for old, shape, fill in ((w_gate_up, (parts * e, 2 * inter // parts, d), fill_gate_up),
-                             (w_down, (parts * e, d, inter // parts), fill_down)):
-        dtype, name = old.const_value.dtype, f"{old.name}{tag}"
-
-        def load(shape=shape, fill=fill, dtype=dtype, name=name) -> ir.Tensor:
-            out = np.empty(shape, dtype.numpy())
-            fill(out)
-            return ir.Tensor(out, name=name)
-
+    for old, piece, shape in ((w_gate_up, gate_up_piece, (2 * width, d)), (w_down, down_piece, (d, width))):
+        stack = ExpertStack(parts * e, piece, shape, old.const_value.dtype, name=f"{old.name}{tag}")
         # the shape as a constant (E inside _ort_moe too): a Shape of the old weight would keep it in the file
-        values.append(op.initializer(ir.LazyTensor(load, dtype=dtype, shape=ir.Shape(shape), name=name)))
+        values.append(op.initializer(stack))
     values[0].meta["dsv3.interleaved"] = True
     return values
-
-
-def _interleave_gate_up(value: ir.Value) -> None:
-    """[E, 2I, D] rows (gate 0..I-1, up 0..I-1) -> (gate0, up0, gate1, up1, ...), lazily."""
-    if value.meta.get("dsv3.interleaved"):
-        return
-    original = value.const_value
-
-    def load() -> ir.Tensor:
-        w = original.numpy()
-        inter = w.shape[1] // 2
-        out = np.empty_like(w)
-        out[:, 0::2], out[:, 1::2] = w[:, :inter], w[:, inter:]
-        return ir.Tensor(out, name=value.name)
-
-    value.const_value = ir.LazyTensor(load, dtype=original.dtype, shape=original.shape, name=value.name)
-    value.meta["dsv3.interleaved"] = True
 
 
 FORMS = MOE_FORMS

@@ -25,6 +25,7 @@ import onnx_ir as ir
 from dsv3_export.core.errors import ExportError
 from dsv3_export.core.fp8 import FP8_ACT_EPS, FP8_BLOCK, FP8_MAX
 from dsv3_export.exporter.precision_policy import HEAD_BITS, HEAD_BLOCK, INT8_ACT_EPS, Policy
+from dsv3_export.exporter.expert_stack import ExpertStack
 from dsv3_export.exporter.quant_numerics import (
     SharedLoads,
     expert_block,
@@ -32,11 +33,12 @@ from dsv3_export.exporter.quant_numerics import (
     interleave_rows,
     matmulnbits_blob,
     onnx_int4,
+    quantized_expert,
     quantized_int,
     unsigned,
     weight_role,
 )
-from dsv3_export.exporter.weights import source_fp8
+from dsv3_export.exporter.weights import expert_fp8, expert_of, source_fp8
 from dsv3_export.plugins import DOMAIN, DOMAIN_VERSION, PLUGIN_NAMESPACE, PLUGIN_VERSION
 from dsv3_export.plugins.moe_dispatch import onnx_function as moe
 from dsv3_export.plugins.moe_dispatch import spec
@@ -321,16 +323,27 @@ class _Quantizer:
             self.handled.add(base + part)
         return how
 
+    def stacked(self, stack: ExpertStack) -> ir.Value:
+        """An initializer written expert by expert (exporter/expert_stack.py)."""
+        value = ir.Value(name=stack.name, shape=stack.shape, type=ir.TensorType(stack.dtype), const_value=stack)
+        value.meta[QUANTIZED_META] = True
+        self.graph.register_initializer(value)
+        return value
+
     def _experts_fp8(self, node: ir.Node, gate_up: ir.Value, down: ir.Value, base: str) -> str:
         ins = []
+        src = self.source
         for value, part in ((gate_up, "w_gate_up"), (down, "w_down")):
-            fqn = base + part
-            make = (lambda f: lambda: (lambda q, s: (fp8_numpy(q), s.numpy()))(*source_fp8(self.source, f)))(fqn)
+            prefix, rest = expert_of(src, base + part)
             e, rows, cols = (int(d) for d in value.shape)
-            padded = -(-self.source.config.moe_inter_dim // FP8_BLOCK) * FP8_BLOCK
+            padded = -(-src.config.moe_inter_dim // FP8_BLOCK) * FP8_BLOCK
             shape = (e, 2 * padded, cols) if part == "w_gate_up" else (e, rows, padded)
-            wq = self.lazy(f"{value.name}_q", fqn, 2, make, 0, shape, ir.DataType.FLOAT8E4M3FN)
-            ws = self.lazy(f"{value.name}_scale", fqn, 2, make, 1, spec.fp8_scale_shape(shape), ir.DataType.FLOAT)
+            # q and scales are two stacks, each made expert by expert (the scales are recomputed:
+            # holding them for the second stack would hold a layer's worth)
+            wq = self.stacked(ExpertStack(e, lambda i, p=prefix, r=rest: fp8_numpy(expert_fp8(src, p, r, i)[0]),
+                                          shape[1:], ir.DataType.FLOAT8E4M3FN, name=f"{value.name}_q"))
+            ws = self.stacked(ExpertStack(e, lambda i, p=prefix, r=rest: expert_fp8(src, p, r, i)[1].numpy(),
+                                          spec.fp8_scale_shape(shape)[1:], ir.DataType.FLOAT, name=f"{value.name}_scale"))
             ins.append((wq, ws))
         x = self.act_fp8(node.inputs[0], int(gate_up.shape[2]))
         y = self.op(spec.FP8_OP_NAME, [x, node.inputs[1], node.inputs[2], ins[0][0], ins[1][0], ins[0][1], ins[1][1]],
@@ -347,21 +360,20 @@ class _Quantizer:
         e, d, inter = cfg.n_routed_experts, cfg.dim, cfg.moe_inter_dim
         parts = {}
         for value, part in ((gate_up, "w_gate_up"), (down, "w_down")):
-            fqn = base + part
             rows, cols = (2 * inter, d) if part == "w_gate_up" else (d, inter)
             nb = cols // block if block else 1
-            make = (lambda f: lambda: quantized_int(self.source, f, s, block))(fqn)
+            qs = (lambda f: lambda i: quantized_expert(self.source, f, i, s, block))(base + part)
             if self.target == "ort":
-                fused = part == "w_gate_up"
-                pack = (lambda m, fz: lambda: _qmoe(m(), bits, fz, block))(make, fused)
-                wq = self.lazy(f"{value.name}_q", fqn, 2, pack, 0, (e, rows, cols * bits // 8), ir.DataType.UINT8)
-                ws = self.lazy(f"{value.name}_scale", fqn, 2, pack, 1, (e, rows, nb) if block else (e, rows),
-                               ir.DataType.FLOAT)
+                pack = (lambda q, fz: lambda i: _qmoe(q(i), bits, fz, block))(qs, part == "w_gate_up")
+                q_slab, s_slab = (rows, cols * bits // 8), (rows, nb) if block else (rows,)
+                q_type = ir.DataType.UINT8
             else:
-                dtype = ir.DataType.INT4 if bits == 4 else ir.DataType.INT8
-                pack = (lambda m: lambda: _int_rows(m(), bits))(make)
-                wq = self.lazy(f"{value.name}_q", fqn, 2, pack, 0, (e, rows, cols), dtype)
-                ws = self.lazy(f"{value.name}_scale", fqn, 2, pack, 1, (e, rows, nb), ir.DataType.FLOAT)
+                pack = (lambda q: lambda i: _int_rows(q(i), bits))(qs)
+                q_slab, s_slab = (rows, cols), (rows, nb)
+                q_type = ir.DataType.INT4 if bits == 4 else ir.DataType.INT8
+            wq = self.stacked(ExpertStack(e, lambda i, f=pack: f(i)[0], q_slab, q_type, name=f"{value.name}_q"))
+            ws = self.stacked(ExpertStack(e, lambda i, f=pack: f(i)[1], s_slab, ir.DataType.FLOAT,
+                                          name=f"{value.name}_scale"))
             parts[part] = (wq, ws, cols)
         x, idx, weight = node.inputs[0], node.inputs[1], node.inputs[2]
         if self.target == "ort":
