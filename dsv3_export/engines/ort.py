@@ -24,7 +24,6 @@ import contextlib
 import functools
 import hashlib
 import io
-import mmap
 import os
 import sys
 import time
@@ -208,23 +207,43 @@ def _key(tensor: TensorProto, length: int) -> tuple:
     return tensor.data_type, length
 
 
-@contextlib.contextmanager
-def _mapped(path: Path):
-    """A read-only memory map of a file (an empty bytes object for an empty file)."""
-    if path.stat().st_size == 0:
-        yield b""
-        return
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-        yield m
+CHUNK_BYTES = 16 << 20  # share_weights reads and copies tensors in pieces of this size
 
 
-def _slice(data, info: dict[str, str], path: Path) -> memoryview:
-    offset = int(info.get("offset", 0))
-    length = int(info["length"]) if "length" in info else len(data) - offset
-    if offset < 0 or length < 0 or offset + length > len(data):
-        raise ExportError(f"{path.name}: an external tensor lies outside the file "
-                          f"(offset {offset}, length {length}, file {len(data)} bytes)")
-    return memoryview(data)[offset:offset + length]
+class _DataFile:
+    """An external data file read by offset with pread, a piece at a time: hashing or copying a
+    tensor holds CHUNK_BYTES, and no mapped page of the file counts in this process's memory."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.size = path.stat().st_size
+        self.fd = os.open(path, os.O_RDONLY)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def span(self, info: dict[str, str]) -> tuple[int, int]:
+        offset = int(info.get("offset", 0))
+        length = int(info["length"]) if "length" in info else self.size - offset
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise ExportError(f"{self.path.name}: an external tensor lies outside the file "
+                              f"(offset {offset}, length {length}, file {self.size} bytes)")
+        return offset, length
+
+    def pieces(self, offset: int, length: int):
+        end = offset + length
+        while offset < end:
+            piece = os.pread(self.fd, min(CHUNK_BYTES, end - offset), offset)
+            if not piece:
+                raise ExportError(f"{self.path.name}: ends before offset {end}")
+            offset += len(piece)
+            yield piece
+
+    def digest(self, offset: int, length: int) -> str:
+        h = hashlib.sha256()
+        for piece in self.pieces(offset, length):
+            h.update(piece)
+        return h.hexdigest()
 
 
 def share_weights(optimized: Path, source: Path) -> dict:
@@ -233,7 +252,8 @@ def share_weights(optimized: Path, source: Path) -> dict:
     instead of its own copy, so the build directory holds each weight once. A tensor is shared when
     its dtype, dims and bytes (sha256) equal one of the source's external tensors; the others are
     rewritten, in order, into a new (smaller) optimized data file, which is deleted when nothing is
-    left in it. One tensor is read at a time (memory maps, no copy of the weights in memory).
+    left in it. Tensors are read a piece at a time (pread, CHUNK_BYTES: no mapped pages, no copy of
+    the weights in memory).
     Returns counts: tensors and bytes shared (deduplicated) and kept in the optimized data file."""
     optimized, source = Path(optimized), Path(source)
     folder = optimized.parent
@@ -284,24 +304,22 @@ def _rewrite(model, ext, own_path, source, src_by_key, src_files, new_path, repo
     into `new_path`, one tensor at a time."""
     own_name = own_path.name
     src_hashes: dict[tuple[int, int], str] = {}
-    with contextlib.ExitStack() as stack:
-        own = stack.enter_context(_mapped(own_path))
-        src = stack.enter_context(_mapped(source.parent / next(iter(src_files)))) if src_by_key else b""
-        out = stack.enter_context(open(new_path, "wb"))
-        for t in ext:
-            data = _slice(own, _external_info(t), own_path)
-            try:
-                length = len(data)
+    own = _DataFile(own_path)
+    src = _DataFile(source.parent / next(iter(src_files))) if src_by_key else None
+    try:
+        with open(new_path, "wb") as out:
+            for t in ext:
+                offset, length = own.span(_external_info(t))
                 match = None
                 candidates = src_by_key.get(_key(t, length), [])
                 if candidates:
-                    digest = hashlib.sha256(data).hexdigest()
-                    for loc, offset, clen in candidates:
-                        if (offset, clen) not in src_hashes:
-                            src_hashes[(offset, clen)] = hashlib.sha256(
-                                _slice(src, {"offset": str(offset), "length": str(clen)}, source)).hexdigest()
-                        if src_hashes[(offset, clen)] == digest:
-                            match = (loc, offset, clen)
+                    digest = own.digest(offset, length)
+                    for loc, s_offset, s_length in candidates:
+                        if (s_offset, s_length) not in src_hashes:
+                            src_hashes[(s_offset, s_length)] = src.digest(*src.span(
+                                {"offset": str(s_offset), "length": str(s_length)}))
+                        if src_hashes[(s_offset, s_length)] == digest:
+                            match = (loc, s_offset, s_length)
                             break
                 if match is not None:
                     _set_external(t, *match)
@@ -311,13 +329,16 @@ def _rewrite(model, ext, own_path, source, src_by_key, src_files, new_path, repo
                     pad = -out.tell() % DATA_ALIGNMENT
                     if pad:
                         out.write(b"\0" * pad)
-                    offset = out.tell()
-                    out.write(data)
-                    _set_external(t, own_name, offset, length)
+                    at = out.tell()
+                    for piece in own.pieces(offset, length):
+                        out.write(piece)
+                    _set_external(t, own_name, at, length)
                     report["own_tensors"] += 1
                     report["own_bytes"] += length
-            finally:
-                data.release()
+    finally:
+        own.close()
+        if src is not None:
+            src.close()
 
 
 def session(build_dir: str | Path, graph: str = "model", providers: Iterable[str] | None = None,
