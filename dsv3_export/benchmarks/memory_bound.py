@@ -42,6 +42,11 @@ def _graphs(graph: ir.Graph):
                     yield from _graphs(g)
 
 
+def _gathers_chosen(gather: ir.Node) -> bool:
+    producer = gather.inputs[1].producer() if len(gather.inputs) > 1 and gather.inputs[1] is not None else None
+    return producer is not None and producer.op_type == "Unique"
+
+
 def _kinds(value: ir.Value, depth: int = 0) -> set[str]:
     """How the graph reads a weight: as an embedding table (Gather), as an expert stack (read only
     for the chosen experts), or whole ("other"). Uses inside If branches count (same Value)."""
@@ -51,6 +56,8 @@ def _kinds(value: ir.Value, depth: int = 0) -> set[str]:
             continue
         if user.op_type in EXPERT_OPS and index > 0:
             kinds.add("experts")
+        elif user.op_type == "Gather" and index == 0 and _gathers_chosen(user):
+            kinds.add("experts")  # lowered fp8 experts: a stack gathered at Unique(topk_idx)
         elif user.op_type == "Gather" and index == 0 and depth == 0:
             kinds.add("embedding")
         elif user.op_type in _PASS_THROUGH and depth < 2:

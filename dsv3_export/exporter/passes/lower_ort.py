@@ -4,6 +4,8 @@
   query length; the per-head products as batched MatMul.
 - MoE (lower_ort_moe.py): MoEDispatch and the shared-expert MLP -> ONNX Runtime's `MoE` kernel
   ("fused", the default) or each expert's own two MatMuls over its tokens ("per-expert").
+- FP8 MoE (lower_ort_moe_fp8.py): MoEDispatchFP8 -> its chosen experts gathered and dequantized
+  (as uint8 codes through the E4M3 table: ONNX Runtime cannot index float8 tensors).
 - RMSNorm (x·rsqrt(mean(x²)+ε)·w, seven nodes as traced) -> `RMSNormalization` (opset 23).
 - RoPE on interleaved pairs (thirteen nodes as traced) -> `com.microsoft.RotaryEmbedding`
   (interleaved=1), fed the graph's own cos/sin rows with position offset 0.
@@ -20,6 +22,7 @@ from onnxscript.rewriter import pattern
 
 from dsv3_export.exporter.passes import lower_ort_mla as mla
 from dsv3_export.exporter.passes import lower_ort_moe as moe
+from dsv3_export.exporter.passes import lower_ort_moe_fp8 as moe_fp8
 from dsv3_export.exporter.passes.ir_values import const_array, const_is, dims
 
 
@@ -88,6 +91,7 @@ RULES = [
     *mla.RULES,
     pattern.RewriteRule(_rms_norm, _rms_norm_native, _rms_norm_check, name="RMSNormToRMSNormalization"),
     pattern.RewriteRule(_rope, _rope_native, _rope_check, name="RopeToRotaryEmbedding"),
+    moe_fp8.RULE,
 ]
 
 
