@@ -230,8 +230,12 @@ def check_file_hashes(build_dir: str | Path, manifest: Manifest) -> None:
 
 # ---- the graphs' contract ---------------------------------------------------------------------------
 def graph_io(path: Path) -> dict[str, list[dict]]:
-    """Inputs and outputs of a saved graph (names, dtypes, symbolic shapes), read without its weights."""
-    model = onnx.load(str(path), load_external_data=False)
+    """Inputs and outputs of a saved graph (names, dtypes, symbolic shapes), read without its weights;
+    ExportError naming the file when it is not an ONNX graph."""
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf's DecodeError, or an OSError
+        raise ExportError(f"{path}: not a readable ONNX graph ({type(e).__name__})") from None
 
     def describe(values):
         out = []

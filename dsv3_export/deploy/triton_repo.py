@@ -215,7 +215,7 @@ def _stage_files(k: int, stage: dict, device: str, backend: str, build: Path, ve
         if not plan.is_file():
             raise ExportError(f"{build}: this TensorRT build has no {plan.name}")
         return {"model.plan": link(plan, version / "model.plan")}
-    # The raw graph: the saved optimized one (.ort.onnx) is the CPU provider's (engines/ort.py).
+    # The exported graph: ONNX Runtime optimizes it for the GPU provider as it loads.
     graph = build / stage["file"]
     made = {"model.onnx": clone(graph, version / "model.onnx")}
     for data in external_files(graph):

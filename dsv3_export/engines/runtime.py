@@ -65,9 +65,9 @@ def layout_hints(manifest: Manifest) -> list[str]:
     """One line each for what an older build's layout costs and a rebuild fixes (it still runs)."""
     hints = []
     graphs = manifest.engine.get("graphs") or {}
-    if manifest.backend == "ort" and graphs and not all("shared" in g for g in graphs.values()):
-        hints.append("this build keeps a second copy of its weights in its optimized graphs (made before "
-                     "dsv3-export shared them); rebuild it to store each weight once")
+    if manifest.backend == "ort" and any("optimized" in g for g in graphs.values()):
+        hints.append("this build holds saved optimized graphs (*.ort.onnx), which sessions no longer read "
+                     "(they optimize as they load); rebuild it to drop them")
     return hints
 
 

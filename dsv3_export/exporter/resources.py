@@ -13,10 +13,9 @@ from dsv3_export.exporter.describe import human_bytes, parameter_counts
 from dsv3_export.exporter.stage_plan import model_bytes
 
 REFERENCE_MARGIN = 2 << 30  # activations, the tokenizer, the engine being compared: beyond the fp32 weights
-# The disk a build holds at its peak, per byte of stored weights: ONNX Runtime writes its optimized
-# graph with a second copy of every weight before the build points those at the first copy
-# (engines/ort.py), plus the graphs, the tokenizer and the report.
-BUILD_DISK_FACTOR = 2.1
+# The disk a build holds at its peak, per byte of stored weights: the weights once (the engine step
+# writes nothing, engines/ort.py), plus the graphs, the tokenizer and the report.
+BUILD_DISK_FACTOR = 1.1
 
 
 def available_memory() -> int | None:

@@ -126,7 +126,7 @@ def _trt_runner(build_dir: Path, graph: str, feeds: list[dict], name: str):
 
 
 def _ort_engine_loader(build_dir: Path, graph: str, providers: list[str]):
-    """The ONNX Runtime engine as `engines.ort.session` loads it (the saved optimized graph)."""
+    """The ONNX Runtime engine as `engines.ort.session` loads it (its options, optimized at load)."""
     return lambda: ort_engine.session(build_dir, graph[: -len(".onnx")], providers=providers)
 
 

@@ -4,8 +4,9 @@ Polygraphy's `Comparator` runs every runner on the same feed dicts and compares 
 with the reference's, output by output:
 
 - runners (verification.runners): `ReferenceRunner` (the PyTorch model behind the graph contract's
-  names), "ort" (the ONNX Runtime engine as deployed: `engines.ort.session`, the saved optimized
-  graph), "graph" (the raw exported graph in ONNX Runtime through Polygraphy's `SessionFromOnnx`),
+  names), "ort" (the ONNX Runtime engine as deployed: `engines.ort.session`, its options and
+  optimization level), "graph" (the exported graph in ONNX Runtime through Polygraphy's
+  `SessionFromOnnx`),
   "trt" (Polygraphy's `TrtRunner` over the build's plan; by default only where TensorRT works and
   the build has model.plan);
 - inputs (verification.inputs): a prefill (batch 2, a 12-token prompt, an empty past) and a chain of

@@ -1,9 +1,9 @@
-"""engines/ort.py: working providers, the offline-optimized graphs, and ORT vs the PyTorch reference."""
+"""engines/ort.py: working providers, the engine step, sessions optimized at load, and ORT vs the
+PyTorch reference."""
 
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -46,43 +46,39 @@ def test_unusable_provider_is_refused(tiny_build):
         eo.session(tiny_build, providers=["CUDAExecutionProvider"])
 
 
-def test_prepare_saves_optimized_graphs(tiny_build):
+def test_prepare_loads_each_graph_and_writes_nothing(tiny_build):
+    """The engine step leaves the exported graphs as the build's only weights: no optimized copy."""
     manifest = json.loads((tiny_build / "manifest.json").read_text())
     engine = manifest["engine"]
     assert engine["kind"] == "onnxruntime" and engine["graph_optimization_level"] == "extended"
-    assert engine["providers"] == ["CPUExecutionProvider"]
-    for graph, optimized in (("model.onnx", "model.ort.onnx"), ("mtp.onnx", "mtp.ort.onnx")):
-        entry = engine["graphs"][graph]
-        own_data = optimized + ".data"
-        assert entry["optimized"] == optimized
-        assert entry["files"] == [optimized] + ([own_data] if (tiny_build / own_data).is_file() else [])
-        for f in entry["files"]:
-            assert f in manifest["files"] and (tiny_build / f).is_file()
-        # Files the dedup step deleted are not listed.
-        assert {f for f in manifest["files"] if f.startswith(optimized)} == set(entry["files"])
-        assert entry["shared"]["deduplicated_bytes"] > 0
-    assert engine["deduplicated_bytes"] == sum(g["shared"]["deduplicated_bytes"] for g in engine["graphs"].values())
-    # The weights are external (the exported graph's data file, or the optimized graph's own for
-    # the ones the optimizer changed); the graph itself is small.
-    assert (tiny_build / "model.ort.onnx").stat().st_size < (tiny_build / "model.onnx.data").stat().st_size
+    assert engine["providers"] == ["CPUExecutionProvider"] and engine["optimized"] == "at load"
+    assert set(engine["graphs"]) == {"model.onnx", "mtp.onnx"}
+    assert all(g["seconds"] >= 0 for g in engine["graphs"].values())
+    assert not list(tiny_build.glob("*.ort.onnx*"))
+    assert sorted(f.name for f in tiny_build.glob("*.data")) == ["model.onnx.data", "mtp.onnx.data"]
+    assert manifest["disk"]["ratio"] < 1.5  # the weights once, the graphs, the tokenizer, the report
 
 
-def test_session_prefers_optimized_file(tiny_build, tmp_path):
+def test_prepare_names_a_graph_onnx_runtime_cannot_load(tmp_path):
+    from dsv3_export.engines import ort as eo
+
+    bad = tmp_path / "model.onnx"
+    bad.write_bytes(b"not a graph")
+    with pytest.raises(ExportError, match="model.onnx: ONNX Runtime cannot load it"):
+        eo.prepare(tmp_path, {"model.onnx": bad})
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["model.onnx"]
+
+
+def test_session_optimizes_the_exported_graph_as_it_loads(tiny_build, tmp_path):
     import onnxruntime as ort
 
     from dsv3_export.engines import ort as eo
 
     s = eo.session(tiny_build, "model", threads=1)
-    assert s.dsv3_model_path.name == "model.ort.onnx"
-    assert s.get_session_options().graph_optimization_level == ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    assert s.get_session_options().intra_op_num_threads == 1
-    assert eo.session(tiny_build, "mtp").dsv3_model_path.name == "mtp.ort.onnx"
-    # Without it: the raw graph, optimized online.
-    bare = tmp_path / "bare"
-    shutil.copytree(tiny_build, bare, ignore=shutil.ignore_patterns("*.ort.onnx*"))
-    s = eo.session(bare, "model")
     assert s.dsv3_model_path.name == "model.onnx"
     assert s.get_session_options().graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    assert s.get_session_options().intra_op_num_threads == 1
+    assert eo.session(tiny_build, "mtp").dsv3_model_path.name == "mtp.onnx"
     with pytest.raises(ExportError, match="no such graph"):
         eo.session(tmp_path, "model")
 
@@ -91,17 +87,12 @@ def _feeds(ids, past):
     return buffered_feed(ids, layer_pasts(past))
 
 
-@pytest.mark.parametrize("optimized", [True, False], ids=["optimized", "raw"])
-def test_ort_matches_reference_prefill_and_decode(tiny_build, reference, tmp_path, optimized):
+def test_ort_matches_reference_prefill_and_decode(tiny_build, reference):
     """Prefill of 7 tokens (batch 2), then 8 decode steps fed with the reference's greedy tokens:
     logits, hidden states and the latent cache within 1e-4 x max|ref|."""
     from dsv3_export.engines import ort as eo
 
-    build = tiny_build
-    if not optimized:
-        build = tmp_path / "raw"
-        shutil.copytree(tiny_build, build, ignore=shutil.ignore_patterns("*.ort.onnx*"))
-    sess = eo.session(build, "model")
+    sess = eo.session(tiny_build, "model")
     names = [o.name for o in sess.get_outputs()]
     cfg = reference.cfg
     rng = np.random.default_rng(0)
@@ -123,7 +114,7 @@ def test_ort_matches_reference_prefill_and_decode(tiny_build, reference, tmp_pat
         ref_past = ref.past
         ids = ref.logits[:, -1:].argmax(-1).numpy()
     assert past[0].shape == (2, 7 + 8, cfg.latent_dim)
-    print(f"max rel logits error over prefill + 8 decode steps ({'optimized' if optimized else 'raw'}): {worst:.2e}")
+    print(f"max rel logits error over prefill + 8 decode steps: {worst:.2e}")
 
 
 def test_mtp_graph_matches_reference(tiny_build, reference):

@@ -48,8 +48,8 @@ def cli(*args):
 # ---- loading ----------------------------------------------------------------------------------------
 def test_load(engine, tiny_build):
     assert engine.backend == "ort" and engine.config.vocab_size == 512
-    assert engine.model_file == tiny_build / "model.ort.onnx"  # the optimized graph, on every load
-    assert engines.load(tiny_build).model_file.name == "model.ort.onnx"
+    assert engine.model_file == tiny_build / "model.onnx"
+    assert engines.load(tiny_build).model_file.name == "model.onnx"
     assert engine.tokenizer is not None and engine.mtp_session is not None
 
 
@@ -66,8 +66,8 @@ def test_tampered_file_is_named(copy_build):
 
 
 def test_missing_file_is_named(copy_build):
-    d = copy_build(lambda d: (d / "mtp.ort.onnx.data").unlink())
-    assert_clean_error(cli("run", d, "--ids", "0,1,2"), "mtp.ort.onnx.data", "missing")
+    d = copy_build(lambda d: (d / "mtp.onnx.data").unlink())
+    assert_clean_error(cli("run", d, "--ids", "0,1,2"), "mtp.onnx.data", "missing")
 
 
 # ---- forward ----------------------------------------------------------------------------------------
@@ -304,7 +304,7 @@ def test_nan_weights_give_an_error_not_token_0(copy_build):
     """A weight file turned to NaN behind the hash check's back (check_files=False): generation stops
     with one clear error instead of emitting token 0 forever (plain, batched and speculative)."""
     def poison(d):
-        data = d / "model.ort.onnx.data"
+        data = d / "model.onnx.data"
         raw = bytearray(data.read_bytes())
         raw[: len(raw) // 4 * 4] = np.full(len(raw) // 4, np.nan, np.float32).tobytes()
         data.write_bytes(bytes(raw))
@@ -335,7 +335,7 @@ def test_a_build_that_failed_verification_is_refused(copy_build):
         engines.load(copy_build(fail))
 
 
-def test_an_old_two_copy_build_gets_a_hint(tiny_build):
+def test_an_old_build_with_saved_optimized_graphs_gets_a_hint(tiny_build):
     import json
 
     from dsv3_export.core.build_dir import Manifest
@@ -343,7 +343,7 @@ def test_an_old_two_copy_build_gets_a_hint(tiny_build):
 
     m = json.loads((tiny_build / "manifest.json").read_text())
     assert layout_hints(Manifest(m)) == [] and engines.load(tiny_build).hints == []
-    for g in m["engine"]["graphs"].values():  # as builds before shared weights recorded it
-        del g["shared"]
+    for name, g in m["engine"]["graphs"].items():  # as builds that saved model.ort.onnx recorded it
+        g["optimized"] = name.replace(".onnx", ".ort.onnx")
     (hint,) = layout_hints(Manifest(m))
-    assert "second copy of its weights" in hint and "rebuild" in hint
+    assert "*.ort.onnx" in hint and "rebuild" in hint

@@ -88,15 +88,25 @@ def test_unloadable_engine_fails(verified, tmp_path):
     build, _ = verified
     broken = tmp_path / "broken"
     shutil.copytree(build, broken)
-    (broken / "model.ort.onnx").write_bytes((build / "model.ort.onnx").read_bytes()[:1000])
-    with pytest.raises(ExportError, match="model.ort.onnx"):  # the hashes are checked first, as run does
+    (broken / "model.onnx.data").write_bytes((build / "model.onnx.data").read_bytes()[:1000])
+    with pytest.raises(ExportError, match="model.onnx.data"):  # the hashes are checked first, as run does
         verify(broken, "tiny", decode_steps=1, greedy_tokens=2, backends=["ort"])
     (broken / "manifest.json").unlink()  # bare graphs: the runner that cannot load fails its checks
     result = verify(broken, "tiny", decode_steps=1, greedy_tokens=2, backends=["ort"])
     assert not result["passed"]
     failed = {c["name"] for c in result["checks"] if not c["passed"]}
     assert failed == {"model.onnx run [ort]", "greedy 2 tokens [ort]", "lm text [ort]"}
-    assert all("model.ort.onnx" in c["error"] for c in result["checks"] if not c["passed"])
+    assert all("model.onnx" in c["error"] for c in result["checks"] if not c["passed"])
+
+
+def test_a_graph_that_is_not_onnx_is_named(verified, tmp_path):
+    build, _ = verified
+    broken = tmp_path / "broken"
+    shutil.copytree(build, broken)
+    (broken / "model.onnx").write_bytes((build / "model.onnx").read_bytes()[:1000])
+    (broken / "manifest.json").unlink()
+    with pytest.raises(ExportError, match=r"model\.onnx: not a readable ONNX graph"):
+        verify(broken, "tiny", decode_steps=1, greedy_tokens=2, backends=["ort"])
 
 
 def test_cli_verify_exit_codes(verified, tmp_path):

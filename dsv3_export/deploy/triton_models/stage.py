@@ -2,8 +2,8 @@
 
 Copied into `<repo>/dsv3_stage<k>/1/model.py` by deploy.triton_repo; the config's parameters say
 which build (`build_dir`), which graph (`graph`, e.g. stage0.onnx) and how many intra-op threads
-(`threads`, 0 = ONNX Runtime's default). engines.ort.session opens the graph the build saved
-optimized (`<stem>.ort.onnx`) when there is one. Stateless: the caches come in with each request
+(`threads`, 0 = ONNX Runtime's default). engines.ort.session opens the graph and optimizes it as
+it loads. Stateless: the caches come in with each request
 (past_latent.{i}) and go back out (present_latent.{i}); the `dsv3` model owns them.
 """
 

@@ -1,11 +1,11 @@
 """Store transposed weights transposed: `Transpose(W)` of a weight becomes a weight holding Wᵀ.
 
 torch.onnx traces `F.linear(x, W)` as `MatMul(x, Transpose(W))`. ONNX Runtime's optimizer folds
-each such Transpose into a new initializer when it prepares the build's engine graph, so the
-engine graph held a second, transposed copy of every Linear weight that the exported graph stored
-the other way round (`small`: 0.42 GB of 2.33 GB). Writing Wᵀ once, in the exported graph, leaves
-ONNX Runtime nothing to fold, and `engines.ort.share_weights` then finds every engine weight in
-model.onnx.data. Exact: a transpose moves values, it does not compute. The transposed tensor is
+each such Transpose into a new initializer when it loads the graph, so a session held a second,
+transposed copy in memory of every Linear weight that the exported graph stored the other way round
+(`small`: 0.42 GB of 2.33 GB). Writing Wᵀ once, in the exported graph, leaves ONNX Runtime nothing
+to fold: the session reads every weight from model.onnx.data as stored. Exact: a transpose moves
+values, it does not compute. The transposed tensor is
 made lazily when the saver writes it (the weight is read once, as before).
 """
 
