@@ -16,7 +16,7 @@ import click
 
 from dsv3_export.cli import tables
 from dsv3_export.core.build_options import BACKENDS, MLA_FORMS, MOE_FORMS, PRECISIONS, BuildOptions
-from dsv3_export.core.errors import ExportError
+from dsv3_export.core.errors import ExportError, allocation_failure
 
 SEED = click.IntRange(min=0, max=2**63 - 1)  # numpy's generators take non-negative seeds
 REVISION_HELP = ("For a Hugging Face id ORG/NAME: the branch, tag or commit (default main); the local cache is "
@@ -65,6 +65,11 @@ class _Group(click.Group):
             if e.errno is None:
                 raise
             _fail(f"{e.filename or 'I/O error'}: {e.strerror}")
+        except (MemoryError, RuntimeError) as e:  # an allocation failure anywhere: its words name the bytes
+            why = allocation_failure(e)
+            if why is None:
+                raise
+            _fail(f"{ctx.invoked_subcommand or ctx.info_name}: out of memory: {why}")
 
 
 def _fail(message: str) -> None:

@@ -30,7 +30,7 @@ from dsv3_export.core.build_dir import (
     write_manifest,
 )
 from dsv3_export.core.build_options import BuildOptions
-from dsv3_export.core.errors import ExportError
+from dsv3_export.core.errors import ExportError, allocation_failure
 from dsv3_export.core.progress import Reporter
 from dsv3_export.exporter.checkpoint import Checkpoint
 from dsv3_export.exporter.describe import cache_bytes_per_token
@@ -95,9 +95,22 @@ def export_graph(kind: str, source, out_dir: Path, reporter: Reporter, *, mla: s
     graph = pretranspose(graph)  # Wᵀ stored once: ONNX Runtime then has no transposed copy to fold
     graph.producer_name, graph.producer_version = "dsv3-export", tool_versions().get("dsv3-export", "")
     path = out_dir / f"{kind}.onnx"
-    advance = reporter.stage(f"writing {kind}.onnx weights", total=len(graph.graph.initializers))
-    ir.save(graph, path, external_data=f"{kind}.onnx.data", callback=lambda tensor, info: advance(1))
-    reporter.done(f"writing {kind}.onnx weights")
+    step = f"writing {kind}.onnx weights"
+    advance = reporter.stage(step, total=len(graph.graph.initializers))
+    writing: list[str] = []  # the tensor being written (the saver calls back before each)
+
+    def on_tensor(tensor, info) -> None:
+        writing[:] = [tensor.name]
+        advance(1)
+
+    try:
+        ir.save(graph, path, external_data=f"{kind}.onnx.data", callback=on_tensor)
+    except Exception as e:
+        why = allocation_failure(e)
+        if why is None:
+            raise
+        raise ExportError(f"{step}: out of memory at tensor {writing[0] if writing else '?'}: {why}") from None
+    reporter.done(step)
     return path
 
 

@@ -24,8 +24,8 @@ import onnx_ir as ir
 
 from dsv3_export.core.errors import ExportError
 from dsv3_export.core.fp8 import FP8_ACT_EPS, FP8_BLOCK, FP8_MAX
-from dsv3_export.exporter.precision_policy import HEAD_BITS, HEAD_BLOCK, INT8_ACT_EPS, Policy
 from dsv3_export.exporter.expert_stack import ExpertStack
+from dsv3_export.exporter.precision_policy import HEAD_BITS, HEAD_BLOCK, INT8_ACT_EPS, Policy
 from dsv3_export.exporter.quant_numerics import (
     SharedLoads,
     expert_block,
