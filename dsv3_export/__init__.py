@@ -17,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dsv3_export.core.build_options import BuildOptions
+from dsv3_export.core.build_options import DEFAULT_BUILD_DIR, BuildOptions
 from dsv3_export.core.errors import CheckpointError, ConfigError, ExportError
 
 if TYPE_CHECKING:
@@ -30,7 +30,7 @@ __all__ = ["build", "load", "load_reference", "open_source", "demo_path", "Build
            "ExportError", "ConfigError", "CheckpointError"]
 
 
-def build(source: str | Path = "demo", out: str | Path = "build", options: BuildOptions | None = None, *,
+def build(source: str | Path = "demo", out: str | Path = DEFAULT_BUILD_DIR, options: BuildOptions | None = None, *,
           reporter=None, **changes: Any) -> Path:
     """Checkpoint dir or preset -> an engine directory, verified unless told otherwise; returns it.
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 
 from dsv3_export.cli import tables
-from dsv3_export.core.build_options import BACKENDS, MLA_FORMS, MOE_FORMS, PRECISIONS, BuildOptions
+from dsv3_export.core.build_options import BACKENDS, DEFAULT_BUILD_DIR, MLA_FORMS, MOE_FORMS, PRECISIONS, BuildOptions
 from dsv3_export.core.errors import ExportError, allocation_failure
 
 SEED = click.IntRange(min=0, max=2**63 - 1)  # numpy's generators take non-negative seeds
@@ -228,7 +228,7 @@ class _RichReporter:
 
 @main.command()
 @click.argument("source", default="demo")
-@click.option("-o", "--out", default="build", show_default=True, type=click.Path(file_okay=False),
+@click.option("-o", "--out", default=DEFAULT_BUILD_DIR, show_default=True, type=click.Path(file_okay=False),
               help="Build directory to create.")
 @click.option("--precision", default="fp32", show_default=True, type=click.Choice(PRECISIONS),
               help="fp8: E4M3, 128x128 block scales (DeepSeek's format); int8: W8A8; int8-wo / int4-wo: weight-only. "
@@ -287,7 +287,7 @@ def _parse_ids(text: str) -> list[int]:
 
 
 @main.command()
-@click.argument("build_dir", type=click.Path(path_type=Path), default="build")
+@click.argument("build_dir", type=click.Path(path_type=Path), default=DEFAULT_BUILD_DIR)
 @click.option("--prompt", default=None, help="Text to continue (needs the build's tokenizer.json).")
 @click.option("--ids", "ids_text", default=None, metavar="1,2,3", help="Token ids to continue, comma-separated.")
 @sampling_options
@@ -299,7 +299,7 @@ def _parse_ids(text: str) -> list[int]:
 @click.option("--echo/--no-echo", default=True, show_default=True,
               help="Print the --prompt text before its continuation.")
 def run(build_dir, prompt, ids_text, backend, speculative, threads, echo, **sampling) -> None:
-    """Generate from a build (default: ./build): stream the continuation to stdout, a stats line to stderr."""
+    """Generate from a build (default: ./dsv3-build): stream the continuation to stdout, a stats line to stderr."""
     from dsv3_export import engines
     from dsv3_export.engines.text import TextOutput
 
@@ -438,7 +438,7 @@ def _bench_batches(builds, batches, threads, repeats, contexts, decode_steps, js
 
 
 @main.command()
-@click.argument("build_dir", type=click.Path(path_type=Path), default="build")
+@click.argument("build_dir", type=click.Path(path_type=Path), default=DEFAULT_BUILD_DIR)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (loopback by default).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
 @click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True,

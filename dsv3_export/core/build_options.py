@@ -16,6 +16,9 @@ PRECISIONS = ("fp32", "fp8", "int8", "int8-wo", "int4-wo")
 BACKENDS = ("ort", "trt")  # the engines a build can hold
 MLA_FORMS = ("absorbed", "naive")
 MOE_FORMS = ("fused", "per-expert")  # how a lowered ONNX Runtime graph runs its experts
+# Where `build` writes and `run`, `serve`, `bench` look by default: not `build/`, which setuptools
+# and many other tools use for their own output.
+DEFAULT_BUILD_DIR = "dsv3-build"
 TRT_FIELDS = ("max_batch", "max_seq_len", "max_prefill")  # the TensorRT profile limits `build` takes as flags
 
 

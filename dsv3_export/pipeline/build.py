@@ -29,7 +29,7 @@ from dsv3_export.core.build_dir import (
     graph_io,
     write_manifest,
 )
-from dsv3_export.core.build_options import BuildOptions
+from dsv3_export.core.build_options import DEFAULT_BUILD_DIR, BuildOptions
 from dsv3_export.core.errors import ExportError, allocation_failure
 from dsv3_export.core.progress import Reporter
 from dsv3_export.exporter.checkpoint import Checkpoint
@@ -157,7 +157,7 @@ def write_tokenizer(source, spec: str | Path, out_dir: Path) -> Path | None:
     return dest
 
 
-def build(source_spec: str | Path = "demo", out: str | Path = "build", options: BuildOptions | None = None, *,
+def build(source_spec: str | Path = "demo", out: str | Path = DEFAULT_BUILD_DIR, options: BuildOptions | None = None, *,
           reporter: Reporter | None = None) -> dict[str, Any]:
     """Export, pass, build the engine, verify, write the manifest, as `options` asks
     (core.build_options.BuildOptions). Returns the manifest (plus the verify verdict under "verify")."""

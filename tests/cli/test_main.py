@@ -127,3 +127,20 @@ def test_a_bad_flag_is_refused_before_torch_or_onnx_load(tmp_path, args):
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.stdout.split("\n")[-2] in ("2 []", "1 []"), done.stdout + done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith("error: ")
+
+
+def test_default_build_folder_leaves_setuptools_build_alone(tmp_path):
+    """In a clone after `pip install .` (setuptools' build/ present), `build --force` writes
+    ./dsv3-build, `run` finds it there, and build/ is untouched."""
+    setuptools_build = tmp_path / "build" / "lib"
+    setuptools_build.mkdir(parents=True)
+    (setuptools_build / "x.py").write_text("x = 1\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    made = subprocess.run([sys.executable, "-m", "dsv3_export.cli.main", "build", "tiny", "--no-verify", "--force"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert made.returncode == 0, made.stderr[-2000:]
+    assert (tmp_path / "dsv3-build" / "manifest.json").is_file()
+    assert sorted(p.name for p in (tmp_path / "build").rglob("*")) == ["lib", "x.py"]
+    ran = subprocess.run([sys.executable, "-m", "dsv3_export.cli.main", "run", "--ids", "1,2,3", "--max-tokens", "2"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert ran.returncode == 0, ran.stderr[-2000:]
