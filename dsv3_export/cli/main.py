@@ -298,7 +298,9 @@ def _parse_ids(text: str) -> list[int]:
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="ONNX Runtime intra-op threads.")
 @click.option("--echo/--no-echo", default=True, show_default=True,
               help="Print the --prompt text before its continuation.")
-def run(build_dir, prompt, ids_text, backend, speculative, threads, echo, **sampling) -> None:
+@click.option("--stop", "stop_strings", multiple=True, metavar="TEXT",
+              help="End the generation where its text contains TEXT (left out of the output; repeatable).")
+def run(build_dir, prompt, ids_text, backend, speculative, threads, echo, stop_strings, **sampling) -> None:
     """Generate from a build (default: ./dsv3-build): stream the continuation to stdout, a stats line to stderr."""
     from dsv3_export import engines
     from dsv3_export.engines.text import TextOutput
@@ -313,7 +315,7 @@ def run(build_dir, prompt, ids_text, backend, speculative, threads, echo, **samp
     for hint in engine.hints:
         click.echo(f"hint: {hint}", err=True)
     params = engine.sampling_params(params)
-    out = TextOutput(engine.tokenizer, stop_ids=params.stop)
+    out = TextOutput(engine.tokenizer, stop_strings=stop_strings, stop_ids=params.stop)
 
     def on_token(row: int, token: int) -> None:
         starting = not out.token_ids
@@ -323,7 +325,7 @@ def run(build_dir, prompt, ids_text, backend, speculative, threads, echo, **samp
         click.echo(piece if engine.tokenizer is not None else ("" if starting else " ") + str(token), nl=False)
         sys.stdout.flush()
 
-    result = engine.generate(source, params, speculative=speculative, on_token=on_token)
+    result = engine.generate(source, params, stop_strings=stop_strings, speculative=speculative, on_token=on_token)
     click.echo(out.finish())
     click.echo(result.stats.summary() + (" (stopped)" if result.finish_reason == "stop" else ""), err=True)
 

@@ -40,7 +40,7 @@ from dsv3_export.engines.kv_cache import zero_cache
 from dsv3_export.engines.sampling import SamplingParams, sample
 from dsv3_export.engines.scheduler import Scheduler
 from dsv3_export.engines.stages import StagedSession
-from dsv3_export.engines.text import final_text, tokenize
+from dsv3_export.engines.text import TextOutput, final_text, tokenize
 from dsv3_export.engines.trt_profiles import max_batch as trt_max_batch
 
 
@@ -144,6 +144,20 @@ class GenerationResult:
 
 
 # ---- the engine -------------------------------------------------------------------------------------
+
+def _watching(on_token, texts: list[TextOutput] | None):
+    """on_token, with each row's tokens also fed to its TextOutput (stop strings): the callback
+    returns True, ending that row, when on_token does or the row's text reached a stop string."""
+    if texts is None:
+        return on_token
+
+    def watch(row: int, token: int) -> bool:
+        ended = on_token is not None and on_token(row, token) is True
+        texts[row].push(token)
+        return ended or texts[row].stops.stopped
+
+    return watch
+
 class Engine:
     """A loaded build: `forward` (one graph call) and `generate` (prefill + decode with the cache).
 
@@ -350,17 +364,22 @@ class Engine:
         return [[int(t) for t in r] for r in rows], batched
 
     def generate(self, prompt, params: SamplingParams | None = None, *, max_new_tokens: int | None = None,
-                 stop: Iterable[int] | int | None = None, speculative: bool = False,
-                 on_token: Callable[[int, int], Any] | None = None, add_bos: bool = True,
-                 **sampling) -> GenerationResult:
+                 stop: Iterable[int] | int | None = None, stop_strings: Iterable[str] = (),
+                 speculative: bool = False, on_token: Callable[[int, int], Any] | None = None,
+                 add_bos: bool = True, **sampling) -> GenerationResult:
         """Continue `prompt`: a str, a list of str (a batch), a list of ids, a list of lists of ids (or
         a 1-D / 2-D integer array); a batch's prompts may have any lengths (continuous batching,
         engines.scheduler). `params` (engines.sampling.SamplingParams) and/or its fields as
         keywords (temperature, top_k, top_p, min_p, seed; `max_new_tokens` is its max_tokens):
         greedy by default, each sequence from its own numpy Generator seeded with `seed`. A
-        sequence stops after emitting the config's EOS or one of `stop` (token ids), or after
-        max_tokens. `on_token(row, id)` is called for each emitted token as it is generated."""
+        sequence stops after emitting the config's EOS or one of `stop` (token ids), after its text
+        contains one of `stop_strings` (the text is cut before it), or after max_tokens.
+        `on_token(row, id)` is called for each emitted token as it is generated; when it returns
+        True, that sequence ends there (finish_reason "stop")."""
         params = self.sampling_params(params, max_new_tokens, stop, **sampling)
+        stop_strings = [s for s in stop_strings if s]
+        if stop_strings and self.tokenizer is None:
+            raise ExportError("stop strings need the build's tokenizer (tokenizer.json)")
         rows, batched = self._prompt_rows(prompt, add_bos)
         longest = max(len(r) for r in rows)
         if longest + params.max_tokens > self.config.max_seq_len:
@@ -369,12 +388,15 @@ class Engine:
         if params.penalized and (speculative or not self.buffered):
             raise ExportError("repetition, presence and frequency penalties need the batched path: not with speculative "
                               "decoding, nor on a build whose graphs take no cache buffers (--mla naive)")
+        texts = [TextOutput(self.tokenizer, stop_strings=stop_strings, stop_ids=params.stop)
+                 for _ in rows] if stop_strings else None
+        on_token = _watching(on_token, texts)
         if speculative:
             ids = self._speculative_ids(rows)
             return self._speculative_result(ids, batched, params.stop,
-                                            mtp_speculation.decode(self, ids, params, on_token=on_token))
+                                            mtp_speculation.decode(self, ids, params, on_token=on_token), texts)
         if self.buffered:
-            return self._generate_batched(rows, batched, params, on_token)
+            return self._generate_batched(rows, batched, params, on_token, texts)
         if len({len(r) for r in rows}) > 1:
             raise ExportError(f"batched prompts must have the same length in tokens in this build (got lengths "
                               f"{', '.join(map(str, sorted({len(r) for r in rows})))}): its graphs take no cache "
@@ -382,7 +404,7 @@ class Engine:
         ids = np.asarray(rows, dtype=np.int64)
         out = self._decode_loop(ids, params.max_tokens, params.stop, on_token,
                                 lambda logits, rng: sample(logits, rng, params), np.random.default_rng(params.seed))
-        return self._result(rows, batched, *out, params.stop)
+        return self._result(rows, batched, *out, params.stop, texts=texts)
 
     def sampling_params(self, params: SamplingParams | None = None, max_new_tokens: int | None = None,
                         stop: Iterable[int] | int | None = None, **sampling) -> SamplingParams:
@@ -404,13 +426,16 @@ class Engine:
         return params.replace(stop=frozenset(stops))
 
     def _generate_batched(self, rows: list[list[int]], batched: bool, params: SamplingParams,
-                          on_token) -> GenerationResult:
+                          on_token, texts=None) -> GenerationResult:
         """Every prompt through one scheduler at once: each prefilled whole, then decoded together."""
         scheduler = Scheduler(self, max_batch=len(rows), prefill_chunk=max(len(r) for r in rows))
         row_of: dict[int, int] = {}
-        notify = None if on_token is None else (lambda req, tok: on_token(row_of[req.id], tok))
+
+        def notify(req, tok: int) -> None:
+            if on_token(row_of[req.id], tok) is True:
+                req.cancel()  # ends after this token; _result reports it as stopped
         for i, r in enumerate(rows):
-            row_of[scheduler.submit(r, params, on_token=notify).id] = i
+            row_of[scheduler.submit(r, params, on_token=None if on_token is None else notify).id] = i
         requests = list(scheduler.waiting)
         scheduler.run()
         failed = next((r for r in requests if r.finish_reason == "error"), None)
@@ -418,7 +443,7 @@ class Engine:
             raise ExportError(failed.error)
         st = scheduler.stats
         return self._result(rows, batched, [r.tokens for r in requests], st.prefill_seconds, st.decode_seconds,
-                            st.decode_steps, params.stop)
+                            st.decode_steps, params.stop, texts=texts)
 
     def _decode_loop(self, ids: np.ndarray, max_new_tokens: int, stops: set[int], on_token, pick, rng):
         batch = ids.shape[0]
@@ -436,9 +461,7 @@ class Engine:
                 if not done[b]:
                     tok = int(nxt[b])
                     out[b].append(tok)
-                    if on_token is not None:
-                        on_token(b, tok)
-                    if tok in stops:
+                    if (on_token is not None and on_token(b, tok) is True) or tok in stops:
                         done[b] = True
             if done.all() or steps + 1 >= max_new_tokens:
                 break
@@ -470,15 +493,18 @@ class Engine:
                               f"{len(rows)}; run the prompts one by one or without speculative decoding")
         return np.asarray(rows, dtype=np.int64)
 
-    def _speculative_result(self, ids, batched, stops, run: mtp_speculation.SpeculativeRun) -> GenerationResult:
+    def _speculative_result(self, ids, batched, stops, run: mtp_speculation.SpeculativeRun,
+                            texts=None) -> GenerationResult:
         result = self._result(ids.tolist(), batched, [run.tokens], run.prefill_seconds, run.decode_seconds, run.steps, stops,
-                              acceptance=run.acceptance_rate)
+                              acceptance=run.acceptance_rate, texts=texts)
         st = result.stats
         st.speculative = True
         st.drafted_tokens, st.accepted_tokens, st.tokens_per_step = run.drafted, run.accepted, run.tokens_per_step
         return result
 
-    def _result(self, rows, batched, out, prefill, decode, steps, stops, acceptance=None) -> GenerationResult:
+    def _result(self, rows, batched, out, prefill, decode, steps, stops, acceptance=None,
+                texts: list[TextOutput] | None = None) -> GenerationResult:
+        """The result; with `texts` (stop strings), each row's text and "stop" come from its TextOutput."""
         batch = len(rows)
         new = sum(len(r) for r in out)
         decoded_by_steps = new - batch
@@ -486,9 +512,13 @@ class Engine:
             batch=batch, prompt_tokens=sum(len(r) for r in rows), new_tokens=new, prefill_seconds=prefill,
             decode_seconds=decode, decode_tokens_per_s=(decoded_by_steps / decode) if steps and decode > 0 else None,
             steps=steps, acceptance_rate=acceptance)
-        reasons = ["stop" if r and r[-1] in stops else "length" for r in out]
-        texts = None
-        if self.tokenizer is not None:
+        reasons = ["stop" if (r and r[-1] in stops) or (texts is not None and texts[b].stopped) else "length"
+                   for b, r in enumerate(out)]
+        if texts is not None:
+            for t in texts:
+                t.finish()  # what a possible stop string held back, when none came
+            texts = [t.text for t in texts]
+        elif self.tokenizer is not None:
             texts = [final_text(self.tokenizer, r, stops) for r in out]
         prompts = [list(r) for r in rows]
         if batched:

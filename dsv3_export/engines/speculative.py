@@ -113,11 +113,10 @@ def decode(model: Any, ids: np.ndarray, params: SamplingParams,
     stops, max_new_tokens = params.stop, params.max_tokens
 
     def emit(tok: int) -> bool:
-        """Record a token; True when generation is over (stop token or length)."""
+        """Record a token; True when generation is over (stop token, length, or on_token said so)."""
         run.tokens.append(tok)
-        if on_token is not None:
-            on_token(0, tok)
-        return tok in stops or len(run.tokens) >= max_new_tokens
+        ended = on_token is not None and on_token(0, tok) is True
+        return ended or tok in stops or len(run.tokens) >= max_new_tokens
 
     t0 = time.perf_counter()
     logits, hidden, past = model.step(ids, model.empty_past(1))

@@ -347,3 +347,40 @@ def test_an_old_build_with_saved_optimized_graphs_gets_a_hint(tiny_build):
         g["optimized"] = name.replace(".onnx", ".ort.onnx")
     (hint,) = layout_hints(Manifest(m))
     assert "*.ort.onnx" in hint and "rebuild" in hint
+
+
+# ---- stop strings -------------------------------------------------------------------------------------
+def _a_stop_string(text: str) -> str:
+    """A short piece from the middle of a generated text, whose first occurrence is past the start."""
+    for i in range(3, len(text) - 3):
+        piece = text[i:i + 3]
+        if piece.strip() and text.index(piece) == i:
+            return piece
+    raise AssertionError(f"no usable stop string in {text!r}")
+
+
+@pytest.mark.parametrize("how", ["plain", "speculative", "batch"])
+def test_stop_strings_end_the_text_before_them(engine, how):
+    prompt = "the quick brown fox"
+    whole = engine.generate(prompt, max_new_tokens=40)
+    stop = _a_stop_string(whole.text)
+    kwargs = {"speculative": True} if how == "speculative" else {}
+    prompts = [prompt, "jumps over"] if how == "batch" else prompt
+    result = engine.generate(prompts, max_new_tokens=40, stop_strings=[stop, "never appears \x00"], **kwargs)
+    text, ids, reason = ((result.text[0], result.ids[0], result.finish_reason[0]) if how == "batch"
+                         else (result.text, result.ids, result.finish_reason))
+    assert text == whole.text[:whole.text.index(stop)]
+    assert reason == "stop"
+    assert ids == whole.ids[:len(ids)] and len(ids) < len(whole.ids)  # the same tokens, ended early
+    if how == "batch":  # the other row is not cut by this row's stop
+        alone = engine.generate("jumps over", max_new_tokens=40, stop_strings=[stop, "never appears \x00"])
+        assert result.text[1] == alone.text
+
+
+def test_cli_run_stop(tiny_build, engine):
+    whole = engine.generate("the quick brown fox", max_new_tokens=30)
+    stop = _a_stop_string(whole.text)
+    r = cli("run", tiny_build, "--prompt", "the quick brown fox", "--max-tokens", "30", "--no-echo", "--stop", stop,
+            "--stop", "never appears")
+    assert r.exit_code == 0, r.output
+    assert r.stdout == whole.text[:whole.text.index(stop)] + "\n"
