@@ -124,15 +124,18 @@ def _measure(kind: str, build_dir: str, params: dict[str, Any]) -> dict[str, Any
             return torch.from_numpy(a)
     load_seconds = time.time() - started
     out: dict[str, Any] = {"kind": kind, "build": build_dir, "load_seconds": round(load_seconds, 2),
-                           "prefill": {}, "decode": {}}
+                           "prefill": {}, "decode": {}, "skipped": {}}
     for n in params["prefill"]:
         if n > cfg["max_seq_len"]:
+            out["skipped"][f"prefill {n}"] = f"longer than the model's context (max_seq_len {cfg['max_seq_len']})"
             continue
         ids = as_ids(rng.integers(0, cfg["vocab_size"], (1, n)))
         out["prefill"][str(n)] = rate_stats(time_calls(lambda: forward(ids, empty(0)), params["repeats"]), n)
     steps = params["decode_steps"]
     for c in params["contexts"]:
         if c + steps > cfg["max_seq_len"]:
+            out["skipped"][f"decode {c}"] = (f"context + {steps} steps exceeds the model's context "
+                                             f"(max_seq_len {cfg['max_seq_len']})")
             continue
         start = empty(c)
         # A different token each step: an MoE step's cost depends on which experts it routes to.
@@ -208,6 +211,7 @@ def bench(builds: list[str | Path], *, threads: int = 2, repeats: int = 5, prefi
     jobs = [("engine", str(b)) for b in builds] + ([("reference", str(builds[0]))] if reference else [])
     runs: list[list[dict]] = [[] for _ in jobs]
     bandwidths = []
+    loads = [os.getloadavg()[0]]  # sampled around every measurement: a machine busy with other work
     for r in range(rounds):
         if progress:
             progress("read bandwidth" + (f" (round {r + 1}/{rounds})" if rounds > 1 else ""))
@@ -218,6 +222,7 @@ def bench(builds: list[str | Path], *, threads: int = 2, repeats: int = 5, prefi
             runs[j].append(in_child(_measure, kind, b, params))
             if kind == "engine":  # in a process of its own: its loads do not count in the peak RSS
                 runs[j][-1]["session_start"] = in_child(session_start, b, threads)
+            loads.append(os.getloadavg()[0])
     results = [merge_rounds(system_runs) for system_runs in runs]
     bandwidth = statistics.median(bandwidths)
     for r, b, m in zip(results, builds, manifests):
@@ -233,7 +238,7 @@ def bench(builds: list[str | Path], *, threads: int = 2, repeats: int = 5, prefi
                 ref = results[-1]["decode"].get(c)
                 bound["vs_reference"] = bound["tokens_per_s"] / ref["tokens_per_s"] if ref else None
     machine = {"cpus": os.cpu_count(), "threads": threads, "read_bandwidth_bytes_per_s": bandwidth,
-               "read_bandwidth_rounds": bandwidths}
+               "read_bandwidth_rounds": bandwidths, "load_average_max": round(max(loads), 2)}
     report = {"machine": machine, "params": params, "results": results, "ratios": _ratios(results, reference)}
     return report
 

@@ -136,6 +136,24 @@ def print_batches(build, report, threads, contexts) -> None:
                          f"{lat['with_copy_s'] * 1e3:.2f} ms with the cache copied")
 
 
+def bench_notes(report) -> list[str]:
+    """What the `-` cells of `bench`'s table mean, and a warning when other work competed for the
+    cores during the run (its ratios are then not the machine's)."""
+    notes = []
+    for r in report["results"]:
+        name = r["kind"] if r["kind"] == "reference" else Path(r["build"]).name
+        for cell, why in r.get("skipped", {}).items():
+            notes.append(f"-: {name}, {cell}: {why}")
+    if any(r["kind"] == "reference" for r in report["results"]):
+        notes.append("-: reference, on disk: the PyTorch reference has no build")
+    machine = report["machine"]
+    load, cpus = machine.get("load_average_max"), machine.get("cpus")
+    if load is not None and cpus and load > cpus:
+        notes.append(f"warning: the load average reached {load:.1f} on {cpus} cores during the run: other work "
+                     "competed for them, so these figures and ratios are not this machine's; run again when it is idle")
+    return notes
+
+
 def print_bench(report) -> None:
     rounds = report["params"].get("rounds", 1)
     over = f", medians of {rounds} alternating rounds" if rounds > 1 else ""
@@ -154,6 +172,8 @@ def print_bench(report) -> None:
             cells.append(escape(f"{f['tokens_per_s']:.1f} [{f['min']:.0f}-{f['max']:.0f}]") if f else "-")
         t.add_row(name, *cells, human_bytes(r["peak_rss_bytes"]), human_bytes(r["build_bytes"]) if "build_bytes" in r else "-")
     console().print(t)
+    for line in bench_notes(report):
+        console().print(escape(line))
     for label, table in report["ratios"].items():
         for build, ratios in table.items():
             parts = [f"{phase} {k}: {v:.2f}x" for phase in ("prefill", "decode") for k, v in ratios[phase].items()]

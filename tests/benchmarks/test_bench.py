@@ -81,3 +81,21 @@ def test_merge_rounds_takes_medians_and_the_largest_memory():
 def test_bench_refuses_zero_rounds(tiny_build):
     r = CliRunner().invoke(main, ["bench", str(tiny_build), "--rounds", "0"])
     assert r.exit_code != 0 and "--rounds" in r.output and "Traceback" not in r.output
+
+
+def test_bench_explains_its_dashes(tiny_build):
+    """tiny's context is 1024: a context of 1024 + 2 decode steps is skipped, and the table says why."""
+    from dsv3_export.cli.tables import bench_notes
+
+    r = CliRunner().invoke(main, ["bench", str(tiny_build), "--repeats", "1", "--prefill", "8", "--contexts",
+                                  "8,1024", "--decode-steps", "2", "--threads", "1"])
+    assert r.exit_code == 0, r.output
+    assert "decode 1024: context + 2 steps exceeds the model's context (max_seq_len 1024)" in r.output
+    assert "-: reference, on disk: the PyTorch reference has no build" in r.output
+    report = bench([tiny_build], threads=1, repeats=1, prefill=(2048,), contexts=(8,), decode_steps=1,
+                   reference=False, bandwidth_megabytes=16)
+    assert report["results"][0]["skipped"] == {"prefill 2048": "longer than the model's context (max_seq_len 1024)"}
+    busy = {**report, "machine": {**report["machine"], "load_average_max": 5.0, "cpus": 2}}
+    assert any(n.startswith("warning: the load average reached 5.0 on 2 cores") for n in bench_notes(busy))
+    idle = {**report, "machine": {**report["machine"], "load_average_max": 0.5, "cpus": 2}}
+    assert not any(n.startswith("warning") for n in bench_notes(idle))
