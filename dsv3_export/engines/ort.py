@@ -139,6 +139,10 @@ def prepare(build_dir: str | Path, graphs: dict[str, Path]) -> dict:
         so = ort.SessionOptions()
         so.log_severity_level = 3
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        # A check, not a session that runs: without prepacking (the kernels' copies of their weights
+        # in their own layouts) it holds almost nothing. Measured on a 0.6 GB int8 build: 0.05 GiB
+        # and 0.1 s, against 0.86 GiB and 1.5 s with it.
+        so.add_session_config_entry("session.disable_prepacking", "1")
         t0 = time.time()
         try:
             ort.InferenceSession(str(path), so, providers=list(PREPARED_PROVIDERS))
