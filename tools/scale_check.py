@@ -10,7 +10,7 @@ checkpoint is kept in --work for the next run (delete it when done); the builds 
 they are measured unless --keep.
 
 Each build runs `dsv3-export build` in a child process (`--no-verify` unless --verify). Measured:
-- the child's peak RSS (the kernel's figure for that process, from wait4);
+- the child's peak RSS (its VmHWM, the kernel's high-water mark for that process, read while it runs);
 - the peak disk it used, polled every 0.5 s from the filesystem's used bytes: its temporary files
   included;
 - the build's bytes on disk, and their ratio to the checkpoint's bytes;
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -53,28 +52,42 @@ def folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
 
 
+def _high_water(pid: int) -> int | None:
+    """The process's own peak RSS so far (VmHWM), None once it is gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    found = re.search(r"VmHWM:\s+(\d+) kB", status)
+    return int(found.group(1)) * 1024 if found else None
+
+
 def measured(cmd: list[str], disk_of: Path) -> dict:
-    """Run cmd; its exit status, wall seconds, peak RSS (wait4) and peak disk used on disk_of's
-    filesystem beyond what was used when it started."""
+    """Run cmd; its exit status, wall seconds, peak RSS and the peak disk used on disk_of's
+    filesystem beyond what was used when it started. The peak RSS is the child's VmHWM, read every
+    0.1 s while it runs (a high-water mark: only its last 0.1 s can be missed). Not wait4's
+    ru_maxrss: Linux starts that from the parent's peak when the child execs."""
     base = shutil.disk_usage(disk_of).used
-    peak = {"disk": 0}
+    peak = {"disk": 0, "rss": 0}
     done = threading.Event()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     def poll() -> None:
-        while not done.wait(0.5):
+        while not done.wait(0.1):
             peak["disk"] = max(peak["disk"], shutil.disk_usage(disk_of).used - base)
+            rss = _high_water(proc.pid)
+            if rss is not None:
+                peak["rss"] = max(peak["rss"], rss)
 
     watcher = threading.Thread(target=poll, daemon=True)
-    watcher.start()
     started = time.monotonic()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    watcher.start()
     out = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    proc.wait()
     proc.stdout.close()
     done.set()
     watcher.join()
-    return {"rc": proc.returncode, "seconds": round(time.monotonic() - started, 1), "peak_rss": usage.ru_maxrss * 1024,
+    return {"rc": proc.returncode, "seconds": round(time.monotonic() - started, 1), "peak_rss": peak["rss"],
             "peak_disk": peak["disk"], "stdout": out}
 
 
