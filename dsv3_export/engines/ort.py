@@ -129,7 +129,17 @@ def _graph_path(build_dir: Path, graph: str) -> Path:
     return build_dir / (graph if graph.endswith(".onnx") else f"{graph}.onnx")
 
 
-def prepare(build_dir: str | Path, graphs: dict[str, Path]) -> dict:
+def _open(path: Path, so: "ort.SessionOptions", providers: list[str]) -> "ort.InferenceSession":
+    """An InferenceSession, or ExportError naming the graph (ORT raises its own exception types
+    with a multi-line message)."""
+    try:
+        return ort.InferenceSession(str(path), so, providers=providers)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ExportError(f"{path.name}: ONNX Runtime cannot load it: {first}") from e
+
+
+def prepare(graphs: dict[str, Path]) -> dict:
     """Load and optimize each graph with ONNX Runtime (extended level, CPU provider), writing
     nothing; ExportError naming the graph when it cannot. Returns the manifest's "engine" entry."""
     started = time.time()
@@ -144,11 +154,7 @@ def prepare(build_dir: str | Path, graphs: dict[str, Path]) -> dict:
         # and 0.1 s, against 0.86 GiB and 1.5 s with it.
         so.add_session_config_entry("session.disable_prepacking", "1")
         t0 = time.time()
-        try:
-            ort.InferenceSession(str(path), so, providers=list(PREPARED_PROVIDERS))
-        except Exception as e:  # ORT raises its own exception types with a multi-line message
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ExportError(f"{path.name}: ONNX Runtime cannot load it: {first}") from e
+        _open(path, so, list(PREPARED_PROVIDERS))
         loaded[name] = {"graph": path.name, "seconds": round(time.time() - t0, 2)}
     return {
         "kind": "onnxruntime",
@@ -189,11 +195,7 @@ def session(build_dir: str | Path, graph: str = "model", providers: Iterable[str
         so.enable_mem_reuse = False
     if not spin:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    try:
-        sess = ort.InferenceSession(str(path), so, providers=providers)
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ExportError(f"{path.name}: ONNX Runtime cannot load it: {first}") from e
+    sess = _open(path, so, providers)
     sess.dsv3_model_path = path
     return sess
 

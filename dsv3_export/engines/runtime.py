@@ -145,16 +145,16 @@ class GenerationResult:
 
 # ---- the engine -------------------------------------------------------------------------------------
 
-def _watching(on_token, texts: list[TextOutput] | None):
+def _watching(on_token, outputs: list[TextOutput] | None):
     """on_token, with each row's tokens also fed to its TextOutput (stop strings): the callback
     returns True, ending that row, when on_token does or the row's text reached a stop string."""
-    if texts is None:
+    if outputs is None:
         return on_token
 
     def watch(row: int, token: int) -> bool:
         ended = on_token is not None and on_token(row, token) is True
-        texts[row].push(token)
-        return ended or texts[row].stops.stopped
+        outputs[row].push(token)
+        return ended or outputs[row].stops.stopped
 
     return watch
 
@@ -388,15 +388,15 @@ class Engine:
         if params.penalized and (speculative or not self.buffered):
             raise ExportError("repetition, presence and frequency penalties need the batched path: not with speculative "
                               "decoding, nor on a build whose graphs take no cache buffers (--mla naive)")
-        texts = [TextOutput(self.tokenizer, stop_strings=stop_strings, stop_ids=params.stop)
-                 for _ in rows] if stop_strings else None
-        on_token = _watching(on_token, texts)
+        outputs = [TextOutput(self.tokenizer, stop_strings=stop_strings, stop_ids=params.stop)
+                   for _ in rows] if stop_strings else None
+        on_token = _watching(on_token, outputs)
         if speculative:
             ids = self._speculative_ids(rows)
             return self._speculative_result(ids, batched, params.stop,
-                                            mtp_speculation.decode(self, ids, params, on_token=on_token), texts)
+                                            mtp_speculation.decode(self, ids, params, on_token=on_token), outputs)
         if self.buffered:
-            return self._generate_batched(rows, batched, params, on_token, texts)
+            return self._generate_batched(rows, batched, params, on_token, outputs)
         if len({len(r) for r in rows}) > 1:
             raise ExportError(f"batched prompts must have the same length in tokens in this build (got lengths "
                               f"{', '.join(map(str, sorted({len(r) for r in rows})))}): its graphs take no cache "
@@ -404,7 +404,7 @@ class Engine:
         ids = np.asarray(rows, dtype=np.int64)
         out = self._decode_loop(ids, params.max_tokens, params.stop, on_token,
                                 lambda logits, rng: sample(logits, rng, params), np.random.default_rng(params.seed))
-        return self._result(rows, batched, *out, params.stop, texts=texts)
+        return self._result(rows, batched, *out, params.stop, outputs=outputs)
 
     def sampling_params(self, params: SamplingParams | None = None, max_new_tokens: int | None = None,
                         stop: Iterable[int] | int | None = None, **sampling) -> SamplingParams:
@@ -426,7 +426,7 @@ class Engine:
         return params.replace(stop=frozenset(stops))
 
     def _generate_batched(self, rows: list[list[int]], batched: bool, params: SamplingParams,
-                          on_token, texts=None) -> GenerationResult:
+                          on_token, outputs=None) -> GenerationResult:
         """Every prompt through one scheduler at once: each prefilled whole, then decoded together."""
         scheduler = Scheduler(self, max_batch=len(rows), prefill_chunk=max(len(r) for r in rows))
         row_of: dict[int, int] = {}
@@ -443,7 +443,7 @@ class Engine:
             raise ExportError(failed.error)
         st = scheduler.stats
         return self._result(rows, batched, [r.tokens for r in requests], st.prefill_seconds, st.decode_seconds,
-                            st.decode_steps, params.stop, texts=texts)
+                            st.decode_steps, params.stop, outputs=outputs)
 
     def _decode_loop(self, ids: np.ndarray, max_new_tokens: int, stops: set[int], on_token, pick, rng):
         batch = ids.shape[0]
@@ -494,17 +494,17 @@ class Engine:
         return np.asarray(rows, dtype=np.int64)
 
     def _speculative_result(self, ids, batched, stops, run: mtp_speculation.SpeculativeRun,
-                            texts=None) -> GenerationResult:
+                            outputs=None) -> GenerationResult:
         result = self._result(ids.tolist(), batched, [run.tokens], run.prefill_seconds, run.decode_seconds, run.steps, stops,
-                              acceptance=run.acceptance_rate, texts=texts)
+                              acceptance=run.acceptance_rate, outputs=outputs)
         st = result.stats
         st.speculative = True
         st.drafted_tokens, st.accepted_tokens, st.tokens_per_step = run.drafted, run.accepted, run.tokens_per_step
         return result
 
     def _result(self, rows, batched, out, prefill, decode, steps, stops, acceptance=None,
-                texts: list[TextOutput] | None = None) -> GenerationResult:
-        """The result; with `texts` (stop strings), each row's text and "stop" come from its TextOutput."""
+                outputs: list[TextOutput] | None = None) -> GenerationResult:
+        """The result; with `outputs` (stop strings), each row's text and "stop" come from its TextOutput."""
         batch = len(rows)
         new = sum(len(r) for r in out)
         decoded_by_steps = new - batch
@@ -512,12 +512,13 @@ class Engine:
             batch=batch, prompt_tokens=sum(len(r) for r in rows), new_tokens=new, prefill_seconds=prefill,
             decode_seconds=decode, decode_tokens_per_s=(decoded_by_steps / decode) if steps and decode > 0 else None,
             steps=steps, acceptance_rate=acceptance)
-        reasons = ["stop" if (r and r[-1] in stops) or (texts is not None and texts[b].stopped) else "length"
+        reasons = ["stop" if (r and r[-1] in stops) or (outputs is not None and outputs[b].stopped) else "length"
                    for b, r in enumerate(out)]
-        if texts is not None:
-            for t in texts:
-                t.finish()  # what a possible stop string held back, when none came
-            texts = [t.text for t in texts]
+        texts = None
+        if outputs is not None:
+            for o in outputs:
+                o.finish()  # what a possible stop string held back, when none came
+            texts = [o.text for o in outputs]
         elif self.tokenizer is not None:
             texts = [final_text(self.tokenizer, r, stops) for r in out]
         prompts = [list(r) for r in rows]

@@ -31,6 +31,22 @@ class ExpertStack(ir.LazyTensor):
         super().__init__(self._whole, dtype=dtype, shape=ir.Shape((count, *slab_shape)), name=name)
         self.count, self.slab, self.slab_shape = count, slab, tuple(slab_shape)
 
+    @classmethod
+    def of(cls, tensor, name: str | None = None) -> ExpertStack:
+        """`tensor` itself when it is an ExpertStack, else a stack over its slices (a plain tensor,
+        in small test graphs: read once, when the first slab is asked for, then held)."""
+        if isinstance(tensor, ExpertStack):
+            return tensor
+        held: list[np.ndarray] = []
+
+        def slab(i: int) -> np.ndarray:
+            if not held:
+                held.append(tensor.numpy())
+            return held[0][i]
+
+        shape = tuple(int(d) for d in tensor.shape)
+        return cls(shape[0], slab, shape[1:], tensor.dtype, name=name or tensor.name)
+
     def checked_slab(self, i: int) -> np.ndarray:
         """slab(i), C-contiguous, checked against this stack's slab shape and dtype."""
         a = np.ascontiguousarray(self.slab(i))
@@ -55,8 +71,9 @@ class ExpertStack(ir.LazyTensor):
         return f"{self._repr_base()}(count={self.count}, name={self.name!r})"
 
 
-def _raw(dtype: ir.DataType, a: np.ndarray) -> bytes:
-    """A slab's bytes as ONNX stores them (4-bit values two per byte, low nibble first)."""
+def _raw(dtype: ir.DataType, a: np.ndarray):
+    """A slab's bytes as ONNX stores them (4-bit values two per byte, low nibble first); the
+    slab's own memory where it needs no packing."""
     if dtype.bitwidth == 4:
         return ir.Tensor(a, dtype=dtype).tobytes()
-    return a.tobytes()
+    return a.reshape(-1).view(np.uint8).data

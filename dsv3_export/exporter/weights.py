@@ -151,9 +151,14 @@ def _fp8(source, name: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _fp8_experts(source, p: str, rest: str) -> tuple[torch.Tensor, torch.Tensor]:
-    cfg = source.config
-    pairs = [expert_fp8(source, p, rest, e) for e in range(cfg.n_routed_experts)]
-    return torch.stack([q for q, _ in pairs]), torch.stack([s for _, s in pairs])
+    n_e = source.config.n_routed_experts
+    q0, s0 = expert_fp8(source, p, rest, 0)
+    q = torch.empty(n_e, *q0.shape, dtype=torch.uint8).view(FP8_DTYPE)
+    scale = torch.empty(n_e, *s0.shape)
+    q[0], scale[0] = q0, s0
+    for e in range(1, n_e):  # filled in place: the peak is the stack, not the stack and its parts
+        q[e], scale[e] = expert_fp8(source, p, rest, e)
+    return q, scale
 
 
 def is_expert_stack(fqn: str) -> bool:

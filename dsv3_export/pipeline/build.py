@@ -201,7 +201,7 @@ def build(source_spec: str | Path = "demo", out: str | Path = DEFAULT_BUILD_DIR,
             reporter.done("building the TensorRT engines")
         else:
             reporter.stage("building the ONNX Runtime engine")
-            info["engine"] = ort_engine.prepare(tmp, graphs)
+            info["engine"] = ort_engine.prepare(graphs)
             reporter.done("building the ONNX Runtime engine")
         if o.verify:
             info["verify"] = run_verify(tmp, source, precision=o.precision, reporter=reporter,

@@ -65,7 +65,7 @@ def test_prepare_names_a_graph_onnx_runtime_cannot_load(tmp_path):
     bad = tmp_path / "model.onnx"
     bad.write_bytes(b"not a graph")
     with pytest.raises(ExportError, match="model.onnx: ONNX Runtime cannot load it"):
-        eo.prepare(tmp_path, {"model.onnx": bad})
+        eo.prepare({"model.onnx": bad})
     assert sorted(f.name for f in tmp_path.iterdir()) == ["model.onnx"]
 
 

@@ -106,20 +106,7 @@ def _routed_weights(op, w_gate_up, w_down) -> list[tuple[ir.Value, ir.Value]]:
 
 
 def _stack(value: ir.Value) -> ExpertStack:
-    """The value's expert stack as an ExpertStack (a plain tensor, in a small test graph: read once,
-    then held)."""
-    tensor = value.const_value
-    if isinstance(tensor, ExpertStack):
-        return tensor
-    held: list[np.ndarray] = []
-
-    def slab(j: int) -> np.ndarray:
-        if not held:
-            held.append(tensor.numpy())
-        return held[0][j]
-
-    shape = tuple(int(d) for d in tensor.shape)
-    return ExpertStack(shape[0], slab, shape[1:], tensor.dtype, name=value.name)
+    return ExpertStack.of(value.const_value, value.name)
 
 
 def _expert_weight(op, name: str, stack: ExpertStack, j: int, shape) -> ir.Value:

@@ -47,15 +47,9 @@ def _fp8_dispatch_check(context, x, topk_idx, topk_weight, w_gate_up, w_down, s_
 
 def _codes(op, value: ir.Value) -> ir.Value:
     """The E4M3 stack's bytes as a uint8 initializer, written expert by expert like the original."""
-    tensor = value.const_value
-    name = f"{value.name}.e4m3_codes"
-    if isinstance(tensor, ExpertStack):
-        stack = tensor
-        codes = ExpertStack(stack.count, lambda i: stack.checked_slab(i).view(np.uint8), stack.slab_shape,
-                            ir.DataType.UINT8, name=name)
-    else:  # a plain tensor (small test graphs)
-        codes = ir.Tensor(np.ascontiguousarray(tensor.numpy()).view(np.uint8), name=name)
-    return op.initializer(codes)
+    stack = ExpertStack.of(value.const_value, value.name)
+    return op.initializer(ExpertStack(stack.count, lambda i: stack.checked_slab(i).view(np.uint8), stack.slab_shape,
+                                      ir.DataType.UINT8, name=f"{value.name}.e4m3_codes"))
 
 
 def _chosen_dequantized(op, codes: ir.Value, scale: ir.Value, chosen, shape: tuple[int, int, int], x):
